@@ -1,0 +1,122 @@
+"""`lowdose <command>`: argument parsing only, then one call into the library.
+
+Errors in the user's input print one line on stderr (no traceback) and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import LowdoseError
+
+
+def _parse_dose(text: str) -> float:
+    """A dose fraction as 0.25, 1/4 or 25%."""
+    try:
+        if text.endswith("%"):
+            value = float(text[:-1]) / 100.0
+        elif "/" in text:
+            num, den = text.split("/", 1)
+            value = float(num) / float(den)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a dose fraction: {text!r} (use 0.25, 1/4 or 25%)") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"dose fraction must be in (0, 1]; got {text}")
+    return value
+
+
+def _print_figures(title: str, figures: dict[str, float]) -> None:
+    print(title)
+    for name, value in figures.items():
+        print(f"  {name:<28} {value:10.3f}")
+
+
+def cmd_simulate(args) -> None:
+    from . import load_ct, save_ct, simulate_low_dose
+
+    volume = load_ct(args.input, series_uid=args.series)
+    low = simulate_low_dose(volume, args.dose, seed=args.seed, progress=not args.quiet)
+    save_ct(low, args.output, description=low.metadata["lowdose_description"])
+    if not args.quiet:
+        print(f"wrote {args.output}: {low.describe()}")
+
+
+def cmd_metrics(args) -> None:
+    from . import load_ct
+    from .metrics import compare
+
+    reference = load_ct(args.reference)
+    test = load_ct(args.test)
+    if reference.shape != test.shape:
+        raise LowdoseError(f"{args.test}: shape {test.shape} differs from the reference {reference.shape}")
+    figures = compare(reference, test)
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        _print_figures(f"{args.test} against {args.reference}", figures)
+
+
+def cmd_demo(args) -> None:
+    from . import load_ct, sample_ct_path, save_ct, simulate_low_dose
+    from .metrics import compare
+
+    out = Path(args.out)
+    normal = load_ct(sample_ct_path())
+    print(f"sample CT: {sample_ct_path()} ({normal.describe()})")
+    low = simulate_low_dose(normal, args.dose, seed=args.seed, progress=True)
+    target = out / f"simulated_{round(args.dose * 100)}pct_dose"
+    if target.exists():
+        import shutil
+        shutil.rmtree(target)  # the demo's own output folder from an earlier run
+    save_ct(low, target, description=low.metadata["lowdose_description"])
+    print(f"wrote {target} (DICOM series)")
+    _print_figures(f"simulated {args.dose:g} dose against the normal-dose sample", compare(normal, low))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowdose", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="make a simulated low-dose CT from a normal-dose CT")
+    p.add_argument("input", help="normal-dose CT: NIfTI/NRRD/MHA file or DICOM series folder")
+    p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha) or new folder (DICOM series)")
+    p.add_argument("--dose", type=_parse_dose, default=0.25, help="dose fraction, e.g. 0.25, 1/4, 25%% (default 0.25)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--series", help="SeriesInstanceUID when the folder holds several series")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("metrics", help="image-quality figures of a CT against a reference on the same grid")
+    p.add_argument("reference")
+    p.add_argument("test")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser("demo", help="the main job on the bundled sample CT")
+    p.add_argument("--out", default="output/demo", help="output folder (default output/demo)")
+    p.add_argument("--dose", type=_parse_dose, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LowdoseError as exc:
+        print(f"lowdose: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lowdose: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Image-quality metrics the way the LDCT field reports them.
+
+PSNR and SSIM are computed on images windowed with the field's display windows and scaled to [0, 1]
+(as in Eulig et al., ldct-benchmark, Medical Physics 2024); RMSE and noise are in HU. Voxels outside
+the reconstructed field of view (scanner padding) are left out of every figure.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .volume import PADDING_THRESHOLD_HU, CTVolume
+
+# (centre, width) in HU.
+WINDOWS: dict[str, tuple[float, float]] = {
+    "chest": (-600.0, 1500.0),
+    "abdomen": (50.0, 400.0),
+    "head": (40.0, 80.0),
+}
+
+
+def _hu(image) -> np.ndarray:
+    return np.asarray(image.hu if isinstance(image, CTVolume) else image, dtype=np.float32)
+
+
+def apply_window(hu, window: str | tuple[float, float]) -> np.ndarray:
+    """HU mapped to [0, 1] through a display window given by name or as (centre, width)."""
+    centre, width = WINDOWS[window] if isinstance(window, str) else window
+    return np.clip((_hu(hu) - (centre - width / 2.0)) / width, 0.0, 1.0)
+
+
+def field_of_view(*images) -> np.ndarray:
+    """Voxels that are inside the field of view in every image (no scanner padding)."""
+    mask = None
+    for image in images:
+        inside = image.field_of_view_mask() if isinstance(image, CTVolume) else _hu(image) > PADDING_THRESHOLD_HU
+        mask = inside if mask is None else mask & inside
+    return mask
+
+
+def psnr(reference, test, window: str | tuple[float, float] = "abdomen", mask=None) -> float:
+    """Peak signal-to-noise ratio (dB) of windowed images in [0, 1] (peak 1) over ``mask``."""
+    ref, tst = apply_window(reference, window), apply_window(test, window)
+    mask = field_of_view(reference, test) if mask is None else mask
+    mse = float(np.mean((ref[mask] - tst[mask]) ** 2, dtype=np.float64))
+    return float("inf") if mse == 0 else float(10.0 * np.log10(1.0 / mse))
+
+
+def ssim(reference, test, window: str | tuple[float, float] = "abdomen") -> float:
+    """Mean structural similarity of windowed images in [0, 1], computed slice by slice (2-D, 7x7).
+
+    Slices are 2-D images in CT reading; a 3-D SSIM window would mix slices 3-5 mm apart.
+    Padding outside the field of view is set to the window's floor in both images first.
+    """
+    from skimage.metrics import structural_similarity
+
+    mask = field_of_view(reference, test)
+    ref = np.where(mask, apply_window(reference, window), 0.0)
+    tst = np.where(mask, apply_window(test, window), 0.0)
+    if ref.ndim == 2:
+        ref, tst = ref[None], tst[None]
+    return float(np.mean([structural_similarity(r, t, data_range=1.0) for r, t in zip(ref, tst)]))
+
+
+def rmse_hu(reference, test, mask=None) -> float:
+    """Root-mean-square difference in HU over ``mask`` (default: the common field of view)."""
+    mask = field_of_view(reference, test) if mask is None else mask
+    diff = _hu(test)[mask].astype(np.float64) - _hu(reference)[mask]
+    return float(np.sqrt(np.mean(diff ** 2)))
+
+
+def soft_tissue_mask(hu, low: float = -50.0, high: float = 150.0, erode_mm: float = 3.0,
+                     spacing_mm: tuple[float, float, float] | None = None) -> np.ndarray:
+    """Homogeneous soft tissue (muscle, liver, spleen...): HU in [low, high], eroded in-plane.
+
+    Erosion keeps edges (where structure, not noise, dominates the difference) out of noise figures.
+    Use it on the normal-dose image.
+    """
+    if isinstance(hu, CTVolume):
+        spacing_mm = hu.spacing_mm
+    values = _hu(hu)
+    # Smooth first so that noise does not punch holes in the tissue mask.
+    smooth = ndimage.uniform_filter(values, size=(1, 3, 3))
+    mask = (smooth >= low) & (smooth <= high)
+    pixel = float(spacing_mm[0]) if spacing_mm else 1.0
+    radius = max(1, int(round(erode_mm / pixel)))
+    structure = np.zeros((1, 2 * radius + 1, 2 * radius + 1), dtype=bool)
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    structure[0] = yy ** 2 + xx ** 2 <= radius ** 2
+    return ndimage.binary_erosion(mask, structure=structure) if values.ndim == 3 else mask
+
+
+def noise_std(hu, mask) -> float:
+    """Standard deviation in HU inside a region (``mask``: boolean array or tuple of slices)."""
+    values = _hu(hu)[mask]
+    if values.size < 2:
+        raise ValueError("the noise region holds fewer than two voxels")
+    return float(np.std(values, dtype=np.float64, ddof=1))
+
+
+def compare(reference, test, windows=("abdomen", "chest")) -> dict[str, float]:
+    """Every figure at once for ``test`` against ``reference`` (both HU, same grid).
+
+    Returns PSNR/SSIM for each window, RMSE in HU, and the std and mean of ``test - reference`` in
+    homogeneous soft tissue of the reference (the added noise and the HU bias).
+    """
+    ref, tst = _hu(reference), _hu(test)
+    if ref.shape != tst.shape:
+        raise ValueError(f"images differ in shape: {ref.shape} vs {tst.shape}")
+    fov = field_of_view(reference, test)
+    figures: dict[str, float] = {}
+    for window in windows:
+        figures[f"psnr_{window}"] = psnr(reference, test, window, mask=fov)
+        figures[f"ssim_{window}"] = ssim(reference, test, window)
+    figures["rmse_hu"] = rmse_hu(reference, test, mask=fov)
+    spacing = reference.spacing_mm if isinstance(reference, CTVolume) else None
+    tissue = soft_tissue_mask(ref, spacing_mm=spacing) & fov
+    if tissue.sum() >= 2:
+        difference = tst[tissue].astype(np.float64) - ref[tissue]
+        figures["soft_tissue_noise_std_hu"] = float(np.std(difference, ddof=1))
+        figures["soft_tissue_mean_shift_hu"] = float(np.mean(difference))
+    return figures
