@@ -12,18 +12,18 @@ sys.exit(0 if (3, 10) <= sys.version_info[:2] <= (3, 12) else 1)
 PY
 
 stamp=.venv/.lowdose-requirements.sha256
-want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt pyproject.toml setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/lowdose ]; then
     exit 0
 fi
 
 echo "setup.sh: creating .venv and installing the pinned dependencies (first run takes a few minutes)" >&2
 "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade "pip==24.3.1"
 # Every package is pinned in requirements.txt, dependencies included, so pip installs exactly that set
 # (--no-deps): no resolver surprises, no CUDA download beyond the pinned torch build.
-.venv/bin/python -m pip install --quiet --no-deps -r requirements.txt
-.venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
-.venv/bin/python -m pip check >&2 || echo "setup.sh: pip check reported the above (sam2, MONAI Label's optional SAM 2 models, is left out on purpose)" >&2
+.venv/bin/python -m pip install -qq --no-deps -r requirements.txt
+.venv/bin/python -m pip install -qq --no-deps --no-build-isolation -e .
+# A smoke test of the set: every package the project uses imports (torchvision beside torch, JPEG 2000).
+.venv/bin/python -c "import lowdose, torch, torchvision, monai, monailabel, totalsegmentator, nnunetv2, SimpleITK, pydicom, pylibjpeg, openjpeg, skimage, bm3d, tqdm, yaml"
 echo "$want" > "$stamp"
 echo "setup.sh: ready (.venv)" >&2

@@ -115,6 +115,8 @@ def _load_dicom_files(source: Path, files: list[Path], series_uid: str | None) -
         except Exception as exc:  # pydicom raises many types on damaged headers
             raise CTInputError(f, f"damaged DICOM header ({_first_line(exc)})") from None
         if "Rows" not in ds or "Columns" not in ds:
+            if single_file and "SOPClassUID" not in ds:
+                raise CTInputError(f, "not a DICOM, NIfTI, NRRD or MHA file")
             if single_file:
                 raise CTInputError(f, "a DICOM file without an image (no Rows/Columns)")
             continue  # structured reports, presentation states, DICOMDIR
@@ -373,6 +375,9 @@ def _derived_datasets(volume: CTVolume, description: str) -> list:
         sources = None
     template = _new_study_header() if sources is None else None
     series_uid = generate_uid()
+    # Anonymised exports sometimes blank the study and frame UIDs; a PACS refuses a series without them.
+    missing_uids = {keyword: generate_uid() for keyword in ("StudyInstanceUID", "FrameOfReferenceUID")
+                    if sources is not None and not str(sources[0].get(keyword, "") or "")}
     now = datetime.datetime.now()
     row_dir, col_dir = volume.direction[:, 0], volume.direction[:, 1]
     sx, sy, sz = volume.spacing_mm
@@ -389,6 +394,8 @@ def _derived_datasets(volume: CTVolume, description: str) -> list:
                         "LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
             if keyword in ds:
                 delattr(ds, keyword)
+        for keyword, uid in missing_uids.items():
+            setattr(ds, keyword, uid)
         ds.SOPClassUID = CT_IMAGE_STORAGE
         ds.SOPInstanceUID = generate_uid()
         ds.SeriesInstanceUID = series_uid
@@ -418,12 +425,12 @@ def _derived_datasets(volume: CTVolume, description: str) -> list:
                 del ds.PixelPaddingValue
             else:
                 ds.PixelPaddingValue = int(np.clip(np.rint(padding), -32768, 32767))
-        if source is not None:
+        if source is not None and str(source.get("SOPInstanceUID", "") or ""):
             reference = Dataset()
             reference.ReferencedSOPClassUID = source.SOPClassUID
             reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
             ds.SourceImageSequence = [reference]
-        ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
+        ds.add_new(0x7FE00010, "OW", np.ascontiguousarray(stored[k]).tobytes())  # PixelData
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
