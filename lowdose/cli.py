@@ -78,8 +78,51 @@ def cmd_demo(args) -> None:
     _print_figures(f"simulated {args.dose:g} dose against the normal-dose sample", compare(normal, low))
 
 
+def _parse_dose_or_auto(text: str):
+    return "auto" if text == "auto" else _parse_dose(text)
+
+
+def cmd_denoise(args) -> None:
+    from . import load_ct, save_ct
+    from .denoise import get_denoiser
+
+    volume = load_ct(args.input, series_uid=args.series)
+    denoiser = get_denoiser(args.model, args.device)
+    result = denoiser(volume, dose=args.dose, progress=not args.quiet)
+    save_ct(result, args.output, description=result.metadata["lowdose_description"])
+    if not args.quiet:
+        dose = result.metadata["lowdose_dose_fraction"]
+        dose_text = "n/a" if dose is None else f"{dose:.3g} ({result.metadata['lowdose_dose_source']})"
+        print(f"wrote {args.output}: model {denoiser.name}, dose {dose_text}, "
+              f"{result.metadata['lowdose_seconds']:.1f} s for {volume.shape[0]} slices")
+
+
+def cmd_train(args) -> None:
+    import logging
+
+    from .training import TrainConfig, train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    config = TrainConfig.from_yaml(args.config)
+    if args.epochs:
+        config.optim.epochs = args.epochs
+    train(config, resume=args.resume, progress=not args.quiet, bundle_dir=args.bundle)
+
+
+def cmd_models(args) -> None:
+    from .bundle import available_models, find_bundle
+
+    import json as _json
+
+    for name in available_models():
+        meta = _json.loads((find_bundle(name) / "configs" / "metadata.json").read_text())
+        validation = meta.get("validation", {})
+        figure = f"val PSNR {validation['val_psnr_abdomen']:.2f} dB" if "val_psnr_abdomen" in validation else ""
+        print(f"{name:<20} {meta['network']['name']:<12} {figure}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowdose", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="lowdose", description="Low-dose CT: simulate, denoise, measure, and check that the anatomy was kept.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="make a simulated low-dose CT from a normal-dose CT")
@@ -90,6 +133,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", help="SeriesInstanceUID when the folder holds several series")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("denoise", help="denoise a low-dose CT with a trained model")
+    p.add_argument("input", help="low-dose CT: NIfTI/NRRD/MHA file or DICOM series folder")
+    p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha) or new folder (DICOM series)")
+    p.add_argument("--model", default="dose_unet", help="model name under models/ or a bundle folder (default dose_unet)")
+    p.add_argument("--dose", type=_parse_dose_or_auto, default="auto",
+                   help="dose fraction of the input (0.25, 1/4, 25%%) or auto to estimate it (default)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: GPU when there is one")
+    p.add_argument("--series", help="SeriesInstanceUID when the folder holds several series")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_denoise)
+
+    p = sub.add_parser("train", help="train a denoiser from a YAML config")
+    p.add_argument("config", help="training config (YAML)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    p.add_argument("--bundle", help="write the best checkpoint as a MONAI bundle into this folder at the end")
+    p.add_argument("--epochs", type=int, help="override optim.epochs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("models", help="list the installed models")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("metrics", help="image-quality figures of a CT against a reference on the same grid")
     p.add_argument("reference")

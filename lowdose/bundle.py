@@ -1,0 +1,187 @@
+"""Trained denoising models as MONAI bundles: save, find by name, load once.
+
+A bundle folder holds ``configs/metadata.json`` (network, normalisation, training data and doses,
+validation figures), ``configs/inference.json`` (how to build the network), ``models/model.pt``
+(weights of the denoiser and, for dose-aware models, of its dose estimator) and ``docs/README.md``.
+The network's normalisation lives here, so every caller speaks Hounsfield units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import LowdoseError
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODEL = "dose_unet"
+# HU clipped to this range and divided by the scale: water 0, air -1.024, dense bone ~3.
+DEFAULT_NORMALISATION = {"hu_min": -1024.0, "hu_max": 3071.0, "scale_hu": 1000.0}
+
+
+def hu_to_input(hu, normalisation: dict) -> np.ndarray | torch.Tensor:
+    """HU -> network input (clipped and scaled)."""
+    lo, hi, scale = normalisation["hu_min"], normalisation["hu_max"], normalisation["scale_hu"]
+    if torch.is_tensor(hu):
+        return hu.clamp(lo, hi) / scale
+    return np.clip(hu, lo, hi).astype(np.float32) / np.float32(scale)
+
+
+def output_to_hu(y, normalisation: dict):
+    """Network output -> HU."""
+    return y * normalisation["scale_hu"]
+
+
+@dataclasses.dataclass
+class DenoisingModel:
+    """A loaded bundle: the denoiser, its optional dose estimator, and what they expect."""
+
+    name: str
+    network: torch.nn.Module
+    dose_estimator: torch.nn.Module | None
+    normalisation: dict
+    in_channels: int
+    dose_conditioning: bool
+    metadata: dict
+    path: Path | None = None
+
+    def to(self, device) -> "DenoisingModel":
+        self.network.to(device)
+        if self.dose_estimator is not None:
+            self.dose_estimator.to(device)
+        return self
+
+
+def save_bundle(folder: str | Path, *, name: str, network_name: str, network_kwargs: dict,
+                network_state: dict, estimator_kwargs: dict | None = None, estimator_state: dict | None = None,
+                normalisation: dict | None = None, metadata: dict | None = None, readme: str = "") -> Path:
+    """Write a MONAI bundle folder for a trained model (weights first to a temp file, then renamed)."""
+    folder = Path(folder)
+    (folder / "configs").mkdir(parents=True, exist_ok=True)
+    (folder / "models").mkdir(exist_ok=True)
+    (folder / "docs").mkdir(exist_ok=True)
+    normalisation = dict(normalisation or DEFAULT_NORMALISATION)
+    state = {"network": network_state}
+    if estimator_state is not None:
+        state["dose_estimator"] = estimator_state
+    _atomic_torch_save(state, folder / "models" / "model.pt")
+    meta = {
+        "version": "0.1.0",
+        "monai_version": _version("monai"),
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "name": name,
+        "task": "Low-dose CT denoising (image to image, Hounsfield units in and out)",
+        "authors": "lowdose",
+        "network": {"name": network_name, "kwargs": network_kwargs},
+        "dose_estimator": None if estimator_state is None else {"name": "dose_estimator", "kwargs": estimator_kwargs},
+        "normalisation": normalisation,
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "format": "hounsfield", "modality": "CT",
+                                 "num_channels": network_kwargs.get("in_channels", 1),
+                                 "spatial_shape": ["*", "*"], "dtype": "float32",
+                                 "value_range": [normalisation["hu_min"], normalisation["hu_max"]],
+                                 "channel_def": {"0": "slices z-1, z, z+1 (2.5-D)" if network_kwargs.get("in_channels", 1) == 3 else "slice z"}}},
+            "outputs": {"pred": {"type": "image", "format": "hounsfield", "num_channels": 1,
+                                 "spatial_shape": ["*", "*"], "dtype": "float32"}},
+        },
+    }
+    meta.update(metadata or {})
+    _atomic_write_text(folder / "configs" / "metadata.json", json.dumps(meta, indent=2, default=_json_default))
+    inference = {
+        "imports": ["$import lowdose.networks"],
+        "network_def": {"_target_": f"$lowdose.networks.build_network", "name": network_name, **network_kwargs},
+        "note": "Use lowdose.denoise (or `lowdose denoise`), which applies the normalisation in metadata.json "
+                "slice by slab; this file records how the network is built.",
+    }
+    _atomic_write_text(folder / "configs" / "inference.json", json.dumps(inference, indent=2))
+    if readme:
+        _atomic_write_text(folder / "docs" / "README.md", readme)
+    return folder
+
+
+def find_bundle(model: str | Path) -> Path:
+    """A bundle folder from a model name (a folder under ``models/``) or a path."""
+    path = Path(model)
+    candidates = [path] if path.is_dir() else []
+    candidates.append(MODELS_DIR / str(model))
+    for candidate in candidates:
+        if (candidate / "configs" / "metadata.json").is_file():
+            return candidate
+    available = ", ".join(available_models()) or "none"
+    raise LowdoseError(f"{model}: no such model (a name under models/ or a bundle folder); available: {available}")
+
+
+def available_models() -> list[str]:
+    if not MODELS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in MODELS_DIR.iterdir() if (p / "configs" / "metadata.json").is_file())
+
+
+def load_bundle(model: str | Path = DEFAULT_MODEL, device: str | torch.device = "cpu") -> DenoisingModel:
+    """Load a bundle's networks once, in eval mode, on ``device``."""
+    from .networks import build_network
+
+    folder = find_bundle(model)
+    try:
+        meta = json.loads((folder / "configs" / "metadata.json").read_text())
+        state = torch.load(folder / "models" / "model.pt", map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise LowdoseError(f"{folder}: damaged model bundle ({str(exc).splitlines()[0]})") from None
+    kwargs = meta["network"]["kwargs"]
+    network = build_network(meta["network"]["name"], **kwargs)
+    network.load_state_dict(state["network"])
+    estimator = None
+    if meta.get("dose_estimator") and "dose_estimator" in state:
+        estimator = build_network("dose_estimator", **meta["dose_estimator"]["kwargs"])
+        estimator.load_state_dict(state["dose_estimator"])
+        estimator.eval()
+    network.eval()
+    return DenoisingModel(
+        name=meta.get("name", folder.name), network=network, dose_estimator=estimator,
+        normalisation=meta.get("normalisation", DEFAULT_NORMALISATION),
+        in_channels=int(kwargs.get("in_channels", 1)), dose_conditioning=bool(kwargs.get("dose_conditioning", False)),
+        metadata=meta, path=folder,
+    ).to(device)
+
+
+def _version(package: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:
+        return "unknown"
+
+
+def _json_default(value: Any):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

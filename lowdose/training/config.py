@@ -1,0 +1,116 @@
+"""The training run described by one YAML file: data, doses, network, optimiser, schedule, output."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import LowdoseError
+
+DEFAULT_DOSES = (1 / 2, 1 / 4, 1 / 6, 1 / 10, 1 / 20)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the CT comes from. ``mode: simulated`` makes low-dose pairs on the fly from normal-dose
+    series; ``mode: paired`` reads real low/normal-dose pairs (TCIA LDCT-and-Projection-data layout:
+    one folder per patient holding a full-dose and a low-dose series)."""
+
+    mode: str = "simulated"
+    train: list[str] = dataclasses.field(default_factory=list)
+    validation: list[str] = dataclasses.field(default_factory=list)
+    doses: list[float] = dataclasses.field(default_factory=lambda: list(DEFAULT_DOSES))
+    validation_doses: list[float] = dataclasses.field(default_factory=lambda: [1 / 4, 1 / 10])
+    patch_size: int = 96
+    patches_per_slice: int = 8
+    slices_per_epoch: int = 32
+    validation_slices: int = 4
+    min_tissue_fraction: float = 0.2
+    paired_dose: float | None = None  # paired mode: the dose fraction of the real low-dose series
+
+
+@dataclasses.dataclass
+class NetworkConfig:
+    name: str = "dose_unet"
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=lambda: {"in_channels": 3, "dose_conditioning": True})
+    dose_estimator: bool = True
+    dose_estimator_kwargs: dict[str, Any] = dataclasses.field(default_factory=lambda: {"in_channels": 3})
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    epochs: int = 20
+    batch_size: int = 16
+    learning_rate: float = 2e-4
+    weight_decay: float = 1e-4
+    ssim_weight: float = 0.1
+    dose_loss_weight: float = 1.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that decides a training run; saved beside its checkpoints so it can be repeated."""
+
+    name: str = "dose_unet"
+    output_dir: str = "runs/dose_unet"
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    network: NetworkConfig = dataclasses.field(default_factory=NetworkConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise LowdoseError(f"{path}: no such training config") from None
+        except yaml.YAMLError as exc:
+            raise LowdoseError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        config = cls.from_dict(raw, source=str(path))
+        # Relative data and output paths are relative to the config file, as a user would expect.
+        base = path.resolve().parent
+        config.data.train = [str((base / p).resolve()) for p in config.data.train]
+        config.data.validation = [str((base / p).resolve()) for p in config.data.validation]
+        config.output_dir = str((base / config.output_dir).resolve())
+        return config
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "TrainConfig":
+        def build(kind, values, where):
+            if not isinstance(values, dict):
+                raise LowdoseError(f"{source}: '{where}' must be a mapping")
+            names = {f.name for f in dataclasses.fields(kind)}
+            unknown = set(values) - names
+            if unknown:
+                raise LowdoseError(f"{source}: unknown key(s) in '{where}': {', '.join(sorted(unknown))} "
+                                   f"(known: {', '.join(sorted(names))})")
+            return values
+
+        top = build(cls, raw, "top level")
+        config = cls(**{k: v for k, v in top.items() if k not in ("data", "network", "optim")})
+        config.data = DataConfig(**build(DataConfig, top.get("data", {}), "data"))
+        config.network = NetworkConfig(**build(NetworkConfig, top.get("network", {}), "network"))
+        config.optim = OptimConfig(**build(OptimConfig, top.get("optim", {}), "optim"))
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "config") -> None:
+        if self.data.mode not in ("simulated", "paired"):
+            raise LowdoseError(f"{source}: data.mode must be 'simulated' or 'paired', not {self.data.mode!r}")
+        if not self.data.train:
+            raise LowdoseError(f"{source}: data.train lists no CT series")
+        for dose in [*self.data.doses, *self.data.validation_doses]:
+            if not 0 < float(dose) <= 1:
+                raise LowdoseError(f"{source}: dose fraction {dose} is not in (0, 1]")
+        if self.data.patch_size < 32:
+            raise LowdoseError(f"{source}: data.patch_size must be at least 32")
+        if self.optim.epochs < 1 or self.optim.batch_size < 1:
+            raise LowdoseError(f"{source}: optim.epochs and optim.batch_size must be positive")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,187 @@
+"""Training data: normal-dose CT made into low/normal-dose pairs by the simulator, or real pairs.
+
+Slices are served as 2.5-D slabs (the slice and its neighbours; edges repeat the end slice), so the
+network sees that noise is independent from slice to slice while anatomy is not. Patches are sampled
+inside the body and flipped/rotated with MONAI transforms, identically for both images of a pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import hu_to_input
+from ..errors import LowdoseError
+from ..io import GRID_SUFFIXES, load_ct
+from ..volume import CTVolume
+
+BODY_HU = -500.0
+RUN_LENGTH = 8  # consecutive slices simulated together for one epoch
+
+
+def find_ct_inputs(path: str | Path) -> list[Path]:
+    """Every CT under ``path``: a file, a DICOM series folder, or a folder of those (searched down)."""
+    path = Path(path)
+    if not path.exists():
+        raise LowdoseError(f"{path}: no such file or folder (listed in the training config)")
+    if path.is_file():
+        return [path]
+    found: list[Path] = []
+    for folder in sorted([path, *[p for p in path.rglob("*") if p.is_dir()]]):
+        files = [f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")]
+        found += sorted(f for f in files if f.name.lower().endswith(GRID_SUFFIXES))
+        if any(_looks_like_dicom(f) for f in files[:20]):
+            found.append(folder)
+    if not found:
+        raise LowdoseError(f"{path}: holds no CT (no NIfTI/NRRD/MHA files, no DICOM series)")
+    return found
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def slab(hu: np.ndarray, index: int, channels: int) -> np.ndarray:
+    """Slices ``index - channels//2 .. index + channels//2`` of a [z, y, x] array, ends repeated."""
+    half = channels // 2
+    picks = np.clip(np.arange(index - half, index + half + 1), 0, hu.shape[0] - 1)
+    return hu[picks]
+
+
+def body_slices(volume: CTVolume, min_fraction: float) -> list[int]:
+    """Slices in which at least ``min_fraction`` of the pixels are body (not air or padding)."""
+    fraction = (volume.hu > BODY_HU).mean(axis=(1, 2))
+    return [int(k) for k in np.flatnonzero(fraction >= min_fraction)]
+
+
+@dataclasses.dataclass
+class PairSource:
+    """Where pairs come from: normal-dose volumes (simulated mode) or (low, normal, dose) triples."""
+
+    normal: list[CTVolume]
+    low: list[CTVolume] | None = None
+    paired_dose: float | None = None
+
+
+def load_sources(paths: list[str], mode: str, paired_dose: float | None = None) -> PairSource:
+    if mode == "simulated":
+        return PairSource(normal=[load_ct(p) for entry in paths for p in find_ct_inputs(entry)])
+    normals, lows = [], []
+    for entry in paths:
+        for case in _paired_cases(Path(entry)):
+            normal, low = load_ct(case[0]), load_ct(case[1])
+            if normal.shape != low.shape:
+                raise LowdoseError(f"{case[1]}: low-dose shape {low.shape} differs from full dose {normal.shape}")
+            normals.append(normal)
+            lows.append(low)
+    return PairSource(normal=normals, low=lows, paired_dose=paired_dose)
+
+
+def _paired_cases(root: Path) -> list[tuple[Path, Path]]:
+    """(full-dose, low-dose) series folders in the TCIA LDCT-and-Projection-data layout: under each
+    patient, one series whose folder name says full/normal dose and one that says low/quarter dose."""
+    cases = []
+    for patient in sorted([root, *[p for p in root.rglob("*") if p.is_dir()]]):
+        children = [c for c in patient.iterdir() if c.is_dir()]
+        full = [c for c in children if any(w in c.name.lower() for w in ("full", "normal", "ndct"))]
+        low = [c for c in children if any(w in c.name.lower() for w in ("low", "quarter", "ldct"))]
+        if len(full) == 1 and len(low) == 1:
+            cases.append((full[0], low[0]))
+    if not cases:
+        raise LowdoseError(f"{root}: no patient folder holds one full-dose and one low-dose series folder "
+                           "(names containing 'full'/'normal' and 'low'/'quarter')")
+    return cases
+
+
+class PairSampler:
+    """Makes one epoch's training patches: fresh simulated noise at random doses every epoch."""
+
+    def __init__(self, source: PairSource, doses: list[float], channels: int, normalisation: dict,
+                 patch_size: int, patches_per_slice: int, slices_per_epoch: int, min_tissue_fraction: float,
+                 seed: int):
+        self.source, self.doses, self.channels = source, [float(d) for d in doses], channels
+        self.normalisation = normalisation
+        self.patch_size, self.patches_per_slice = patch_size, patches_per_slice
+        self.slices_per_epoch = slices_per_epoch
+        self.candidates = [(v, k) for v, volume in enumerate(source.normal)
+                           for k in body_slices(volume, min_tissue_fraction)
+                           if min(volume.shape[1:]) >= patch_size]
+        if not self.candidates:
+            raise LowdoseError(f"no training slice is at least {patch_size} pixels wide with "
+                               f"{min_tissue_fraction:.0%} body in it")
+        self.seed = seed
+
+    def epoch(self, epoch: int) -> list[dict]:
+        """A list of MONAI-style items {low: [C,P,P], normal: [1,P,P], dose: float} for one epoch."""
+        from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd, RandRotate90d
+
+        from ..simulate import simulate_low_dose
+
+        rng = np.random.default_rng([self.seed, epoch])
+        crop = Compose([
+            RandCropByPosNegLabeld(keys=["low", "normal", "body"], label_key="body",
+                                   spatial_size=(self.patch_size, self.patch_size), pos=1, neg=0,
+                                   num_samples=self.patches_per_slice),
+            RandFlipd(keys=["low", "normal"], prob=0.5, spatial_axis=1),
+            RandRotate90d(keys=["low", "normal"], prob=0.75, max_k=3),
+        ])
+        crop.set_random_state(seed=int(rng.integers(2**31)))
+        items = []
+        # Simulate runs of consecutive slices: each simulated slice then serves as centre and as a
+        # neighbour, about 3x cheaper than simulating every 2.5-D slab on its own.
+        runs = max(1, self.slices_per_epoch // RUN_LENGTH)
+        half = self.channels // 2
+        for pick in rng.choice(len(self.candidates), size=runs, replace=len(self.candidates) < runs):
+            v, k = self.candidates[int(pick)]
+            volume = self.source.normal[v]
+            first = max(0, min(k, volume.shape[0] - RUN_LENGTH))
+            centres = list(range(first, min(first + RUN_LENGTH, volume.shape[0])))
+            lo, hi = max(0, centres[0] - half), min(volume.shape[0], centres[-1] + half + 1)
+            normal_run = volume.hu[lo:hi]
+            if self.source.low is not None:
+                low_run, dose = self.source.low[v].hu[lo:hi], self.source.paired_dose
+            else:
+                dose = float(rng.choice(self.doses))
+                stack = CTVolume(hu=normal_run, spacing_mm=volume.spacing_mm, metadata={
+                    key: value for key, value in volume.metadata.items() if key == "padding_value_hu"})
+                low_run = simulate_low_dose(stack, dose, seed=int(rng.integers(2**31))).hu
+            for c in centres:
+                normal = slab(normal_run, c - lo, self.channels)
+                if (normal[half] > BODY_HU).mean() < 0.05:
+                    continue
+                item = {
+                    "low": hu_to_input(slab(low_run, c - lo, self.channels), self.normalisation),
+                    "normal": hu_to_input(normal[half:half + 1], self.normalisation),
+                    "body": (normal[half:half + 1] > BODY_HU).astype(np.float32),
+                }
+                for patch in crop(item):
+                    items.append({"low": np.asarray(patch["low"], dtype=np.float32),
+                                  "normal": np.asarray(patch["normal"], dtype=np.float32),
+                                  "dose": np.float32(dose if dose is not None else np.nan)})
+        return items
+
+
+def validation_set(volumes: list[CTVolume], doses: list[float], channels: int, slices_per_volume: int,
+                   seed: int = 12345) -> list[dict]:
+    """Fixed full slices for validation: the same simulated noise every epoch (HU, not normalised)."""
+    from ..simulate import simulate_low_dose
+
+    items = []
+    for v, volume in enumerate(volumes):
+        candidates = body_slices(volume, 0.2) or list(range(volume.shape[0]))
+        picks = [candidates[int(i)] for i in np.linspace(0, len(candidates) - 1, slices_per_volume).round()]
+        for dose in doses:
+            for k in sorted(set(picks)):
+                normal = slab(volume.hu, k, channels)
+                stack = CTVolume(hu=normal, spacing_mm=volume.spacing_mm)
+                low = simulate_low_dose(stack, dose, seed=seed + 1000 * v + k).hu
+                items.append({"low_hu": low, "normal_hu": normal[channels // 2], "dose": float(dose),
+                              "volume": v, "slice": k})
+    return items

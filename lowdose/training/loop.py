@@ -1,0 +1,238 @@
+"""The training loop: AdamW + cosine schedule, validation PSNR/SSIM each epoch, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..bundle import DEFAULT_NORMALISATION, _atomic_torch_save as _atomic_save, hu_to_input, output_to_hu, save_bundle
+from ..errors import LowdoseError
+from ..metrics import psnr, ssim
+from .config import TrainConfig
+from .data import PairSampler, find_ct_inputs, load_sources, validation_set
+
+log = logging.getLogger("lowdose.train")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """cuda when asked or available (auto), else cpu; a clear error if cuda is asked but absent."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LowdoseError("--device cuda: no CUDA GPU is available on this machine (use auto or cpu)")
+    return torch.device(device)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _windowed_ssim_loss(prediction: torch.Tensor, target: torch.Tensor, normalisation: dict) -> torch.Tensor:
+    """1 - SSIM on the abdomen window (C50/W400) scaled to [0, 1], as the field scores images."""
+    from monai.losses import SSIMLoss
+
+    scale = normalisation["scale_hu"]
+    lo, width = (50.0 - 200.0) / scale, 400.0 / scale
+
+    def window(t):
+        return ((t - lo) / width).clamp(0, 1)
+
+    return SSIMLoss(spatial_dims=2, data_range=1.0)(window(prediction), window(target))
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True,
+          bundle_dir: str | Path | None = None) -> dict:
+    """Run the training described by ``config``; returns the history (per-epoch losses and figures)."""
+    from tqdm.auto import tqdm
+
+    from ..networks import build_network, count_gflops, count_parameters
+
+    _seed_everything(config.seed)
+    device = pick_device(config.device)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    normalisation = dict(DEFAULT_NORMALISATION)
+    net_kwargs = dict(config.network.kwargs)
+    channels = int(net_kwargs.get("in_channels", 1))
+    conditioned = bool(net_kwargs.get("dose_conditioning", False))
+
+    network = build_network(config.network.name, **net_kwargs).to(device)
+    estimator = None
+    if config.network.dose_estimator:
+        estimator = build_network("dose_estimator", **config.network.dose_estimator_kwargs).to(device)
+    parameters = list(network.parameters()) + (list(estimator.parameters()) if estimator else [])
+    optimiser = torch.optim.AdamW(parameters, lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay)
+
+    source = load_sources(config.data.train, config.data.mode, config.data.paired_dose)
+    sampler = PairSampler(source, config.data.doses, channels, normalisation, config.data.patch_size,
+                          config.data.patches_per_slice, config.data.slices_per_epoch,
+                          config.data.min_tissue_fraction, config.seed)
+    validation_volumes = load_sources(config.data.validation, "simulated").normal if config.data.validation else []
+    validation = validation_set(validation_volumes, config.data.validation_doses, channels,
+                                config.data.validation_slices) if validation_volumes else []
+
+    steps_per_epoch = math.ceil(sampler.slices_per_epoch * sampler.patches_per_slice / config.optim.batch_size)
+    total_steps = steps_per_epoch * config.optim.epochs
+    warmup = min(100, total_steps // 20)
+
+    def learning_rate_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, learning_rate_factor)
+    history: dict = {"epochs": [], "config": config.to_dict()}
+    start_epoch, best = 0, -float("inf")
+    checkpoint_path = out / "checkpoint_last.pt"
+    if resume:
+        if not checkpoint_path.is_file():
+            raise LowdoseError(f"{checkpoint_path}: no checkpoint to resume from")
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        network.load_state_dict(state["network"])
+        if estimator is not None and state.get("dose_estimator") is not None:
+            estimator.load_state_dict(state["dose_estimator"])
+        optimiser.load_state_dict(state["optimiser"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resumed from %s at epoch %d", checkpoint_path, start_epoch + 1)
+
+    log.info("training %s (%d parameters, %.1f GFLOPs per 512x512 slice) on %s: %d epochs x %d steps",
+             config.network.name, count_parameters(network), count_gflops(network, (1, channels, 512, 512),
+             **({"dose_fraction": torch.tensor([0.25])} if conditioned else {})), device,
+             config.optim.epochs, steps_per_epoch)
+    started = time.time()
+    for epoch in range(start_epoch, config.optim.epochs):
+        network.train()
+        if estimator is not None:
+            estimator.train()
+        t0 = time.time()
+        items = sampler.epoch(epoch)
+        simulate_seconds = time.time() - t0
+        order = np.random.default_rng([config.seed, epoch, 1]).permutation(len(items))
+        losses, dose_losses = [], []
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.optim.epochs}", disable=not progress,
+                   unit="step", leave=False)
+        for step in bar:
+            batch = [items[i] for i in order[step * config.optim.batch_size:(step + 1) * config.optim.batch_size]]
+            if not batch:
+                break
+            low = torch.from_numpy(np.stack([b["low"] for b in batch])).to(device)
+            normal = torch.from_numpy(np.stack([b["normal"] for b in batch])).to(device)
+            dose = torch.from_numpy(np.stack([b["dose"] for b in batch])).to(device)
+            prediction = network(low, dose) if conditioned else network(low)
+            loss = F.mse_loss(prediction, normal)
+            if config.optim.ssim_weight > 0:
+                loss = loss + config.optim.ssim_weight * _windowed_ssim_loss(prediction, normal, normalisation)
+            total = loss
+            if estimator is not None and torch.isfinite(dose).all():
+                dose_loss = F.smooth_l1_loss(estimator(low), dose.log(), beta=0.1)
+                total = total + config.optim.dose_loss_weight * dose_loss
+                dose_losses.append(float(dose_loss))
+            optimiser.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimiser.step()
+            scheduler.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.5f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        figures = evaluate(network, estimator, validation, normalisation, channels, conditioned, device)
+        record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "dose_loss": float(np.mean(dose_losses)) if dose_losses else None,
+                  "simulate_seconds": round(simulate_seconds, 1), "epoch_seconds": round(time.time() - t0, 1), **figures}
+        history["epochs"].append(record)
+        score = figures.get("val_psnr_abdomen", -float(np.mean(losses)))
+        is_best = score > best
+        best = max(best, score)
+        state = {"network": network.state_dict(), "dose_estimator": estimator.state_dict() if estimator else None,
+                 "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                 "best": best, "history": history, "torch_rng": torch.get_rng_state(), "config": config.to_dict()}
+        _atomic_save(state, checkpoint_path)
+        if is_best:
+            _atomic_save({k: state[k] for k in ("network", "dose_estimator", "epoch", "config")}, out / "checkpoint_best.pt")
+        message = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None)
+        elapsed = time.time() - started
+        remaining = elapsed / (epoch + 1 - start_epoch) * (config.optim.epochs - epoch - 1)
+        log.info("%s (eta %.0f min)%s", message, remaining / 60, " *best*" if is_best else "")
+        (out / "history.json").write_text(json.dumps(history, indent=2))
+    if bundle_dir is not None:
+        export_bundle(out / "checkpoint_best.pt", bundle_dir, history=history)
+    return history
+
+
+@torch.inference_mode()
+def evaluate(network, estimator, validation, normalisation, channels, conditioned, device) -> dict:
+    """PSNR/SSIM (abdomen window) of the network on the fixed validation slices, dose estimated."""
+    if not validation:
+        return {}
+    network.eval()
+    if estimator is not None:
+        estimator.eval()
+    psnrs, ssims, input_psnrs, dose_errors = [], [], [], []
+    for item in validation:
+        low = torch.from_numpy(hu_to_input(item["low_hu"], normalisation))[None].to(device)
+        dose = None
+        if estimator is not None:
+            dose = estimator.predict_dose_fraction(low)
+            dose_errors.append(abs(float(dose) - item["dose"]) / item["dose"])
+        if conditioned and dose is None:
+            dose = torch.tensor([item["dose"]], device=device)
+        prediction = network(low, dose) if conditioned else network(low)
+        hu = output_to_hu(prediction[0, 0].float().cpu().numpy(), normalisation)
+        hu = np.where((item["low_hu"][channels // 2] > normalisation["hu_max"]), item["low_hu"][channels // 2], hu)
+        psnrs.append(psnr(item["normal_hu"], hu))
+        ssims.append(ssim(item["normal_hu"], hu))
+        input_psnrs.append(psnr(item["normal_hu"], item["low_hu"][channels // 2]))
+    figures = {"val_psnr_abdomen": float(np.mean(psnrs)), "val_ssim_abdomen": float(np.mean(ssims)),
+               "val_input_psnr_abdomen": float(np.mean(input_psnrs))}
+    if dose_errors:
+        figures["val_dose_median_rel_error"] = float(np.median(dose_errors))
+    return figures
+
+
+def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, history: dict | None = None,
+                  readme: str = "") -> Path:
+    """Write the MONAI bundle of a training checkpoint (see lowdose.bundle)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    config = TrainConfig.from_dict(state["config"])
+    history = history or state.get("history") or {}
+    epochs = history.get("epochs", [])
+    best = max(epochs, key=lambda r: r.get("val_psnr_abdomen", -1e9)) if epochs else {}
+    metadata = {
+        "training": {
+            "data_mode": config.data.mode,
+            "train_series": [str(p) for entry in config.data.train for p in _relative_inputs(entry)],
+            "validation_series": [str(p) for entry in config.data.validation for p in _relative_inputs(entry)],
+            "doses": config.data.doses,
+            "epochs": config.optim.epochs,
+            "best_epoch": state.get("epoch", 0) + 1,
+            "seed": config.seed,
+        },
+        "validation": {k: v for k, v in best.items() if k.startswith("val_")},
+    }
+    return save_bundle(bundle_dir, name=Path(bundle_dir).name, network_name=config.network.name,
+                       network_kwargs=config.network.kwargs, network_state=state["network"],
+                       estimator_kwargs=config.network.dose_estimator_kwargs if state.get("dose_estimator") else None,
+                       estimator_state=state.get("dose_estimator"), metadata=metadata, readme=readme)
+
+
+def _relative_inputs(entry: str) -> list[str]:
+    """Series names for the model card, relative to the shared data folder when under it."""
+    try:
+        inputs = find_ct_inputs(entry)
+    except LowdoseError:
+        return [entry]
+    names = []
+    for p in inputs:
+        parts = Path(p).parts
+        names.append("/".join(parts[parts.index("data"):]) if "data" in parts else Path(p).name)
+    return names
