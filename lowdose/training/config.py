@@ -29,6 +29,7 @@ class DataConfig:
     slices_per_epoch: int = 32
     validation_slices: int = 4
     min_tissue_fraction: float = 0.2
+    simulation_cache: str | None = None  # folder that keeps simulated slices for reuse across runs
     paired_dose: float | None = None  # paired mode: the dose fraction of the real low-dose series
 
 
@@ -77,6 +78,8 @@ class TrainConfig:
         config.data.train = [str((base / p).resolve()) for p in config.data.train]
         config.data.validation = [str((base / p).resolve()) for p in config.data.validation]
         config.output_dir = str((base / config.output_dir).resolve())
+        if config.data.simulation_cache:
+            config.data.simulation_cache = str((base / config.data.simulation_cache).resolve())
         return config
 
     @classmethod

@@ -8,6 +8,8 @@ inside the body and flipped/rotated with MONAI transforms, identically for both 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +107,8 @@ class PairSampler:
 
     def __init__(self, source: PairSource, doses: list[float], channels: int, normalisation: dict,
                  patch_size: int, patches_per_slice: int, slices_per_epoch: int, min_tissue_fraction: float,
-                 seed: int):
+                 seed: int, cache_dir: str | None = None):
+        self.cache_dir = cache_dir
         self.source, self.doses, self.channels = source, [float(d) for d in doses], channels
         self.normalisation = normalisation
         self.patch_size, self.patches_per_slice = patch_size, patches_per_slice
@@ -118,11 +121,31 @@ class PairSampler:
                                f"{min_tissue_fraction:.0%} body in it")
         self.seed = seed
 
+    def _simulate(self, volume: CTVolume, v: int, lo: int, hi: int, dose: float, seed: int) -> np.ndarray:
+        """Slices lo:hi of volume v at ``dose``; cached on disk when ``cache_dir`` is set, so runs that
+        share a seed (e.g. the networks of one benchmark) share the simulated data instead of redoing it."""
+        from ..simulate import simulate_low_dose
+
+        cache = None
+        if self.cache_dir is not None:
+            source = str(volume.metadata.get("path", v)).encode()
+            key = hashlib.sha1(source + f"|{lo}|{hi}|{dose:.6f}|{seed}".encode()).hexdigest()[:20]
+            cache = Path(self.cache_dir) / f"{key}.npy"
+            if cache.is_file():
+                return np.load(cache)
+        stack = CTVolume(hu=volume.hu[lo:hi], spacing_mm=volume.spacing_mm, metadata={
+            key: value for key, value in volume.metadata.items() if key == "padding_value_hu"})
+        low = simulate_low_dose(stack, dose, seed=seed).hu
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, low.astype(np.float32))
+            os.replace(tmp, cache)
+        return low
+
     def epoch(self, epoch: int) -> list[dict]:
         """A list of MONAI-style items {low: [C,P,P], normal: [1,P,P], dose: float} for one epoch."""
         from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd, RandRotate90d
-
-        from ..simulate import simulate_low_dose
 
         rng = np.random.default_rng([self.seed, epoch])
         crop = Compose([
@@ -149,9 +172,7 @@ class PairSampler:
                 low_run, dose = self.source.low[v].hu[lo:hi], self.source.paired_dose
             else:
                 dose = float(rng.choice(self.doses))
-                stack = CTVolume(hu=normal_run, spacing_mm=volume.spacing_mm, metadata={
-                    key: value for key, value in volume.metadata.items() if key == "padding_value_hu"})
-                low_run = simulate_low_dose(stack, dose, seed=int(rng.integers(2**31))).hu
+                low_run = self._simulate(volume, v, lo, hi, dose, int(rng.integers(2**31)))
             for c in centres:
                 normal = slab(normal_run, c - lo, self.channels)
                 if (normal[half] > BODY_HU).mean() < 0.05:

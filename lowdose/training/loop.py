@@ -76,7 +76,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     source = load_sources(config.data.train, config.data.mode, config.data.paired_dose)
     sampler = PairSampler(source, config.data.doses, channels, normalisation, config.data.patch_size,
                           config.data.patches_per_slice, config.data.slices_per_epoch,
-                          config.data.min_tissue_fraction, config.seed)
+                          config.data.min_tissue_fraction, config.seed, config.data.simulation_cache)
     validation_volumes = load_sources(config.data.validation, "simulated").normal if config.data.validation else []
     validation = validation_set(validation_volumes, config.data.validation_doses, channels,
                                 config.data.validation_slices) if validation_volumes else []
@@ -138,13 +138,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
             if estimator is not None and torch.isfinite(dose).all():
                 dose_loss = F.smooth_l1_loss(estimator(low), dose.log(), beta=0.1)
                 total = total + config.optim.dose_loss_weight * dose_loss
-                dose_losses.append(float(dose_loss))
+                dose_losses.append(float(dose_loss.detach()))
             optimiser.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimiser.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.5f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         figures = evaluate(network, estimator, validation, normalisation, channels, conditioned, device)
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "dose_loss": float(np.mean(dose_losses)) if dose_losses else None,

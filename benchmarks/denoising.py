@@ -1,0 +1,199 @@
+"""Denoising benchmark: every method on the same held-out slices, simulated doses, one run.
+
+    .venv/bin/python benchmarks/denoising.py            # writes benchmarks/results/denoising.md + .png
+
+Methods: the low-dose input, Gaussian filter, non-local means (scikit-image), BM3D (the `bm3d`
+package, noise sigma estimated from the image), and every trained model under models/ (RED-CNN,
+ESAU-Net, our default dose-aware network, ...). Held out: the bundled sample series (never trained
+on). Doses 1/2, 1/4, 1/10, 1/20 (seen in training) and 1/3, 1/8 (unseen). Figures: PSNR/SSIM on the
+abdomen and chest windows, RMSE in HU, seconds per 512x512 slice, GFLOPs per slice, dose-estimator
+error; then a separate timing of a 512x512x100 volume and the peak memory of a 512x512x300 volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from lowdose import load_ct, sample_ct_path, simulate_low_dose  # noqa: E402
+from lowdose.bundle import available_models, load_bundle  # noqa: E402
+from lowdose.denoise import Denoiser  # noqa: E402
+from lowdose.metrics import psnr, rmse_hu, ssim  # noqa: E402
+from lowdose.volume import CTVolume  # noqa: E402
+
+DOSES = {"1/2": 0.5, "1/4": 0.25, "1/10": 0.1, "1/20": 0.05, "1/3 (unseen)": 1 / 3, "1/8 (unseen)": 0.125}
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def gaussian(hu: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(hu, sigma=(0, 1.0, 1.0))
+
+
+def _sigma(hu2d: np.ndarray) -> float:
+    from skimage.restoration import estimate_sigma
+
+    return float(estimate_sigma(hu2d))
+
+
+def nlm(hu: np.ndarray) -> np.ndarray:
+    from skimage.restoration import denoise_nl_means
+
+    out = np.empty_like(hu)
+    for k, image in enumerate(hu):
+        sigma = _sigma(image)
+        out[k] = denoise_nl_means(image, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True)
+    return out
+
+
+def bm3d_filter(hu: np.ndarray) -> np.ndarray:
+    import bm3d
+
+    out = np.empty_like(hu)
+    for k, image in enumerate(hu):
+        out[k] = bm3d.bm3d(image, sigma_psd=_sigma(image))
+    return out
+
+
+def evaluate(method, normal: CTVolume, low: CTVolume, centre: list[int]) -> tuple[dict, float]:
+    """Figures of ``method`` on the centre slices (it sees the whole low-dose stack for 2.5-D input)."""
+    started = time.perf_counter()
+    result = method(low)
+    seconds = (time.perf_counter() - started) / len(centre)
+    ref, out = normal.hu[centre], result[centre]
+    figures = {"psnr_abdomen": psnr(ref, out, "abdomen"), "ssim_abdomen": ssim(ref, out, "abdomen"),
+               "psnr_chest": psnr(ref, out, "chest"), "ssim_chest": ssim(ref, out, "chest"),
+               "rmse_hu": rmse_hu(ref, out)}
+    return figures, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=6, help="held-out slices to score (default 6)")
+    parser.add_argument("--no-bm3d", action="store_true", help="skip BM3D (slow on a CPU)")
+    parser.add_argument("--skip-volume", action="store_true", help="skip the 100/300-slice timing and memory runs")
+    args = parser.parse_args()
+
+    from lowdose.networks import count_gflops
+
+    normal = load_ct(sample_ct_path())
+    centre = [int(k) for k in np.linspace(2, normal.shape[0] - 3, args.slices).round()]
+    # The 2.5-D networks need neighbours: score the centre slices, denoise the slab around them.
+    span = list(range(min(centre) - 1, max(centre) + 2))
+    normal = normal.with_hu(normal.hu[span])
+    centre = [k - span[0] for k in centre]
+    methods = {"low-dose input": (lambda v: v.hu, None), "Gaussian (sigma 1 px)": (lambda v: gaussian(v.hu), None),
+               "NLM (scikit-image)": (lambda v: nlm(v.hu), None)}
+    if not args.no_bm3d:
+        methods["BM3D"] = (lambda v: bm3d_filter(v.hu), None)
+    estimators = {}
+    for name in available_models():
+        denoiser = Denoiser(name, device="cpu", batch_size=4)
+        model = denoiser.model
+        kwargs = {"dose_fraction": __import__("torch").tensor([0.25])} if model.dose_conditioning else {}
+        gflops = count_gflops(model.network, (1, model.in_channels, 512, 512), **kwargs)
+        methods[name] = ((lambda v, d=denoiser: d(v, dose="auto").hu), gflops)
+        if model.dose_estimator is not None:
+            estimators[name] = denoiser
+
+    rows, dose_rows, examples = [], [], {}
+    for dose_name, dose in DOSES.items():
+        low = simulate_low_dose(normal, dose, seed=2024)
+        for method_name, (method, gflops) in methods.items():
+            figures, seconds = evaluate(method, normal, low, centre)
+            rows.append({"dose": dose_name, "method": method_name, **figures, "seconds_per_slice": seconds,
+                         "gflops_per_slice": gflops})
+            print(f"{dose_name:>13} {method_name:<24} PSNR abd {figures['psnr_abdomen']:6.2f} "
+                  f"SSIM abd {figures['ssim_abdomen']:.4f} RMSE {figures['rmse_hu']:6.1f} HU  {seconds:6.2f} s/slice",
+                  flush=True)
+            if dose_name == "1/4":
+                examples[method_name] = method(low)[centre[len(centre) // 2]]
+        for name, denoiser in estimators.items():
+            estimate = denoiser.estimate_dose(low)
+            dose_rows.append({"model": name, "dose": dose_name, "true": dose, "estimated": estimate,
+                              "relative_error": abs(estimate - dose) / dose})
+    examples["normal dose"] = normal.hu[centre[len(centre) // 2]]
+
+    volume_rows = [] if args.skip_volume else volume_runs([m for m in available_models()])
+    write_results(rows, dose_rows, volume_rows, examples, args)
+
+
+def volume_runs(models: list[str]) -> list[dict]:
+    """Whole-volume timing (512x512x100) and peak memory (512x512x300), each in a fresh process."""
+    rows = []
+    for name in models:
+        for slices in (100, 300):
+            code = (
+                "import sys, time, resource, numpy as np; sys.path.insert(0, %r)\n"
+                "from lowdose import load_ct, sample_ct_path\n"
+                "from lowdose.denoise import Denoiser\n"
+                "v = load_ct(sample_ct_path()); reps = -(-%d // v.shape[0])\n"
+                "v = v.with_hu(np.tile(v.hu, (reps, 1, 1))[:%d])\n"
+                "d = Denoiser(%r, device='cpu'); t = time.perf_counter(); d(v, dose='auto')\n"
+                "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2)\n"
+            ) % (str(REPO), slices, slices, name)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            seconds, peak_gb = map(float, out.stdout.split()[-2:])
+            rows.append({"model": name, "slices": slices, "seconds": seconds, "peak_memory_gb": peak_gb})
+            print(f"{name}: 512x512x{slices} in {seconds:.1f} s, peak memory {peak_gb:.2f} GB", flush=True)
+    return rows
+
+
+def write_results(rows, dose_rows, volume_rows, examples, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "denoising.json").write_text(json.dumps({"rows": rows, "dose_estimation": dose_rows,
+                                                        "volumes": volume_rows}, indent=2))
+    lines = ["# Denoising benchmark", "",
+             f"Command: `.venv/bin/python benchmarks/denoising.py{' --no-bm3d' if args.no_bm3d else ''}` "
+             f"on {platform.machine()} with {__import__('os').cpu_count()} cores, CPU only, "
+             f"{time.strftime('%Y-%m-%d')}.", "",
+             f"Held-out data: the bundled sample (abdomen, 512x512, never trained on), {args.slices} slices; "
+             "low-dose versions made by `lowdose.simulate` with seed 2024. PSNR/SSIM on windowed images in "
+             "[0, 1] (abdomen C50/W400, chest C-600/W1500); RMSE in HU over the field of view.", ""]
+    header = "| dose | method | PSNR abd (dB) | SSIM abd | PSNR chest (dB) | SSIM chest | RMSE (HU) | s/slice | GFLOPs/slice |"
+    lines += [header, "|" + "---|" * 9]
+    for r in rows:
+        gflops = "" if r["gflops_per_slice"] is None else f"{r['gflops_per_slice']:.1f}"
+        lines.append(f"| {r['dose']} | {r['method']} | {r['psnr_abdomen']:.2f} | {r['ssim_abdomen']:.4f} | "
+                     f"{r['psnr_chest']:.2f} | {r['ssim_chest']:.4f} | {r['rmse_hu']:.1f} | "
+                     f"{r['seconds_per_slice']:.2f} | {gflops} |")
+    if dose_rows:
+        lines += ["", "## Dose estimator", "", "| model | dose | estimated | relative error |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['dose']} | {r['estimated']:.3f} | {r['relative_error']:.1%} |" for r in dose_rows]
+    if volume_rows:
+        lines += ["", "## Whole volumes (sample slices tiled; fresh process each)", "",
+                  "| model | slices | seconds | peak memory (GB) |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['slices']} | {r['seconds']:.1f} | {r['peak_memory_gb']:.2f} |" for r in volume_rows]
+    (RESULTS / "denoising.md").write_text("\n".join(lines) + "\n")
+
+    names = list(examples)
+    fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3.4))
+    for ax, name in zip(np.atleast_1d(axes), names):
+        ax.imshow(np.clip((examples[name] + 150) / 400, 0, 1)[96:416, 96:416], cmap="gray", vmin=0, vmax=1)
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
+    fig.suptitle("1/4 dose, abdomen window (C50/W400), held-out slice")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "denoising.png", dpi=110)
+    print(f"wrote {RESULTS / 'denoising.md'} and {RESULTS / 'denoising.png'}")
+
+
+if __name__ == "__main__":
+    main()
