@@ -1,6 +1,7 @@
 """lowdose: low-dose CT denoising that proves, structure by structure, that it kept the anatomy.
 
-The public functions are importable from here: ``load_ct``, ``save_ct``, ``simulate_low_dose``.
+The public functions are importable from here: ``load_ct``, ``save_ct``, ``simulate_low_dose``,
+``denoise`` and ``check_fidelity``.
 """
 
 from __future__ import annotations
@@ -30,5 +31,19 @@ def simulate_low_dose(volume, dose_fraction, seed=None, **kwargs):
     return _simulate(volume, dose_fraction, seed=seed, **kwargs)
 
 
+def denoise(volume, model="dose_unet", dose="auto", device="auto", progress=False):
+    """See ``lowdose.denoise.denoise`` (imported lazily: it loads torch)."""
+    from .denoise import denoise as _denoise
+
+    return _denoise(volume, model=model, dose=dose, device=device, progress=progress)
+
+
+def check_fidelity(original, denoised, reference=None, out_dir=None, **kwargs):
+    """See ``lowdose.fidelity.check_fidelity`` (imported lazily: it loads TotalSegmentator)."""
+    from .fidelity import check_fidelity as _check
+
+    return _check(original, denoised, reference=reference, out_dir=out_dir, **kwargs)
+
+
 __all__ = ["CTVolume", "CTInputError", "CTOutputError", "LowdoseError", "load_ct", "save_ct",
-           "simulate_low_dose", "sample_ct_path"]
+           "simulate_low_dose", "denoise", "check_fidelity", "sample_ct_path"]

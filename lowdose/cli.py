@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the installed models")
     p.set_defaults(func=cmd_models)
 
+    from .fidelity.command import add_parser as add_fidelity_parser
+
+    add_fidelity_parser(sub)
+
     p = sub.add_parser("metrics", help="image-quality figures of a CT against a reference on the same grid")
     p.add_argument("reference")
     p.add_argument("test")

@@ -124,18 +124,20 @@ class PairSampler:
     def _simulate(self, volume: CTVolume, v: int, lo: int, hi: int, dose: float, seed: int) -> np.ndarray:
         """Slices lo:hi of volume v at ``dose``; cached on disk when ``cache_dir`` is set, so runs that
         share a seed (e.g. the networks of one benchmark) share the simulated data instead of redoing it."""
-        from ..simulate import simulate_low_dose
+        from .. import simulate
 
         cache = None
         if self.cache_dir is not None:
-            source = str(volume.metadata.get("path", v)).encode()
-            key = hashlib.sha1(source + f"|{lo}|{hi}|{dose:.6f}|{seed}".encode()).hexdigest()[:20]
+            # The simulator's calibration is part of the key: a recalibrated simulator makes new data.
+            source = (f"{volume.metadata.get('path', v)}|{lo}|{hi}|{dose:.6f}|{seed}|"
+                      f"{simulate.FULL_DOSE_PHOTONS}|{simulate.ELECTRONIC_NOISE_PHOTONS}|{simulate.ScannerGeometry()}")
+            key = hashlib.sha1(source.encode()).hexdigest()[:20]
             cache = Path(self.cache_dir) / f"{key}.npy"
             if cache.is_file():
                 return np.load(cache)
         stack = CTVolume(hu=volume.hu[lo:hi], spacing_mm=volume.spacing_mm, metadata={
             key: value for key, value in volume.metadata.items() if key == "padding_value_hu"})
-        low = simulate_low_dose(stack, dose, seed=seed).hu
+        low = simulate.simulate_low_dose(stack, dose, seed=seed).hu
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")

@@ -1,0 +1,211 @@
+"""``check_fidelity``: segment the scans, compare them structure by structure, write the report.
+
+``fidelity.json`` (schema_version 1.0): ``inputs`` (per scan: path, grid, where its labels came from),
+``segmenter`` (name, version, mode, weights folder, device; null when all label maps were given),
+``thresholds`` (``FidelityThresholds``), ``pairs`` (``denoised_vs_original`` and, with a reference,
+``denoised_vs_reference``, ``original_vs_reference``), ``study`` (verdict, summary, counts, flagged names,
+and with a reference whether the denoised scan is at least as close to it as the low-dose one),
+``structures`` (one entry per structure, flagged first: label, name, verdict, reasons, small,
+``images.<scan>`` = present/voxels/volume_ml/hu_mean/hu_std, ``pairs.<pair>`` = dice, nsd_1mm, nsd_2mm,
+hd95_mm, volume_change_pct, common_voxels, hu_shift, hu_std_ratio, and ``reference`` = closer/as
+close/further), ``timings_s`` and ``files``. Undefined numbers are null.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CTInputError, CTOutputError, LowdoseError
+from ..volume import CTVolume
+from .compare import FidelityThresholds, compare_structures
+from .labels import load_label_map, save_label_map
+from .segmenter import Segmenter, TotalSegmentatorSegmenter, timed_segment, total_class_names
+
+SCHEMA_VERSION = "1.0"
+ROLES = ("original", "denoised", "reference")
+
+
+@dataclasses.dataclass
+class FidelityResult:
+    """What ``check_fidelity`` found: the report (as written to fidelity.json), the label maps, the files."""
+
+    report: dict
+    label_maps: dict[str, np.ndarray]
+    files: dict[str, Path]
+
+    @property
+    def verdict(self) -> str:
+        """The study verdict: "kept", "check" or "changed"."""
+        return self.report["study"]["verdict"]
+
+
+def check_fidelity(original: CTVolume | str | os.PathLike, denoised: CTVolume | str | os.PathLike,
+                   reference: CTVolume | str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
+                   segmenter: Segmenter | None = None, thresholds: FidelityThresholds | None = None,
+                   labels: dict | None = None, class_names: dict[int, str] | None = None,
+                   progress: bool = True) -> FidelityResult:
+    """Did denoising keep the anatomy? Segment the low-dose ``original``, the ``denoised`` scan and, when
+    given, a normal-dose ``reference`` (all on one voxel grid), compare them structure by structure, and
+    write ``fidelity.json``, ``fidelity.html`` and ``labels_<scan>.nii.gz`` into ``out_dir`` (when given).
+
+    Scans are ``CTVolume``s or paths ``load_ct`` reads. ``labels`` maps a scan ("original", "denoised",
+    "reference") to a precomputed label map (path or ``[z, y, x]`` array) that is used instead of
+    segmenting that scan (the scan is still needed for the HU figures). ``segmenter`` defaults to
+    TotalSegmentator (task ``total``, fast 3 mm mode, device auto) and is only built when some scan needs
+    segmenting. ``class_names`` defaults to the segmenter's (TotalSegmentator's 117 structures).
+
+    TotalSegmentator runs nnU-Net worker processes: a script calling this needs an
+    ``if __name__ == "__main__":`` guard.
+
+    Example: ``check_fidelity("low.nii.gz", "denoised.nii.gz", out_dir="fidelity").verdict``
+    """
+    started = time.perf_counter()
+    thresholds = thresholds or FidelityThresholds()
+    labels = dict(labels or {})
+    unknown = set(labels) - set(ROLES)
+    if unknown:
+        raise ValueError(f"labels for unknown scans {sorted(unknown)}; use {ROLES}")
+    if reference is None and "reference" in labels:
+        raise LowdoseError("reference labels were given without the reference scan")
+
+    out = None if out_dir is None else _prepare_out_dir(Path(out_dir))
+    timings: dict = {}
+    t = time.perf_counter()
+    volumes = {"original": _as_volume(original), "denoised": _as_volume(denoised)}
+    if reference is not None:
+        volumes["reference"] = _as_volume(reference)
+    timings["loading"] = time.perf_counter() - t
+    for role in ("denoised", "reference"):
+        if role in volumes:
+            _check_same_grid(volumes["original"], volumes[role], role)
+
+    label_maps: dict[str, np.ndarray] = {}
+    label_sources: dict[str, str] = {}
+    for role, given in labels.items():
+        label_maps[role], label_sources[role] = _given_labels(given, volumes[role], role)
+    to_segment = [r for r in volumes if r not in label_maps]
+    if to_segment and segmenter is None:
+        segmenter = TotalSegmentatorSegmenter(progress=progress)
+    timings["segmentation"] = {}
+    for k, role in enumerate(to_segment):
+        label_maps[role], seconds = timed_segment(segmenter, volumes[role], role, progress,
+                                                  step=f"{k + 1}/{len(to_segment)}: ")
+        label_sources[role] = f"segmented by {segmenter.name}"
+        timings["segmentation"][role] = seconds
+    if class_names is None:
+        class_names = segmenter.class_names if segmenter is not None else total_class_names()
+
+    if progress:
+        print("[fidelity] comparing structures ...", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    comparison = compare_structures(label_maps, {r: v.hu for r, v in volumes.items()},
+                                    volumes["original"].spacing_mm, class_names, thresholds)
+    timings["comparison"] = time.perf_counter() - t
+
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "lowdose_version": _lowdose_version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "inputs": {role: _describe_input(v, label_sources[role]) for role, v in volumes.items()},
+        "segmenter": segmenter.describe() if segmenter is not None and to_segment else None,
+        "thresholds": thresholds.as_dict(),
+        "pairs": list(next(iter(comparison["structures"]))["pairs"]) if comparison["structures"] else [],
+        "study": comparison["study"],
+        "structures": comparison["structures"],
+        "timings_s": timings,
+    }
+    files: dict[str, Path] = {}
+    if out is not None:
+        t = time.perf_counter()
+        for role, lab in label_maps.items():
+            files[f"labels_{role}"] = save_label_map(lab, volumes[role], out / f"labels_{role}.nii.gz")
+        from .report import make_figures, write_html, write_json
+
+        figures = make_figures(report, {r: v.hu for r, v in volumes.items()}, label_maps,
+                               volumes["original"].spacing_mm, volumes["original"].direction)
+        timings["report"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - started
+        report["files"] = {k: p.name for k, p in files.items()} | {"json": "fidelity.json", "html": "fidelity.html"}
+        files["html"] = write_html(report, figures, out / "fidelity.html")
+        files["json"] = write_json(report, out / "fidelity.json")
+    else:
+        timings["total"] = time.perf_counter() - started
+    if progress:
+        print(f"[fidelity] verdict: {report['study']['verdict']} ({report['study']['summary']}) in "
+              f"{timings['total']:.1f} s", file=sys.stderr, flush=True)
+    return FidelityResult(report=report, label_maps=label_maps, files=files)
+
+
+def _as_volume(scan) -> CTVolume:
+    if isinstance(scan, CTVolume):
+        return scan
+    from ..io import load_ct
+
+    return load_ct(scan)
+
+
+def _prepare_out_dir(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise CTOutputError(out, "exists and is not a folder; the fidelity report is written into a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CTOutputError(out, f"cannot create the report folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK):
+        raise CTOutputError(out, "the report folder is not writable")
+    return out
+
+
+def _name(volume: CTVolume, role: str) -> str:
+    return volume.metadata.get("path") or f"the {role} scan"
+
+
+def _check_same_grid(original: CTVolume, other: CTVolume, role: str) -> None:
+    """The check compares voxel by voxel: every scan must be on the original's grid."""
+    problem = None
+    if other.shape != original.shape:
+        problem = f"has {other.shape[::-1]} voxels (x, y, z), the original {original.shape[::-1]}"
+    elif not np.allclose(other.spacing_mm, original.spacing_mm, rtol=1e-4, atol=1e-4):
+        problem = f"has spacing {other.spacing_mm} mm, the original {original.spacing_mm}"
+    elif not np.allclose(other.origin_mm, original.origin_mm, atol=0.01 * min(original.spacing_mm)):
+        problem = f"has origin {other.origin_mm} mm, the original {original.origin_mm}"
+    elif not np.allclose(other.direction, original.direction, atol=1e-4):
+        problem = "has another orientation (direction cosines) than the original"
+    if problem:
+        raise CTInputError(_name(other, role), f"{problem}: the {role} scan must be on the original's voxel grid "
+                                                "(the check compares voxel by voxel; resample it first)")
+
+
+def _given_labels(given, volume: CTVolume, role: str) -> tuple[np.ndarray, str]:
+    if isinstance(given, (str, os.PathLike)):
+        labels, how = load_label_map(given, volume)
+        return labels, f"{os.fspath(given)} ({how})"
+    labels = np.asarray(given)
+    if labels.shape != volume.shape:
+        raise LowdoseError(f"the {role} label map has shape {labels.shape}, its scan {volume.shape}")
+    if labels.dtype.kind not in "iu":
+        raise LowdoseError(f"the {role} label map is {labels.dtype}, not an integer label map")
+    return labels, "given as an array"
+
+
+def _describe_input(volume: CTVolume, labels: str) -> dict:
+    x, y, z = volume.shape[::-1]
+    sx, sy, sz = volume.spacing_mm
+    return {"path": volume.metadata.get("path"), "shape_zyx": list(volume.shape),
+            "spacing_mm": list(volume.spacing_mm), "origin_mm": list(volume.origin_mm),
+            "grid": f"{x}x{y}x{z} voxels, {sx:.3g}x{sy:.3g}x{sz:.3g} mm"
+                    + ("" if volume.is_regular_grid else " (irregular slices: distances use the nominal spacing)"),
+            "labels": labels}
+
+
+def _lowdose_version() -> str:
+    from .. import __version__
+
+    return __version__
