@@ -1,0 +1,244 @@
+"""The 3D Slicer module (slicer_extension/) checked without Slicer, for what can be checked honestly here.
+
+3D Slicer cannot run on this machine (no package exists for it), so nothing here imports the module or
+fakes Slicer: the files are compiled and read. Checked: every file compiles, also for the Python of
+Slicer 5 (3.9); every widget the code uses (``self.ui.<name>``) exists in the Qt Designer file, which is
+well formed; every slot and logic method the widget calls exists; the CMake lists name exactly the
+module's .py/.ui/.png files; the extension's CMakeLists has what Slicer's extension build needs; the icon
+is a real PNG; LowDoseDenoiseLib imports nothing from Slicer, Qt or VTK (standard library only); and the
+library's own unit tests (Testing/Python/LowDoseDenoiseLibTest.py, also registered to run inside Slicer)
+pass. What is left (the widget in a running Slicer) is the module's self-test LowDoseDenoiseTest.
+"""
+
+from __future__ import annotations
+
+import ast
+import py_compile
+import re
+import struct
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+import zlib
+from pathlib import Path
+
+import pytest
+
+EXTENSION = Path(__file__).resolve().parent.parent / "slicer_extension"
+MODULE = EXTENSION / "LowDoseDenoise"
+MODULE_FILE = MODULE / "LowDoseDenoise.py"
+UI_FILE = MODULE / "Resources" / "UI" / "LowDoseDenoise.ui"
+ICON = MODULE / "Resources" / "Icons" / "LowDoseDenoise.png"
+LIB = MODULE / "LowDoseDenoiseLib"
+SLICER_PYTHON = (3, 9)  # Slicer 5.0-5.6 ship Python 3.9; later ones newer
+
+
+def _module_files(*suffixes: str) -> set[Path]:
+    return {p for p in MODULE.rglob("*") if p.is_file() and p.suffix in suffixes and "__pycache__" not in p.parts}
+
+
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def _class(tree: ast.Module, name: str) -> ast.ClassDef:
+    found = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name]
+    assert found, f"class {name} missing from {MODULE_FILE.name}"
+    return found[0]
+
+
+def _methods(cls: ast.ClassDef) -> set[str]:
+    return {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+
+
+def _is_self_attr(node, *chain: str) -> bool:
+    """node is self.<chain[0]>.<chain[1]>... (the last attribute first in the AST)."""
+    for name in reversed(chain):
+        if not (isinstance(node, ast.Attribute) and node.attr == name):
+            return False
+        node = node.value
+    return isinstance(node, ast.Name) and node.id == "self"
+
+
+# ----------------------------------------------------------------------------------------- python files
+
+
+@pytest.mark.parametrize("path", sorted(_module_files(".py")), ids=lambda p: str(p.relative_to(MODULE)))
+def test_every_python_file_compiles_also_for_slicers_python(path, tmp_path):
+    py_compile.compile(str(path), cfile=str(tmp_path / "out.pyc"), doraise=True)
+    ast.parse(path.read_text(encoding="utf-8"), feature_version=SLICER_PYTHON)
+
+
+def test_the_module_has_the_four_classes_slicer_expects():
+    tree = _tree(MODULE_FILE)
+    bases = {"LowDoseDenoise": "ScriptedLoadableModule", "LowDoseDenoiseWidget": "ScriptedLoadableModuleWidget",
+             "LowDoseDenoiseLogic": "ScriptedLoadableModuleLogic", "LowDoseDenoiseTest": "ScriptedLoadableModuleTest"}
+    for name, base in bases.items():
+        cls = _class(tree, name)
+        assert base in {b.id for b in cls.bases if isinstance(b, ast.Name)}, f"{name} does not derive from {base}"
+    assert {"setUp", "runTest"} <= _methods(_class(tree, "LowDoseDenoiseTest"))
+    assert {"setup", "cleanup"} <= _methods(_class(tree, "LowDoseDenoiseWidget"))
+
+
+def test_the_library_imports_nothing_from_slicer_qt_or_vtk():
+    stdlib = set(sys.stdlib_module_names)
+    for path in sorted(LIB.glob("*.py")):
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: its own package
+                    continue
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top not in ("slicer", "qt", "vtk", "ctk", "PythonQt", "sitkUtils", "mrml"), f"{path.name}: {name}"
+                assert top in stdlib or top == "__future__", f"{path.name} imports {name}: not standard library"
+
+
+# ----------------------------------------------------------------------------------------- the .ui file
+
+
+def _ui_object_names() -> dict[str, str]:
+    root = ET.parse(UI_FILE).getroot()
+    assert root.tag == "ui" and root.get("version") == "4.0"
+    names = {}
+    for element in root.iter():
+        if element.tag in ("widget", "layout", "spacer") and element.get("name"):
+            name = element.get("name")
+            assert name not in names, f"objectName {name} used twice in {UI_FILE.name}"
+            names[name] = element.get("class", element.tag)
+    return names
+
+
+def test_the_ui_file_is_well_formed_and_declares_its_custom_widgets():
+    root = ET.parse(UI_FILE).getroot()
+    assert root.findtext("class") == "LowDoseDenoise"
+    top = root.find("widget")
+    assert top.get("name") == "LowDoseDenoise" and top.get("class") == "qMRMLWidget"
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    used = {w.get("class") for w in root.iter("widget")}
+    custom = {c for c in used if c.startswith(("ctk", "qMRML", "qSlicer"))}
+    assert custom <= declared, f"custom widgets not declared: {custom - declared}"
+    names = _ui_object_names()
+    for connection in root.iter("connection"):  # the node selectors get the scene
+        assert connection.findtext("sender") in names and connection.findtext("receiver") in names
+    selectors = {n for n, c in names.items() if c == "qMRMLNodeComboBox"}
+    assert selectors == {c.findtext("receiver") for c in root.iter("connection")}
+
+
+def test_every_widget_the_code_uses_is_in_the_ui_file():
+    names = _ui_object_names()
+    used = {node.attr for node in ast.walk(_tree(MODULE_FILE))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+            and _is_self_attr(node.value, "ui")}
+    assert used, "the widget uses no self.ui.<name>?"
+    missing = sorted(used - set(names))
+    assert not missing, f"self.ui.<name> not in {UI_FILE.name}: {missing}"
+    # And the other way round: every interactive widget in the .ui is wired up in the code.
+    interactive = {n for n, c in names.items() if c in ("QPushButton", "QCheckBox", "QComboBox", "QTableWidget",
+                                                         "qMRMLNodeComboBox", "QProgressBar")}
+    assert not interactive - used, f"widgets in the .ui that the code never uses: {sorted(interactive - used)}"
+
+
+def test_every_slot_and_logic_method_the_widget_calls_exists():
+    tree = _tree(MODULE_FILE)
+    widget, logic = _class(tree, "LowDoseDenoiseWidget"), _class(tree, "LowDoseDenoiseLogic")
+    widget_methods, logic_methods = _methods(widget), _methods(logic)
+    inherited = {"resourcePath", "addObserver", "removeObservers", "removeObserver", "setup"}
+    for node in ast.walk(widget):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect":
+            slot = node.args[-1] if node.args else None
+            if isinstance(slot, ast.Attribute) and _is_self_attr(slot, slot.attr):
+                assert slot.attr in widget_methods, f"slot self.{slot.attr} is not a method of the widget"
+        if isinstance(node, ast.Attribute) and _is_self_attr(node.value, "logic"):
+            assert node.attr in logic_methods | {"consent", "timeouts"}, f"self.logic.{node.attr} does not exist"
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and _is_self_attr(node.func, node.func.attr):
+            assert node.func.attr in widget_methods | inherited, f"self.{node.func.attr}() is not a widget method"
+    test = _class(tree, "LowDoseDenoiseTest")
+    for node in ast.walk(test):
+        if isinstance(node, ast.Attribute) and _is_self_attr(node.value, "logic"):
+            assert node.attr in logic_methods | {"consent", "timeouts"}, f"test calls self.logic.{node.attr}"
+
+
+# ----------------------------------------------------------------------------------------- CMake
+
+
+def _cmake_listed_files() -> set[Path]:
+    listed = set()
+    for cmake in MODULE.rglob("CMakeLists.txt"):
+        text = re.sub(r"#[^\n]*", "", cmake.read_text())
+        module_name = re.search(r"set\(MODULE_NAME\s+(\w+)\)", text)
+        if module_name:
+            text = text.replace("${MODULE_NAME}", module_name.group(1))
+        for token in re.findall(r"[\w./${}-]+\.(?:py|ui|png)\b", text):
+            assert "$" not in token, f"{cmake}: unexpanded variable in {token}"
+            listed.add((cmake.parent / token).resolve())
+    return listed
+
+
+def test_the_cmake_lists_name_exactly_the_modules_files():
+    existing = {p.resolve() for p in _module_files(".py", ".ui", ".png")}
+    listed = _cmake_listed_files()
+    assert not listed - existing, f"listed in CMake but missing: {sorted(map(str, listed - existing))}"
+    assert not existing - listed, f"files CMake does not list: {sorted(map(str, existing - listed))}"
+
+
+def test_the_module_cmake_builds_a_scripted_module_with_its_tests():
+    text = (MODULE / "CMakeLists.txt").read_text()
+    assert re.search(r"set\(MODULE_NAME LowDoseDenoise\)", text)
+    assert re.search(r"slicerMacroBuildScriptedModule\(\s*NAME \$\{MODULE_NAME\}\s*SCRIPTS \$\{MODULE_PYTHON_SCRIPTS\}"
+                     r"\s*RESOURCES \$\{MODULE_PYTHON_RESOURCES\}", text)
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text and "add_subdirectory(Testing)" in text
+    assert "add_subdirectory(Python)" in (MODULE / "Testing" / "CMakeLists.txt").read_text()
+
+
+def test_the_extension_cmake_has_what_slicers_extension_build_needs():
+    text = (EXTENSION / "CMakeLists.txt").read_text()
+    assert re.search(r"^cmake_minimum_required\(", text, re.M)
+    assert re.search(r"^project\(LowDoseDenoise\)", text, re.M)
+    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                     "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert re.search(rf'^set\({variable} "[^"]*"\)', text, re.M), variable
+    order = ["find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(LowDoseDenoise)",
+             "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"]
+    positions = [text.find(line) for line in order]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), dict(zip(order, positions))
+
+
+# ----------------------------------------------------------------------------------------- icon, library tests
+
+
+def test_the_icon_is_a_real_png():
+    data = ICON.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    width, height = struct.unpack(">II", data[16:24])
+    assert 32 <= width <= 512 and width == height
+    offset, chunks = 8, []
+    while offset < len(data):  # walk every chunk and check its CRC
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        body = data[offset + 8:offset + 8 + length]
+        (crc,) = struct.unpack(">I", data[offset + 8 + length:offset + 12 + length])
+        assert zlib.crc32(kind + body) == crc, f"bad CRC in chunk {kind}"
+        chunks.append(kind)
+        offset += 12 + length
+    assert chunks[-1] == b"IEND" and b"IDAT" in chunks
+
+    from PIL import Image
+
+    with Image.open(ICON) as image:
+        image.load()
+        extrema = image.convert("L").getextrema()
+    assert extrema[1] - extrema[0] > 100  # a picture, not a blank square
+
+
+def test_the_library_unit_tests_pass_in_a_plain_python():
+    """Testing/Python/LowDoseDenoiseLibTest.py, as Slicer runs it, in a separate interpreter (no repo imports)."""
+    script = MODULE / "Testing" / "Python" / "LowDoseDenoiseLibTest.py"
+    result = subprocess.run([sys.executable, "-I", str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"Ran \d+ tests", result.stderr) and "OK" in result.stderr
