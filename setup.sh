@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # One setup step for lowdose: creates .venv and installs every pinned dependency (requirements.txt)
 # plus lowdose itself. Safe to run again: it does nothing when .venv already matches requirements.txt.
+# ./setup.sh --tests also installs the test suite's outside services (Orthanc with DICOMweb, apt).
 set -euo pipefail
 cd "$(dirname "$0")"
+
+# --tests: also install what the test suite needs outside Python (Orthanc + DICOMweb, via apt).
+if [ "${1:-}" = "--tests" ]; then
+    scripts/install_orthanc.sh
+elif [ -n "${1:-}" ]; then
+    echo "usage: ./setup.sh [--tests]" >&2
+    exit 2
+fi
 
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3

@@ -1,0 +1,103 @@
+"""Denoising networks for low-dose CT, one per module, found by a short name.
+
+Every network takes normalised CT slices ``[B, in_channels, H, W]`` of any H, W and returns
+``[B, 1, H, W]`` (the centre slice when ``in_channels`` > 1), except ``dose_estimator``, which
+returns ``log(dose_fraction)`` of shape ``[B]``.
+
+    >>> net = build_network("dose_unet", in_channels=3)
+    >>> round(count_gflops(net), 1)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import LowdoseError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+class UnknownNetworkError(LowdoseError, KeyError):
+    """A network name that is not registered; the message lists the names that are."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+def register_network(name: str):
+    """Class decorator: make ``build_network(name, ...)`` construct this class."""
+
+    def decorator(cls):
+        taken = _REGISTRY.get(name)
+        # The same class seen again (a module reload) may re-register; another class may not.
+        if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"network name {name!r} is already registered to {taken.__qualname__}")
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_networks() -> list[str]:
+    """The registered network names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build_network(name: str, **kwargs) -> nn.Module:
+    """Construct the network registered as ``name`` with the constructor arguments ``kwargs``."""
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise UnknownNetworkError(
+            f"unknown network {name!r}; available networks: {', '.join(available_networks())}"
+        ) from None
+    return cls(**kwargs)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (all, or only those with ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_gflops(model: nn.Module, input_shape: Sequence[int] | None = None, **forward_kwargs) -> float:
+    """GFLOPs of one forward pass, counting a multiply-accumulate as 2 FLOPs.
+
+    ``input_shape`` defaults to one 512x512 slice, ``(1, model.in_channels, 512, 512)``.
+    Tensors in ``forward_kwargs`` (e.g. ``dose_fraction``) are passed to ``forward``.
+    The pass runs on a copy of the model on the meta device, so even RED-CNN costs milliseconds;
+    only convolutions and matrix products are counted (the convention of the published figures).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if input_shape is None:
+        input_shape = (1, getattr(model, "in_channels", 1), 512, 512)
+    meta_model = copy.deepcopy(model).to("meta")
+    x = torch.empty(tuple(input_shape), device="meta")
+    kwargs = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in forward_kwargs.items()}
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta_model(x, **kwargs)
+    return counter.get_total_flops() / 1e9
+
+
+# Imported last so that their @register_network decorators fill the registry.
+from .dose_estimator import DoseEstimator  # noqa: E402
+from .dose_unet import DoseAwareUNet  # noqa: E402
+from .esaunet import ESAUNet  # noqa: E402
+from .redcnn import REDCNN  # noqa: E402
+
+__all__ = [
+    "DoseAwareUNet",
+    "DoseEstimator",
+    "ESAUNet",
+    "REDCNN",
+    "UnknownNetworkError",
+    "available_networks",
+    "build_network",
+    "count_gflops",
+    "count_parameters",
+    "register_network",
+]

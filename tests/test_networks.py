@@ -1,0 +1,304 @@
+"""Tests of lowdose.networks: registry, shapes, published sizes and costs, dose conditioning, training sanity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lowdose.errors import LowdoseError
+from lowdose.networks import (
+    DoseAwareUNet,
+    DoseEstimator,
+    ESAUNet,
+    REDCNN,
+    UnknownNetworkError,
+    available_networks,
+    build_network,
+    count_gflops,
+    count_parameters,
+    register_network,
+)
+from lowdose.networks import _REGISTRY
+
+DENOISERS = ["redcnn", "esaunet", "dose_unet"]
+
+
+@pytest.fixture(autouse=True)
+def _seeded_single_thread():
+    # One thread: these inputs are tiny, and on a busy 2-core machine thread hand-offs cost more than they save.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _image(*shape):
+    # Normalised CT-like values: a soft-tissue level plus noise.
+    return (0.3 + 0.05 * torch.randn(*shape)).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def sample_slab():
+    """Three neighbouring slices of the bundled abdomen CT, normalised, cropped to an odd size."""
+    from lowdose import load_ct, sample_ct_path
+
+    hu = torch.from_numpy(load_ct(sample_ct_path()).hu[9:12].astype("float32"))
+    _, height, width = hu.shape
+    crop = hu[:, height // 2 - 48 : height // 2 + 49, width // 2 - 65 : width // 2 + 66]
+    return ((crop.clamp(-1024, 3071) + 1024) / 4095)[None]
+
+
+# --- registry -------------------------------------------------------------------------------------
+
+
+def test_registry_lists_and_builds_every_network():
+    assert set(available_networks()) >= {"redcnn", "esaunet", "dose_unet", "dose_estimator"}
+    assert available_networks() == sorted(available_networks())
+    expected = {"redcnn": REDCNN, "esaunet": ESAUNet, "dose_unet": DoseAwareUNet, "dose_estimator": DoseEstimator}
+    for name, cls in expected.items():
+        assert type(build_network(name)) is cls
+    assert build_network("dose_unet", in_channels=3).in_channels == 3
+
+
+def test_unknown_network_name_lists_the_available_ones():
+    with pytest.raises(KeyError) as caught:
+        build_network("unet-9000")
+    message = str(caught.value)
+    assert "unet-9000" in message and all(name in message for name in available_networks())
+    assert isinstance(caught.value, (UnknownNetworkError, LowdoseError))
+
+
+def test_register_network_round_trip_and_refuses_a_taken_name(monkeypatch):
+    monkeypatch.setattr("lowdose.networks._REGISTRY", dict(_REGISTRY))
+
+    @register_network("tiny_test_net")
+    class Tiny(nn.Module):
+        def __init__(self, width: int = 2):
+            super().__init__()
+            self.conv = nn.Conv2d(1, width, 1)
+
+    assert "tiny_test_net" in available_networks()
+    assert build_network("tiny_test_net", width=5).conv.out_channels == 5
+    with pytest.raises(ValueError, match="already registered"):
+        register_network("tiny_test_net")(REDCNN)
+
+
+# --- shapes, determinism, gradients ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", DENOISERS)
+def test_odd_sized_slice_keeps_its_shape(name):
+    net = build_network(name).eval()
+    x = _image(1, 1, 61, 77)
+    with torch.no_grad():
+        y = net(x)
+    assert y.shape == (1, 1, 61, 77)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", DENOISERS)
+def test_two_and_a_half_d_input_gives_the_centre_slice(name):
+    net = build_network(name, in_channels=3).eval()
+    with torch.no_grad():
+        y = net(_image(2, 3, 64, 64))
+    assert y.shape == (2, 1, 64, 64)
+
+
+@pytest.mark.parametrize("name", DENOISERS)
+def test_real_ct_slab_gives_a_finite_centre_slice(name, sample_slab):
+    net = build_network(name, in_channels=3).eval()
+    with torch.no_grad():
+        y = net(sample_slab)
+    assert sample_slab.shape == (1, 3, 97, 131)
+    assert y.shape == (1, 1, 97, 131)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", ["esaunet", "dose_unet"])
+def test_slices_smaller_than_the_padding_still_work(name):
+    # Reflection cannot pad 5 pixels to 16; the networks fall back to replication.
+    with torch.no_grad():
+        assert build_network(name).eval()(_image(1, 1, 5, 9)).shape == (1, 1, 5, 9)
+
+
+def test_dose_unet_is_a_residual_on_the_centre_slice():
+    # output = centre - predicted noise: with a zeroed noise head the output is the centre slice.
+    net = DoseAwareUNet(in_channels=3).eval()
+    nn.init.zeros_(net.head.weight)
+    nn.init.zeros_(net.head.bias)
+    x = _image(1, 3, 37, 50)
+    with torch.no_grad():
+        assert torch.equal(net(x), x[:, 1:2])
+
+
+def test_redcnn_refuses_images_smaller_than_its_receptive_shrink():
+    with pytest.raises(ValueError, match="larger than 20"):
+        REDCNN()(_image(1, 1, 20, 64))
+
+
+@pytest.mark.parametrize("name", DENOISERS + ["dose_estimator"])
+def test_eval_mode_is_deterministic(name):
+    net = build_network(name).eval()
+    x = _image(2, 1, 29, 35)
+    with torch.no_grad():
+        assert torch.equal(net(x), net(x))
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [("redcnn", {}), ("esaunet", {}), ("dose_unet", {"in_channels": 3, "dose_conditioning": True}),
+     ("dose_estimator", {})],
+)
+def test_gradients_reach_every_layer(name, kwargs):
+    net = build_network(name, **kwargs).train()
+    x = _image(2, net.in_channels, 32, 32)
+    args = (torch.tensor([0.5, 0.1]),) if kwargs.get("dose_conditioning") else ()
+    optimiser = torch.optim.SGD(net.parameters(), lr=1e-2)
+    # Two steps: zero-initialised layers (FiLM, the estimator's output) pass gradient on after the first.
+    for _ in range(2):
+        optimiser.zero_grad()
+        net(x, *args).square().mean().backward()
+        optimiser.step()
+    for pname, p in net.named_parameters():
+        assert p.grad is not None, pname
+        assert torch.isfinite(p.grad).all(), pname
+    weights = [(n, p) for n, p in net.named_parameters() if n.endswith("weight")]
+    dead = [n for n, p in weights if not p.grad.abs().sum() > 0]
+    assert len(dead) <= 0.1 * len(weights), dead
+    if kwargs.get("dose_conditioning"):
+        assert all(block.film.weight.grad.abs().sum() > 0 for block in _film_blocks(net))
+
+
+# --- published sizes and costs --------------------------------------------------------------------
+
+
+def test_count_gflops_counts_a_multiply_accumulate_as_two():
+    conv = nn.Conv2d(1, 8, 3, padding=1)
+    assert count_gflops(conv) == pytest.approx(2 * 8 * 9 * 512 * 512 / 1e9)
+    assert count_gflops(conv, (2, 1, 64, 64)) == pytest.approx(2 * 2 * 8 * 9 * 64 * 64 / 1e9)
+    assert count_parameters(conv) == 8 * 9 + 8
+    conv.bias.requires_grad_(False)
+    assert count_parameters(conv, trainable_only=True) == 8 * 9
+
+
+def test_redcnn_matches_the_paper_size_and_cost():
+    net = REDCNN()
+    assert count_parameters(net) == pytest.approx(1.85e6, rel=0.15)
+    assert count_gflops(net) == pytest.approx(917, rel=0.15)
+
+
+def test_esaunet_matches_the_published_size_and_cost():
+    net = ESAUNet()
+    assert count_parameters(net) == pytest.approx(4.9e6, rel=0.15)
+    assert count_gflops(net) == pytest.approx(208, rel=0.25)
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_default_network_is_cheap_enough_for_cpu(in_channels):
+    plain = DoseAwareUNet(in_channels=in_channels)
+    conditioned = DoseAwareUNet(in_channels=in_channels, dose_conditioning=True)
+    assert count_gflops(plain) <= 25
+    assert count_gflops(conditioned, dose_fraction=torch.tensor([0.25])) <= 25
+    # Far cheaper than the baselines it replaces.
+    assert count_gflops(plain) < count_gflops(ESAUNet()) / 8
+
+
+def test_dose_estimator_is_cheap():
+    assert count_gflops(DoseEstimator()) < 2
+
+
+# --- dose conditioning ----------------------------------------------------------------------------
+
+
+def _film_blocks(net):
+    return [m for m in net.modules() if getattr(m, "film", None) is not None]
+
+
+def test_dose_conditioning_starts_as_the_plain_network_and_then_depends_on_dose():
+    net = DoseAwareUNet(dose_conditioning=True).eval()
+    plain = DoseAwareUNet(dose_conditioning=False).eval()
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if k in plain.state_dict()})
+    x = _image(2, 1, 40, 56)
+    with torch.no_grad():
+        at_half, at_tenth = net(x, torch.tensor([0.5, 0.5])), net(x, torch.tensor([0.1, 0.1]))
+        assert torch.equal(at_half, at_tenth)
+        assert torch.allclose(at_half, plain(x), atol=1e-6)
+        assert torch.allclose(net(x, 0.5), at_half)  # a single float applies to the whole batch
+
+        blocks = _film_blocks(net)
+        assert len(blocks) >= 4
+        for block in blocks:
+            block.film.weight.normal_(std=0.1)
+            block.film.bias.normal_(std=0.1)
+        at_half, at_tenth = net(x, torch.tensor([0.5, 0.5])), net(x, torch.tensor([0.1, 0.1]))
+    assert (at_half - at_tenth).abs().max() > 1e-4
+
+
+def test_dose_conditioned_network_needs_a_dose_and_plain_one_ignores_none():
+    with pytest.raises(ValueError, match="dose_fraction"):
+        DoseAwareUNet(dose_conditioning=True)(_image(1, 1, 32, 32))
+    assert DoseAwareUNet()(_image(1, 1, 32, 32), None).shape == (1, 1, 32, 32)
+    assert not _film_blocks(DoseAwareUNet())
+
+
+# --- dose estimator -------------------------------------------------------------------------------
+
+
+def test_dose_estimator_returns_log_dose_and_a_fraction_in_unit_interval():
+    est = DoseEstimator().eval()
+    x = _image(3, 1, 61, 77)
+    log_dose = est(x)
+    fraction = est.predict_dose_fraction(x)
+    assert log_dose.shape == fraction.shape == (3,)
+    assert (log_dose <= 0).all()
+    assert ((fraction > 0) & (fraction <= 1)).all()
+    assert torch.allclose(fraction, log_dose.exp())
+    # Before training it answers the configured middle dose.
+    assert fraction == pytest.approx(torch.full((3,), 0.2), rel=1e-5)
+    assert DoseEstimator(in_channels=3)(_image(2, 3, 40, 40)).shape == (2,)
+
+
+def test_dose_estimator_energy_rises_with_noise_on_real_ct(sample_slab):
+    # The log-energy map the regressor reads must see added noise on a real slice.
+    est = DoseEstimator().eval()
+    centre = sample_slab[:, 1:2]
+    noisier = centre + 0.01 * torch.randn(centre.shape)
+    features = []
+    est.noise_filter_bank.register_forward_hook(lambda module, inputs, output: features.append(output.square().mean()))
+    with torch.no_grad():
+        for x in (centre, noisier):
+            assert 0 < float(est.predict_dose_fraction(x)) <= 1
+    assert features[1] > 1.5 * features[0]
+
+
+def test_dose_estimator_learns_noise_level_and_interpolates_unseen_doses():
+    # A toy stand-in for simulated low dose: noise std ~ 1/sqrt(dose) on a smooth phantom.
+    generator = torch.Generator().manual_seed(1)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 48), torch.linspace(-1, 1, 48), indexing="ij")
+    phantom = (0.25 + 0.1 * ((xx**2 + yy**2) < 0.6).float())[None, None]
+
+    def noisy(dose):
+        std = 0.01 / torch.as_tensor(dose).sqrt()
+        return phantom + std.reshape(-1, 1, 1, 1) * torch.randn(len(dose), 1, 48, 48, generator=generator)
+
+    est = DoseEstimator()
+    optimiser = torch.optim.Adam(est.parameters(), lr=3e-3)
+    trained = torch.tensor([1 / 2, 1 / 4, 1 / 6, 1 / 10, 1 / 20])
+    for _ in range(40):
+        dose = trained[torch.randint(len(trained), (8,), generator=generator)]
+        loss = (est(noisy(dose)) - dose.log()).abs().mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+    est.eval()
+    unseen = torch.tensor([1 / 3, 1 / 8]).repeat_interleave(8)
+    predicted = est.predict_dose_fraction(noisy(unseen))
+    error = (predicted.log() - unseen.log()).abs().mean()
+    assert error < math.log(1.3), f"mean log-dose error {error:.3f} on unseen doses"
+    # Ordered like the truth: 1/3 is recognised as a higher dose than 1/8.
+    assert predicted[:8].median() > predicted[8:].median()
