@@ -136,13 +136,17 @@ def load_bundle(model: str | Path = DEFAULT_MODEL, device: str | torch.device = 
     except (OSError, ValueError, RuntimeError) as exc:
         raise LowdoseError(f"{folder}: damaged model bundle ({str(exc).splitlines()[0]})") from None
     kwargs = meta["network"]["kwargs"]
-    network = build_network(meta["network"]["name"], **kwargs)
-    network.load_state_dict(state["network"])
-    estimator = None
-    if meta.get("dose_estimator") and "dose_estimator" in state:
-        estimator = build_network("dose_estimator", **meta["dose_estimator"]["kwargs"])
-        estimator.load_state_dict(state["dose_estimator"])
-        estimator.eval()
+    try:
+        network = build_network(meta["network"]["name"], **kwargs)
+        network.load_state_dict(state["network"])
+        estimator = None
+        if meta.get("dose_estimator") and "dose_estimator" in state:
+            estimator = build_network("dose_estimator", **meta["dose_estimator"]["kwargs"])
+            estimator.load_state_dict(state["dose_estimator"])
+            estimator.eval()
+    except (RuntimeError, TypeError, KeyError) as exc:
+        raise LowdoseError(f"{folder}: the weights do not fit this version's {meta['network']['name']} network "
+                           f"({str(exc).splitlines()[0]}); retrain or use a matching lowdose version") from None
     network.eval()
     return DenoisingModel(
         name=meta.get("name", folder.name), network=network, dose_estimator=estimator,

@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_fidelity_parser(sub)
 
+    from .server import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
+
     p = sub.add_parser("metrics", help="image-quality figures of a CT against a reference on the same grid")
     p.add_argument("reference")
     p.add_argument("test")

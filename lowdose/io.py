@@ -60,6 +60,8 @@ def _grid_suffix(path: Path) -> str | None:
 def _load_grid_file(path: Path) -> CTVolume:
     import SimpleITK as sitk
 
+    if path.name.lower().endswith(".gz"):
+        _check_gzip_complete(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -90,6 +92,19 @@ def _load_grid_file(path: Path) -> CTVolume:
         metadata={"format": _grid_suffix(path).lstrip("."), "path": str(path),
                   "source_dtype": str(hu.dtype)},
     )
+
+
+def _check_gzip_complete(path: Path) -> None:
+    """SimpleITK fills a truncated .gz with zeros instead of failing: read the stream to its end first."""
+    import gzip
+    import zlib
+
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        raise CTInputError(path, f"not a readable .nii.gz image (truncated or damaged: {_first_line(exc)})") from None
 
 
 def _load_dicom_folder(folder: Path, series_uid: str | None) -> CTVolume:

@@ -217,6 +217,8 @@ def _write_4d_nifti(path: Path) -> Path:
     (lambda d: _write_bytes(d / "empty.nii.gz", b""), "empty"),
     (lambda d: _write_bytes(d / "corrupt.nii.gz", b"\x1f\x8b garbage" * 50), "not a readable .nii.gz image"),
     (lambda d: _write_bytes(d / "notes.txt", b"hello"), "not a DICOM, NIfTI"),
+    (lambda d: _write_bytes(d / "truncated.nii.gz", shared("totalsegmentator/example_ct_sm.nii.gz").read_bytes()[:4000]),
+     "truncated or damaged"),
     (lambda d: (d / "emptydir").mkdir() or d / "emptydir", "folder is empty"),
     (lambda d: _write_nifti(d / "display.nii.gz", np.full((4, 8, 8), 7, np.uint8) + np.arange(8, dtype=np.uint8)),
      "8-bit image cannot hold Hounsfield"),

@@ -57,6 +57,7 @@ class TrainConfig:
 
     name: str = "dose_unet"
     output_dir: str = "runs/dose_unet"
+    init_bundle: str | None = None  # fine-tuning: start from this bundle's weights (a name under models/ or a folder)
     seed: int = 0
     device: str = "auto"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)

@@ -70,6 +70,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     estimator = None
     if config.network.dose_estimator:
         estimator = build_network("dose_estimator", **config.network.dose_estimator_kwargs).to(device)
+    if config.init_bundle:
+        _load_initial_weights(config, network, estimator)
     parameters = list(network.parameters()) + (list(estimator.parameters()) if estimator else [])
     optimiser = torch.optim.AdamW(parameters, lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay)
 
@@ -236,3 +238,19 @@ def _relative_inputs(entry: str) -> list[str]:
         parts = Path(p).parts
         names.append("/".join(parts[parts.index("data"):]) if "data" in parts else Path(p).name)
     return names
+
+
+def _load_initial_weights(config: TrainConfig, network, estimator) -> None:
+    """Fine-tuning: start from a trained bundle's weights (it must have the same network and arguments)."""
+    from ..bundle import find_bundle
+
+    folder = find_bundle(config.init_bundle)
+    meta = json.loads((folder / "configs" / "metadata.json").read_text())
+    if meta["network"]["name"] != config.network.name or meta["network"]["kwargs"] != dict(config.network.kwargs):
+        raise LowdoseError(f"{folder}: its network ({meta['network']['name']} {meta['network']['kwargs']}) is not the "
+                           f"config's ({config.network.name} {config.network.kwargs}); fine-tuning needs the same")
+    state = torch.load(folder / "models" / "model.pt", map_location="cpu", weights_only=True)
+    network.load_state_dict(state["network"])
+    if estimator is not None and state.get("dose_estimator") is not None:
+        estimator.load_state_dict(state["dose_estimator"])
+    log.info("fine-tuning from %s", folder)

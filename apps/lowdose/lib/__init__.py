@@ -1,0 +1,1 @@
+"""The lowdose app's tasks: thin wrappers that call the lowdose library."""

@@ -1,0 +1,3 @@
+from .finetune import FineTuneTask
+
+__all__ = ["FineTuneTask"]

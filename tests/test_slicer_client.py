@@ -1,0 +1,414 @@
+"""The 3D Slicer module's server client (slicer_extension/LowDoseDenoise/LowDoseDenoiseLib), tested against the
+real lowdose server: `python -m lowdose.server` started as a subprocess on a free loopback port, real HTTP,
+real CT files (small crops of the bundled sample series, written with lowdose.save_ct).
+
+A model bundle with randomly initialised weights stands in for the trained one, and a tiny random
+TotalSegmentator model for the real segmentation weights (neither can exist here): these tests check the
+client (upload, progress, cancellation, time limits, errors, consent, geometry of what comes back), not
+denoising or segmentation quality. 3D Slicer itself cannot run here; the module's Slicer side is checked
+in tests/test_slicer_module.py and by its self-test inside Slicer.
+
+Two answers the real server never gives (a result that is not a volume, a server that is not lowdose's)
+are produced by a small stand-in HTTP server on loopback, the only way to see the client handle them.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .server_fixtures import crop_volume, free_port, make_random_bundle, start_lowdose_server, stop_lowdose_server
+
+MODULE_DIR = Path(__file__).resolve().parent.parent / "slicer_extension" / "LowDoseDenoise"
+sys.path.insert(0, str(MODULE_DIR))
+
+from LowDoseDenoiseLib.client import (Cancelled, ConsentRequired, JsonConsentStore, LowDoseClient,  # noqa: E402
+                                      NotAVolume, ServerError, ServerUnreachable, Timeout, Timeouts,
+                                      fidelity_label_names, fidelity_rows, parse_dose, server_key, sniff_volume)
+from LowDoseDenoiseLib.jobs import BackgroundJob  # noqa: E402
+
+MODEL_TASK = "denoise_dose_unet"
+MAX_UPLOAD_MB = 8
+HU_SANE = (-3100.0, 4100.0)
+
+
+# ----------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("slicer_client")
+
+
+@pytest.fixture(scope="module")
+def server(work, sample_volume):
+    from lowdose import save_ct
+
+    from .fidelity_fixtures import write_tiny_totalsegmentator_weights
+
+    models = work / "models"
+    make_random_bundle(models)
+    weights = work / "totalseg" / "weights"
+    write_tiny_totalsegmentator_weights(weights, fast=True)
+    studies = work / "studies"
+    studies.mkdir()
+    save_ct(crop_volume(sample_volume, slice(8, 11), slice(128, 256), slice(128, 256)), studies / "tiny.nii.gz")
+    running = start_lowdose_server(work, str(studies), models, max_upload_mb=MAX_UPLOAD_MB,
+                                   env_extra={"TOTALSEG_WEIGHTS_PATH": str(weights),
+                                              "TOTALSEG_HOME_DIR": str(work / "totalseg")})
+    yield running
+    stop_lowdose_server(running)
+
+
+@pytest.fixture(scope="module")
+def small_ct(work, sample_volume) -> Path:
+    """4 slices of 256 x 256 from the sample series, as NIfTI (the geometry of a real crop: origin moved)."""
+    from lowdose import save_ct
+
+    return save_ct(crop_volume(sample_volume, slice(8, 12), slice(128, 384), slice(96, 352)), work / "small.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def tiny_ct(work, sample_volume) -> Path:
+    """3 slices of 128 x 128: the fidelity check segments two scans, which is slow on 2 cores."""
+    from lowdose import save_ct
+
+    return save_ct(crop_volume(sample_volume, slice(8, 11), slice(200, 328), slice(192, 320)), work / "tiny.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def slow_ct(work, sample_volume) -> Path:
+    """6 whole 512 x 512 slices as NRRD (what the module exports): seconds of inference on 2 cores."""
+    from lowdose import save_ct
+
+    return save_ct(crop_volume(sample_volume, slice(7, 13)), work / "slices.nrrd")
+
+
+@pytest.fixture()
+def consent(tmp_path) -> JsonConsentStore:
+    return JsonConsentStore(tmp_path / "settings" / "consent.json")
+
+
+@pytest.fixture()
+def client(server, consent) -> LowDoseClient:
+    consent.allow(server.url)
+    return LowDoseClient(server.url, consent, Timeouts(connect=5, response=300, idle=60))
+
+
+def _assert_same_geometry(result, reference):
+    assert result.shape == reference.shape
+    np.testing.assert_allclose(result.spacing_mm, reference.spacing_mm, atol=1e-4)
+    np.testing.assert_allclose(result.origin_mm, reference.origin_mm, atol=1e-3)
+    np.testing.assert_allclose(result.direction, reference.direction, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- the work
+
+
+def test_info_lists_the_denoising_models_and_the_fidelity_check(client):
+    info = client.info()
+    models = client.models(info)
+    assert [m.task for m in models] == [MODEL_TASK]
+    assert models[0].model == "dose_unet" and models[0].dose_aware
+    assert "denoised CT out" in models[0].description
+    assert client.has_fidelity(info)
+    assert info["lowdose"]["max_upload_mb"] == MAX_UPLOAD_MB
+
+
+def test_denoise_returns_a_volume_with_the_input_geometry_and_reports_progress(client, small_ct, tmp_path):
+    from lowdose import load_ct
+
+    reports = []
+    result = client.denoise(small_ct, MODEL_TASK, dose="1/4", progress=reports.append, result_dir=tmp_path)
+    assert result.path.parent == result.folder and result.folder.parent == tmp_path
+    assert sniff_volume(result.path) == "nifti"
+    assert result.summary["model"] == "dose_unet"
+    assert result.summary["dose_fraction"] == pytest.approx(0.25) and result.summary["dose_source"] == "given"
+
+    original, denoised = load_ct(small_ct), load_ct(result.path)
+    _assert_same_geometry(denoised, original)
+    assert HU_SANE[0] <= denoised.hu.min() and denoised.hu.max() <= HU_SANE[1]
+    assert not np.array_equal(denoised.hu, original.hu)
+
+    stages = [r.stage for r in reports]
+    assert stages[0] == "upload" and stages[-1] == "download" and "waiting" in stages
+    assert stages.index("waiting") < stages.index("download")
+    uploads = [r for r in reports if r.stage == "upload"]
+    assert uploads[-1].done == uploads[-1].total > small_ct.stat().st_size  # the file plus the form around it
+    assert [r.done for r in uploads] == sorted(r.done for r in uploads)
+    downloads = [r for r in reports if r.stage == "download"]
+    assert downloads[-1].done == downloads[-1].total > result.path.stat().st_size  # image plus the JSON part
+
+
+def test_denoise_nrrd_with_automatic_dose_in_a_background_job(client, slow_ct):
+    """What the module does: an NRRD export, dose "auto", the request in a thread polled by the GUI."""
+    from lowdose import load_ct
+
+    job = BackgroundJob(lambda progress, cancel: client.denoise(slow_ct, MODEL_TASK, dose="auto", progress=progress,
+                                                               cancel=cancel)).start()
+    reports = []
+    deadline = time.monotonic() + 300
+    while not job.done and time.monotonic() < deadline:
+        reports += job.poll()
+        time.sleep(0.05)
+    assert job.done and job.error is None, job.error
+    result = job.result
+    try:
+        assert result.summary["dose_source"] == "estimated" and 0 < result.summary["dose_fraction"] <= 1
+        _assert_same_geometry(load_ct(result.path), load_ct(slow_ct))
+        assert {"upload", "waiting", "download"} <= {r.stage for r in reports}
+        assert all(r.describe() for r in reports)
+    finally:
+        import shutil
+
+        shutil.rmtree(result.folder)
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+
+def test_server_down_is_server_unreachable(consent):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    consent.allow(url)
+    client = LowDoseClient(url, consent, Timeouts(connect=5))
+    with pytest.raises(ServerUnreachable, match="connection refused"):
+        client.info()
+    with pytest.raises(ServerUnreachable):
+        client.denoise(__file__, MODEL_TASK)
+
+
+def test_unknown_model_is_a_404_server_error_with_the_servers_message(client, small_ct):
+    with pytest.raises(ServerError) as caught:
+        client.denoise(small_ct, "denoise_no_such_model")
+    assert caught.value.status == 404
+    assert "no model named 'denoise_no_such_model'" in caught.value.message and MODEL_TASK in caught.value.message
+
+
+def test_bad_input_and_too_large_uploads_give_the_servers_message(client, tmp_path):
+    text = tmp_path / "notes.nii.gz"
+    text.write_bytes(b"this is not a scan\n" * 50)
+    with pytest.raises(ServerError) as caught:
+        client.denoise(text, MODEL_TASK)
+    assert caught.value.status == 422 and "not a readable .nii.gz image" in caught.value.message
+
+    big = tmp_path / "big.nii.gz"
+    big.write_bytes(np.random.default_rng(0).bytes((MAX_UPLOAD_MB + 2) * 2**20))
+    with pytest.raises(ServerError) as caught:  # refused from its size before the body is read
+        client.denoise(big, MODEL_TASK)
+    assert caught.value.status == 413 and f"limit of {MAX_UPLOAD_MB} MB" in caught.value.message
+
+    with pytest.raises(ServerError) as caught:
+        client.denoise(text, MODEL_TASK, dose=7)
+    assert caught.value.status in (400, 422)
+
+
+def test_a_very_small_time_limit_is_timeout(server, consent, slow_ct):
+    consent.allow(server.url)
+    client = LowDoseClient(server.url, consent, Timeouts(connect=5, response=0.2, idle=60))
+    started = time.monotonic()
+    with pytest.raises(Timeout, match="no answer within 0.2 s"):
+        client.denoise(slow_ct, MODEL_TASK, dose=0.25)
+    assert time.monotonic() - started < 5
+
+
+def test_cancel_while_the_server_works_returns_promptly(client, slow_ct):
+    cancel = threading.Event()
+    cancelled_at = []
+
+    def progress(report):
+        if report.stage == "waiting" and not cancel.is_set():
+            cancelled_at.append(time.monotonic())
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        client.denoise(slow_ct, MODEL_TASK, progress=progress, cancel=cancel)
+    assert cancelled_at and time.monotonic() - cancelled_at[0] < 0.5
+
+
+def test_cancel_during_upload_stops_sending_and_a_cancelled_job_reports_cancelled(server, consent, slow_ct):
+    consent.allow(server.url)
+    client = LowDoseClient(server.url, consent, chunk_bytes=16 * 1024)
+    uploads = []
+    cancel = threading.Event()
+
+    def progress(report):  # cancel as soon as sending starts (on loopback the rest would take milliseconds)
+        if report.stage == "upload":
+            uploads.append(report)
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        client.denoise(slow_ct, MODEL_TASK, progress=progress, cancel=cancel)
+    assert uploads and uploads[-1].done < uploads[-1].total  # it stopped part-way
+
+    job = BackgroundJob(lambda progress, cancel: client.denoise(slow_ct, MODEL_TASK, progress=progress,
+                                                               cancel=cancel)).start()
+    time.sleep(0.3)
+    job.cancel()
+    cancelled = time.monotonic()
+    assert job.wait(timeout=5)
+    assert isinstance(job.error, Cancelled) and job.result is None
+    assert time.monotonic() - cancelled < 1.0
+    assert client.info()  # the server is still there
+
+
+def test_without_consent_nothing_is_sent(server, slow_ct, tmp_path):
+    """No recorded permission: refused before any connection, checked with a listener that counts them."""
+    store = JsonConsentStore(tmp_path / "consent.json")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    listener.settimeout(0.5)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        for client in (LowDoseClient(url, store), LowDoseClient(server.url, store)):
+            with pytest.raises(ConsentRequired, match="has not been allowed"):
+                client.denoise(slow_ct, MODEL_TASK)
+            with pytest.raises(ConsentRequired):
+                client.fidelity(slow_ct, "dose_unet")
+        with pytest.raises(socket.timeout):
+            listener.accept()  # nobody connected
+    finally:
+        listener.close()
+    assert not store.path.exists()  # asking wrote nothing
+
+    store.allow(server.url + "/")
+    again = JsonConsentStore(store.path)  # remembered: a new session reads the same file
+    assert again.is_allowed(server.url) and again.is_allowed(server.url + "/info/")
+    assert not again.is_allowed(url)  # per server: another port is another server
+    assert again.allowed_servers() == [server_key(server.url)]
+    again.revoke(server.url)
+    with pytest.raises(ConsentRequired):
+        LowDoseClient(server.url, JsonConsentStore(store.path)).denoise(slow_ct, MODEL_TASK)
+
+    store.path.write_text("{not json")  # a damaged settings file never counts as consent
+    assert not JsonConsentStore(store.path).is_allowed(server.url)
+
+
+# ----------------------------------------------------------------------------------------- answers the real server never gives
+
+
+class _StandIn(http.server.BaseHTTPRequestHandler):
+    """Answers what a broken or foreign server might: set ``reply`` on the server object."""
+
+    def do_GET(self):
+        self._answer()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer()
+
+    def _answer(self):
+        status, content_type, body = self.server.reply
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def stand_in():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StandIn)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _multipart(params: dict, image: bytes, filename: str = "denoised.nii.gz") -> tuple[str, bytes]:
+    b = "XyZ123"
+    body = (f'--{b}\r\nContent-Disposition: form-data; name="params"\r\nContent-Type: application/json\r\n\r\n'
+            f"{json.dumps(params)}\r\n--{b}\r\nContent-Disposition: form-data; name=\"image\"; "
+            f'filename="{filename}"\r\nContent-Type: application/gzip\r\n\r\n').encode() + image + f"\r\n--{b}--\r\n".encode()
+    return f"multipart/form-data; boundary={b}", body
+
+
+def test_a_result_that_is_not_a_volume_is_not_a_volume(stand_in, consent, small_ct):
+    url = f"http://127.0.0.1:{stand_in.server_address[1]}"
+    consent.allow(url)
+    client = LowDoseClient(url, consent)
+    stand_in.reply = (200, *_multipart({"model": "x"}, b"<html>login page</html>"))
+    with pytest.raises(NotAVolume):
+        client.denoise(small_ct, MODEL_TASK)
+
+    stand_in.reply = (200, *_multipart({"model": "x"}, small_ct.read_bytes()))  # a real NIfTI passes
+    result = client.denoise(small_ct, MODEL_TASK)
+    assert result.path.read_bytes() == small_ct.read_bytes() and result.summary == {"model": "x"}
+
+    report = {"study": {"verdict": "kept"}, "structures": []}  # output=json: the report alone
+    stand_in.reply = (200, "application/json", json.dumps(report).encode())
+    only_report = client.fidelity(small_ct, "dose_unet", labels=False)
+    assert only_report.report == report and only_report.files == {} and only_report.folder is None
+
+    stand_in.reply = (200, "application/json", json.dumps({"name": "other", "models": {}}).encode())
+    with pytest.raises(ServerError, match="without the lowdose app"):
+        client.info()
+    stand_in.reply = (502, "text/html", b"<html>Bad gateway</html>")
+    with pytest.raises(ServerError) as caught:
+        client.info()
+    assert caught.value.status == 502 and caught.value.message == "Bad Gateway"
+
+
+def test_dose_text_and_server_addresses():
+    assert parse_dose("auto") == parse_dose("") == parse_dose(None) == "auto"
+    assert parse_dose("1/4") == parse_dose("25%") == parse_dose("0.25") == parse_dose("1/4 (25 %)") == 0.25
+    for bad in ("0", "1.5", "x", "1/0"):
+        with pytest.raises(ValueError):
+            parse_dose(bad)
+    assert server_key("HTTP://LocalHost:8000/") == "http://localhost:8000"
+    assert server_key("https://example.org") == "https://example.org:443"
+    for bad in ("ftp://x", "127.0.0.1:8000", "http://", "http://h:99999"):
+        with pytest.raises(ValueError):
+            LowDoseClient(bad, JsonConsentStore("/nonexistent/consent.json"))
+
+
+# ----------------------------------------------------------------------------------------- fidelity
+
+
+def test_fidelity_check_returns_the_report_and_label_maps_on_the_input_grid(server, consent, tiny_ct, tmp_path):
+    from lowdose import load_ct
+    """Last in this file: the check segments two scans (minutes on a busy 2-core machine) and holds the
+    server's single inference slot meanwhile."""
+    from lowdose.fidelity import load_label_map
+
+    consent.allow(server.url)
+    client = LowDoseClient(server.url, consent, Timeouts(connect=5, response=600, idle=60))
+    try:
+        result = client.fidelity(tiny_ct, "dose_unet", dose=0.25, labels=True, result_dir=tmp_path)
+    except Timeout:
+        pytest.fail("the server's fidelity task gave no answer within 600 s; the server log ends:\n"
+                    + "\n".join(server.log().splitlines()[-40:]))
+    report = result.report
+    assert report["study"]["verdict"] in ("kept", "check", "changed")
+    assert report["denoising"] == {**report["denoising"], "model": "dose_unet", "dose_fraction": 0.25}
+    assert report["segmenter"]["classes"] == 117
+    assert {"labels_original", "labels_denoised", "denoised", "html"} <= set(result.files)
+    original = load_ct(tiny_ct)
+    for key in ("labels_original", "labels_denoised"):
+        labels, how = load_label_map(result.files[key], original)
+        assert labels.shape == original.shape and how == "same grid"
+    _assert_same_geometry(load_ct(result.files["denoised"]), original)
+
+    rows = fidelity_rows(report)
+    present = [s for s in report["structures"] if s["verdict"] != "absent"]
+    assert len(rows) == len(present)
+    for row in rows:
+        assert set(row) >= {"name", "verdict", "dice", "hu_mean_before", "hu_mean_after", "hu_sd_before",
+                            "hu_sd_after", "flagged"}
+        assert row["flagged"] == (row["verdict"] in ("check", "changed"))
+    assert [r["flagged"] for r in rows] == sorted((r["flagged"] for r in rows), reverse=True)
+    assert fidelity_rows(report, flagged_only=True) == [r for r in rows if r["flagged"]]
+    names = fidelity_label_names(report)
+    assert len(names) == len(report["structures"]) and all(isinstance(k, int) for k in names)
