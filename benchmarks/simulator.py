@@ -281,7 +281,7 @@ def write_report(command, speed, tables, sampling, nps, views, astra) -> None:
     lines += [f"- {v} views: forward {fp:.2f} s + back projection {bp:.2f} s (first measurement, load ~5)"
               for v, fp, bp in ASTRA_RECORDED]
     if astra:
-        lines += [f"- {v} views: forward {fp:.2f} s + back projection {bp:.2f} s (this run, same load as above)"
+        lines += [f"- {v} views: forward {fp:.2f} s + back projection {bp:.2f} s (this run)"
                   for v, fp, bp in astra]
     lines += [
         "",
@@ -315,7 +315,7 @@ def write_report(command, speed, tables, sampling, nps, views, astra) -> None:
         "sample slices 3, 8, 13, 18:",
         "",
         "| views | std tissue | centre r<100 mm | periphery r>150 mm | air r<240 mm | NPS mean freq tissue "
-        "| NPS air | s/slice | 1/20: std | 1/20: mean shift | 1/20: var vs 1/4 after (1-d)/d |",
+        "| NPS air | s/slice (4-slice run) | 1/20: std | 1/20: mean shift | 1/20: var vs 1/4 after (1-d)/d |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [f"| {r['views']} | {r['tissue']:.2f} | {r['tissue r<100 mm']:.2f} | {r['tissue r>150 mm']:.2f} | "
