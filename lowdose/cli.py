@@ -14,20 +14,15 @@ from .errors import LowdoseError
 
 
 def _parse_dose(text: str) -> float:
-    """A dose fraction as 0.25, 1/4 or 25%."""
+    """A dose fraction as 0.25, 1/4 or 25% (argparse type)."""
+    from .dose import parse_dose
+
+    if text.strip().lower() == "auto":
+        raise argparse.ArgumentTypeError("a dose fraction is needed here (0.25, 1/4 or 25%), not auto")
     try:
-        if text.endswith("%"):
-            value = float(text[:-1]) / 100.0
-        elif "/" in text:
-            num, den = text.split("/", 1)
-            value = float(num) / float(den)
-        else:
-            value = float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a dose fraction: {text!r} (use 0.25, 1/4 or 25%)") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"dose fraction must be in (0, 1]; got {text}")
-    return value
+        return parse_dose(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _print_figures(title: str, figures: dict[str, float]) -> None:

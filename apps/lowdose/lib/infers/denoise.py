@@ -17,6 +17,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lowdose import save_ct
+from lowdose.dose import parse_dose
 
 from ..datastore import PacsDatastore
 from ..inputs import read_ct
@@ -42,29 +43,6 @@ def discover_models(options: AppOptions) -> dict[str, Path]:
             log.warning("models not found in %s: %s", folder, ", ".join(missing))
         found = {name: path for name, path in found.items() if name in options.models}
     return found
-
-
-def parse_dose(value) -> float | str:
-    """``auto`` or a dose fraction in (0, 1], given as 0.25, "1/4" or "25%"."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
-        return "auto"
-    try:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.endswith("%"):
-                dose = float(text[:-1]) / 100
-            elif "/" in text:
-                num, den = text.split("/", 1)
-                dose = float(num) / float(den)
-            else:
-                dose = float(text)
-        else:
-            dose = float(value)
-    except (TypeError, ValueError, ZeroDivisionError):
-        raise ValueError(f"dose must be auto or a fraction such as 0.25, 1/4 or 25%; got {value!r}") from None
-    if not 0 < dose <= 1:
-        raise ValueError(f"dose fraction must be in (0, 1]; got {value!r}")
-    return dose
 
 
 class DenoiseTask(InferTask):

@@ -20,12 +20,13 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lowdose import save_ct
 from lowdose.fidelity import TotalSegmentatorSegmenter, check_fidelity
+from lowdose.dose import parse_dose
 from lowdose.fidelity.report import json_safe
 
 from ..inputs import read_ct
 from ..models import denoiser
 from ..options import AppOptions
-from .denoise import _true, discover_models, parse_dose
+from .denoise import _true, discover_models
 
 log = logging.getLogger("lowdose.app")
 # Report fields that hold server paths, never sent to a client.
