@@ -13,12 +13,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .errors import LowdoseError
+
+if TYPE_CHECKING:
+    import torch
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL = "dose_unet"
@@ -26,10 +28,10 @@ DEFAULT_MODEL = "dose_unet"
 DEFAULT_NORMALISATION = {"hu_min": -1024.0, "hu_max": 3071.0, "scale_hu": 1000.0}
 
 
-def hu_to_input(hu, normalisation: dict) -> np.ndarray | torch.Tensor:
+def hu_to_input(hu, normalisation: dict) -> "np.ndarray | torch.Tensor":
     """HU -> network input (clipped and scaled)."""
     lo, hi, scale = normalisation["hu_min"], normalisation["hu_max"], normalisation["scale_hu"]
-    if torch.is_tensor(hu):
+    if not isinstance(hu, np.ndarray):  # a torch tensor
         return hu.clamp(lo, hi) / scale
     return np.clip(hu, lo, hi).astype(np.float32) / np.float32(scale)
 
@@ -44,8 +46,8 @@ class DenoisingModel:
     """A loaded bundle: the denoiser, its optional dose estimator, and what they expect."""
 
     name: str
-    network: torch.nn.Module
-    dose_estimator: torch.nn.Module | None
+    network: "torch.nn.Module"
+    dose_estimator: "torch.nn.Module | None"
     normalisation: dict
     in_channels: int
     dose_conditioning: bool
@@ -63,6 +65,8 @@ def save_bundle(folder: str | Path, *, name: str, network_name: str, network_kwa
                 network_state: dict, estimator_kwargs: dict | None = None, estimator_state: dict | None = None,
                 normalisation: dict | None = None, metadata: dict | None = None, readme: str = "") -> Path:
     """Write a MONAI bundle folder for a trained model (weights first to a temp file, then renamed)."""
+    import torch
+
     folder = Path(folder)
     (folder / "configs").mkdir(parents=True, exist_ok=True)
     (folder / "models").mkdir(exist_ok=True)
@@ -125,8 +129,10 @@ def available_models() -> list[str]:
     return sorted(p.name for p in MODELS_DIR.iterdir() if (p / "configs" / "metadata.json").is_file())
 
 
-def load_bundle(model: str | Path = DEFAULT_MODEL, device: str | torch.device = "cpu") -> DenoisingModel:
+def load_bundle(model: str | Path = DEFAULT_MODEL, device: "str | torch.device" = "cpu") -> DenoisingModel:
     """Load a bundle's networks once, in eval mode, on ``device``."""
+    import torch
+
     from .networks import build_network
 
     folder = find_bundle(model)
@@ -181,6 +187,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:

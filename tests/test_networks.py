@@ -126,13 +126,14 @@ def test_slices_smaller_than_the_padding_still_work(name):
 
 
 def test_dose_unet_is_a_residual_on_the_centre_slice():
-    # output = centre - predicted noise: with a zeroed noise head the output is the centre slice.
+    # output = centre - predicted noise, and the noise head starts at zero: an untrained network
+    # returns the centre slice exactly, so training starts from the input, never below it.
     net = DoseAwareUNet(in_channels=3).eval()
-    nn.init.zeros_(net.head.weight)
-    nn.init.zeros_(net.head.bias)
     x = _image(1, 3, 37, 50)
     with torch.no_grad():
         assert torch.equal(net(x), x[:, 1:2])
+        net.head.weight.normal_(std=0.1)
+        assert not torch.equal(net(x), x[:, 1:2])
 
 
 def test_redcnn_refuses_images_smaller_than_its_receptive_shrink():
@@ -231,6 +232,7 @@ def test_dose_conditioning_starts_as_the_plain_network_and_then_depends_on_dose(
 
         blocks = _film_blocks(net)
         assert len(blocks) >= 4
+        net.head.weight.normal_(std=0.1)  # the noise head also starts at zero
         for block in blocks:
             block.film.weight.normal_(std=0.1)
             block.film.bias.normal_(std=0.1)

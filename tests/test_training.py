@@ -118,8 +118,38 @@ def test_bad_configs_and_models_give_clear_errors(tmp_path):
         TrainConfig.from_yaml(tmp_path / "missing.yaml")
 
 
-def test_export_bundle_from_a_checkpoint(tiny_run, tmp_path):
-    root, _, _ = tiny_run
-    export_bundle(root / "run" / "checkpoint_best.pt", tmp_path / "exported", readme="# tiny\n")
-    assert (tmp_path / "exported" / "docs" / "README.md").read_text() == "# tiny\n"
-    assert Denoiser(tmp_path / "exported", device="cpu").model.dose_estimator is not None
+def test_export_bundle_writes_a_model_card_from_the_run(tiny_run, tmp_path):
+    from lowdose.networks import count_parameters
+
+    root, _, history = tiny_run
+    export_bundle(root / "run" / "checkpoint_best.pt", tmp_path / "exported", history=history)
+    denoiser = Denoiser(tmp_path / "exported", device="cpu")
+    assert denoiser.model.dose_estimator is not None
+    card = (tmp_path / "exported" / "docs" / "README.md").read_text()
+    assert card.startswith("# exported")
+    assert f"| parameters | {count_parameters(denoiser.model.network) / 1e6:.3f} M |" in card
+    assert "## Intended use" in card and "## Limits" in card and "pulmonary_report_ct_cropped" in card
+    # the log excerpt is the run's own per-epoch record
+    assert f"val_psnr_abdomen={history['epochs'][0]['val_psnr_abdomen']:.4f}" in card
+    assert history["epochs"][-1]["cpu_minutes"] > 0 and history["epochs"][-1]["wall_minutes"] > 0
+    assert json.loads((tmp_path / "exported" / "docs" / "history.json").read_text())["epochs"] == history["epochs"]
+
+
+def test_simulation_pool_shares_doses_and_is_simulated_once(tmp_path):
+    """A pool of N runs holds the doses in equal shares; later epochs reuse the cached simulations."""
+    from lowdose.bundle import DEFAULT_NORMALISATION
+    from lowdose.training.data import PairSampler, load_sources
+
+    source = load_sources([str(shared("totalsegmentator/pulmonary_report_ct_cropped.nii.gz"))], "simulated")
+    sampler = PairSampler(source, [0.5, 0.25, 0.1], 3, DEFAULT_NORMALISATION, 48, 2, 16, 0.2, seed=1,
+                          cache_dir=str(tmp_path / "cache"), pool_size=3)
+    assert sorted(dose for _, dose, _ in sampler.pool) == [0.1, 0.25, 0.5]
+    first = sampler.epoch(0)
+    cached = sorted((tmp_path / "cache").iterdir())
+    assert 1 <= len(cached) <= 3
+    second = sampler.epoch(1)
+    for _ in range(4):
+        sampler.epoch(2)
+    assert len(list((tmp_path / "cache").iterdir())) <= 3  # never more simulations than pool entries
+    assert {round(float(item["dose"]), 6) for item in first + second} <= {0.5, 0.25, 0.1}
+    assert first[0]["low"].shape == (3, 48, 48) and first[0]["normal"].shape == (1, 48, 48)

@@ -142,6 +142,9 @@ class DoseAwareUNet(nn.Module):
             _Stage(f, n, expansion, cond_dim) for f, n in zip(features[:-1], blocks_per_level[:-1])
         )
         self.head = nn.Conv2d(features[0], self.unshuffle**2, 3, padding=1)
+        # Zero noise estimate at initialisation: training starts from the identity, never below the input.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor, dose_fraction: torch.Tensor | float | None = None) -> torch.Tensor:
         dose_embedding = None

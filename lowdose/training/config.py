@@ -30,6 +30,10 @@ class DataConfig:
     validation_slices: int = 4
     min_tissue_fraction: float = 0.2
     simulation_cache: str | None = None  # folder that keeps simulated slices for reuse across runs
+    # 0: every epoch simulates fresh runs of slices. N > 0: a fixed pool of N runs (position, dose,
+    # noise seed; doses in equal shares) is simulated once and epochs draw from it with fresh crops,
+    # flips and rotations -- on a CPU the simulator, not the network, is then no longer the bottleneck.
+    simulation_pool: int = 0
     paired_dose: float | None = None  # paired mode: the dose fraction of the real low-dose series
 
 
@@ -56,6 +60,7 @@ class TrainConfig:
     """Everything that decides a training run; saved beside its checkpoints so it can be repeated."""
 
     name: str = "dose_unet"
+    description: str = ""  # one paragraph for the model card: what this model is
     output_dir: str = "runs/dose_unet"
     init_bundle: str | None = None  # fine-tuning: start from this bundle's weights (a name under models/ or a folder)
     seed: int = 0
@@ -111,6 +116,8 @@ class TrainConfig:
         for dose in [*self.data.doses, *self.data.validation_doses]:
             if not 0 < float(dose) <= 1:
                 raise LowdoseError(f"{source}: dose fraction {dose} is not in (0, 1]")
+        if self.data.simulation_pool < 0:
+            raise LowdoseError(f"{source}: data.simulation_pool must be 0 (fresh runs) or a number of runs")
         if self.data.patch_size < 32:
             raise LowdoseError(f"{source}: data.patch_size must be at least 32")
         if self.optim.epochs < 1 or self.optim.batch_size < 1:

@@ -107,7 +107,7 @@ class PairSampler:
 
     def __init__(self, source: PairSource, doses: list[float], channels: int, normalisation: dict,
                  patch_size: int, patches_per_slice: int, slices_per_epoch: int, min_tissue_fraction: float,
-                 seed: int, cache_dir: str | None = None):
+                 seed: int, cache_dir: str | None = None, pool_size: int = 0):
         self.cache_dir = cache_dir
         self.source, self.doses, self.channels = source, [float(d) for d in doses], channels
         self.normalisation = normalisation
@@ -120,6 +120,12 @@ class PairSampler:
             raise LowdoseError(f"no training slice is at least {patch_size} pixels wide with "
                                f"{min_tissue_fraction:.0%} body in it")
         self.seed = seed
+        self.pool: list[tuple[int, float, int]] = []  # (candidate index, dose, noise seed)
+        self._pool_memory: dict[int, np.ndarray] = {}
+        if pool_size and source.low is None:
+            rng = np.random.default_rng([seed, 7])
+            self.pool = [(int(rng.integers(len(self.candidates))), self.doses[i % len(self.doses)],
+                          int(rng.integers(2**31))) for i in range(pool_size)]
 
     def _simulate(self, volume: CTVolume, v: int, lo: int, hi: int, dose: float, seed: int) -> np.ndarray:
         """Slices lo:hi of volume v at ``dose``; cached on disk when ``cache_dir`` is set, so runs that
@@ -163,8 +169,13 @@ class PairSampler:
         # neighbour, about 3x cheaper than simulating every 2.5-D slab on its own.
         runs = max(1, self.slices_per_epoch // RUN_LENGTH)
         half = self.channels // 2
-        for pick in rng.choice(len(self.candidates), size=runs, replace=len(self.candidates) < runs):
-            v, k = self.candidates[int(pick)]
+        if self.pool:
+            picks = [self.pool[int(i)] for i in rng.choice(len(self.pool), size=runs, replace=len(self.pool) < runs)]
+        else:
+            picks = [(int(i), None, None) for i in
+                     rng.choice(len(self.candidates), size=runs, replace=len(self.candidates) < runs)]
+        for pick, dose, noise_seed in picks:
+            v, k = self.candidates[pick]
             volume = self.source.normal[v]
             first = max(0, min(k, volume.shape[0] - RUN_LENGTH))
             centres = list(range(first, min(first + RUN_LENGTH, volume.shape[0])))
@@ -172,6 +183,13 @@ class PairSampler:
             normal_run = volume.hu[lo:hi]
             if self.source.low is not None:
                 low_run, dose = self.source.low[v].hu[lo:hi], self.source.paired_dose
+            elif dose is not None:  # from the pool: simulated once, kept on disk or in memory
+                key = hash((pick, dose, noise_seed))
+                low_run = self._pool_memory.get(key)
+                if low_run is None:
+                    low_run = self._simulate(volume, v, lo, hi, dose, noise_seed)
+                    if self.cache_dir is None:
+                        self._pool_memory[key] = low_run
             else:
                 dose = float(rng.choice(self.doses))
                 low_run = self._simulate(volume, v, lo, hi, dose, int(rng.integers(2**31)))

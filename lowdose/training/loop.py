@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..bundle import DEFAULT_NORMALISATION, _atomic_torch_save as _atomic_save, hu_to_input, output_to_hu, save_bundle
+from ..bundle import DEFAULT_NORMALISATION, _atomic_torch_save as _atomic_save, _atomic_write_text, hu_to_input, output_to_hu, save_bundle
 from ..errors import LowdoseError
 from ..metrics import psnr, ssim
 from .config import TrainConfig
@@ -51,8 +51,11 @@ def _windowed_ssim_loss(prediction: torch.Tensor, target: torch.Tensor, normalis
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True,
-          bundle_dir: str | Path | None = None) -> dict:
-    """Run the training described by ``config``; returns the history (per-epoch losses and figures)."""
+          bundle_dir: str | Path | None = None, command: str | None = None) -> dict:
+    """Run the training described by ``config``; returns the history (per-epoch losses and figures).
+
+    ``command`` (the command line that started the run) is kept in the history for the model card.
+    """
     from tqdm.auto import tqdm
 
     from ..networks import build_network, count_gflops, count_parameters
@@ -78,7 +81,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     source = load_sources(config.data.train, config.data.mode, config.data.paired_dose)
     sampler = PairSampler(source, config.data.doses, channels, normalisation, config.data.patch_size,
                           config.data.patches_per_slice, config.data.slices_per_epoch,
-                          config.data.min_tissue_fraction, config.seed, config.data.simulation_cache)
+                          config.data.min_tissue_fraction, config.seed, config.data.simulation_cache,
+                          config.data.simulation_pool)
     validation_volumes = load_sources(config.data.validation, "simulated").normal if config.data.validation else []
     validation = validation_set(validation_volumes, config.data.validation_doses, channels,
                                 config.data.validation_slices) if validation_volumes else []
@@ -93,7 +97,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, learning_rate_factor)
-    history: dict = {"epochs": [], "config": config.to_dict()}
+    history: dict = {"epochs": [], "config": config.to_dict(), "command": command, "threads": torch.get_num_threads()}
     start_epoch, best = 0, -float("inf")
     checkpoint_path = out / "checkpoint_last.pt"
     if resume:
@@ -114,6 +118,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
              **({"dose_fraction": torch.tensor([0.25])} if conditioned else {})), device,
              config.optim.epochs, steps_per_epoch)
     started = time.time()
+    # CPU and wall time carried over a resume, for the model card's budget figures.
+    done_cpu = history["epochs"][-1].get("cpu_minutes", 0.0) if history["epochs"] else 0.0
+    done_wall = history["epochs"][-1].get("wall_minutes", 0.0) if history["epochs"] else 0.0
+    cpu_started = time.process_time()
     for epoch in range(start_epoch, config.optim.epochs):
         network.train()
         if estimator is not None:
@@ -150,7 +158,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.5f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         figures = evaluate(network, estimator, validation, normalisation, channels, conditioned, device)
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "dose_loss": float(np.mean(dose_losses)) if dose_losses else None,
-                  "simulate_seconds": round(simulate_seconds, 1), "epoch_seconds": round(time.time() - t0, 1), **figures}
+                  "simulate_seconds": round(simulate_seconds, 1), "epoch_seconds": round(time.time() - t0, 1), **figures,
+                  "cpu_minutes": round(done_cpu + (time.process_time() - cpu_started) / 60, 2),
+                  "wall_minutes": round(done_wall + (time.time() - started) / 60, 2)}
         history["epochs"].append(record)
         score = figures.get("val_psnr_abdomen", -float(np.mean(losses)))
         is_best = score > best
@@ -173,37 +183,49 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
 
 @torch.inference_mode()
 def evaluate(network, estimator, validation, normalisation, channels, conditioned, device) -> dict:
-    """PSNR/SSIM (abdomen window) of the network on the fixed validation slices, dose estimated."""
+    """PSNR/SSIM (abdomen window) of the network on the fixed validation slices.
+
+    A dose-conditioned network is scored with the true dose (``val_psnr_abdomen``, what selects the best
+    epoch) and with the dose its estimator predicts (``val_psnr_abdomen_auto``, what users get by default).
+    """
     if not validation:
         return {}
     network.eval()
     if estimator is not None:
         estimator.eval()
-    psnrs, ssims, input_psnrs, dose_errors = [], [], [], []
-    for item in validation:
-        low = torch.from_numpy(hu_to_input(item["low_hu"], normalisation))[None].to(device)
-        dose = None
-        if estimator is not None:
-            dose = estimator.predict_dose_fraction(low)
-            dose_errors.append(abs(float(dose) - item["dose"]) / item["dose"])
-        if conditioned and dose is None:
-            dose = torch.tensor([item["dose"]], device=device)
+
+    def denoise(low, dose, centre_hu):
         prediction = network(low, dose) if conditioned else network(low)
         hu = output_to_hu(prediction[0, 0].float().cpu().numpy(), normalisation)
-        hu = np.where((item["low_hu"][channels // 2] > normalisation["hu_max"]), item["low_hu"][channels // 2], hu)
+        return np.where(centre_hu > normalisation["hu_max"], centre_hu, hu)  # metal kept as it was
+
+    psnrs, ssims, auto_psnrs, input_psnrs, dose_errors = [], [], [], [], []
+    for item in validation:
+        low = torch.from_numpy(hu_to_input(item["low_hu"], normalisation))[None].to(device)
+        estimated = estimator.predict_dose_fraction(low) if estimator is not None else None
+        if estimated is not None:
+            dose_errors.append(abs(float(estimated) - item["dose"]) / item["dose"])
+        centre_hu = item["low_hu"][channels // 2]
+        hu = denoise(low, torch.tensor([item["dose"]], device=device), centre_hu)
         psnrs.append(psnr(item["normal_hu"], hu))
         ssims.append(ssim(item["normal_hu"], hu))
-        input_psnrs.append(psnr(item["normal_hu"], item["low_hu"][channels // 2]))
+        if conditioned and estimated is not None:
+            auto_psnrs.append(psnr(item["normal_hu"], denoise(low, estimated, centre_hu)))
+        input_psnrs.append(psnr(item["normal_hu"], centre_hu))
     figures = {"val_psnr_abdomen": float(np.mean(psnrs)), "val_ssim_abdomen": float(np.mean(ssims)),
                "val_input_psnr_abdomen": float(np.mean(input_psnrs))}
+    if auto_psnrs:
+        figures["val_psnr_abdomen_auto"] = float(np.mean(auto_psnrs))
     if dose_errors:
         figures["val_dose_median_rel_error"] = float(np.median(dose_errors))
     return figures
 
 
-def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, history: dict | None = None,
-                  readme: str = "") -> Path:
-    """Write the MONAI bundle of a training checkpoint (see lowdose.bundle)."""
+def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, history: dict | None = None) -> Path:
+    """Write the MONAI bundle of a training checkpoint (see lowdose.bundle) with its model card."""
+    from ..networks import build_network, count_gflops, count_parameters
+    from .model_card import model_card
+
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     config = TrainConfig.from_dict(state["config"])
     history = history or state.get("history") or {}
@@ -221,10 +243,17 @@ def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, history: dict 
         },
         "validation": {k: v for k, v in best.items() if k.startswith("val_")},
     }
-    return save_bundle(bundle_dir, name=Path(bundle_dir).name, network_name=config.network.name,
-                       network_kwargs=config.network.kwargs, network_state=state["network"],
-                       estimator_kwargs=config.network.dose_estimator_kwargs if state.get("dose_estimator") else None,
-                       estimator_state=state.get("dose_estimator"), metadata=metadata, readme=readme)
+    folder = save_bundle(bundle_dir, name=Path(bundle_dir).name, network_name=config.network.name,
+                         network_kwargs=config.network.kwargs, network_state=state["network"],
+                         estimator_kwargs=config.network.dose_estimator_kwargs if state.get("dose_estimator") else None,
+                         estimator_state=state.get("dose_estimator"), metadata=metadata)
+    network = build_network(config.network.name, **config.network.kwargs)
+    conditioned = bool(config.network.kwargs.get("dose_conditioning", False))
+    gflops = count_gflops(network, **({"dose_fraction": torch.tensor([0.25])} if conditioned else {}))
+    meta = json.loads((folder / "configs" / "metadata.json").read_text())
+    _atomic_write_text(folder / "docs" / "history.json", json.dumps(history, indent=2))
+    _atomic_write_text(folder / "docs" / "README.md", model_card(meta, history, count_parameters(network), gflops))
+    return folder
 
 
 def _relative_inputs(entry: str) -> list[str]:
