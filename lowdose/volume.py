@@ -79,6 +79,20 @@ class CTVolume:
                                    slice_positions_mm=None if self.slice_positions_mm is None
                                    else self.slice_positions_mm.copy())
 
+    def slices(self, start: int, stop: int) -> "CTVolume":
+        """Slices ``start:stop`` as a volume of their own, in the same place in space (origin moved)."""
+        start, stop, _ = slice(start, stop).indices(self.shape[0])
+        if stop <= start:
+            raise ValueError(f"no slices in {start}:{stop} of a {self.shape[0]}-slice volume")
+        origin = np.asarray(self.origin_mm) + self.direction[:, 2] * self.spacing_mm[2] * start
+        metadata = dict(self.metadata)
+        if isinstance(metadata.get("dicom_headers"), list):  # one header per slice
+            metadata["dicom_headers"] = metadata["dicom_headers"][start:stop]
+        positions = None if self.slice_positions_mm is None else self.slice_positions_mm[start:stop].copy()
+        return dataclasses.replace(self, hu=self.hu[start:stop].copy(), origin_mm=tuple(positions[0]) if positions
+                                   is not None else tuple(origin), direction=self.direction.copy(),
+                                   metadata=metadata, slice_positions_mm=positions)
+
     def affine_lps(self) -> np.ndarray:
         """4x4 matrix mapping voxel index (x, y, z, 1) to LPS millimetres (regular grids only)."""
         affine = np.eye(4)

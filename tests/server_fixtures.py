@@ -48,6 +48,7 @@ def make_random_bundle(models_dir: Path, name: str = "dose_unet", seed: int = 0)
     torch.manual_seed(seed)
     network_kwargs = {"in_channels": 3, "dose_conditioning": True}
     net = build_network("dose_unet", **network_kwargs)
+    torch.nn.init.normal_(net.head.weight, std=0.02)  # the noise head starts at zero: make it do something
     est = build_network("dose_estimator", in_channels=3)
     return save_bundle(models_dir / name, name=name, network_name="dose_unet", network_kwargs=network_kwargs,
                        network_state=net.state_dict(), estimator_kwargs={"in_channels": 3},
@@ -120,8 +121,9 @@ class LowdoseServer:
         return self.log_path.read_text(errors="replace")
 
 
-def start_lowdose_server(workdir: Path, studies: str, models_dir: Path, max_upload_mb: float = 64,
+def start_lowdose_server(workdir: Path, studies: str | None, models_dir: Path | None, max_upload_mb: float = 64,
                          extra: list[str] | None = None, env_extra: dict | None = None) -> LowdoseServer:
+    """``lowdose serve`` in a subprocess on a free loopback port; ``studies``/``models_dir`` None = its defaults."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"lowdose-server-{port}.log"
@@ -129,8 +131,9 @@ def start_lowdose_server(workdir: Path, studies: str, models_dir: Path, max_uplo
     env["XDG_CACHE_HOME"] = str(workdir / "cache")  # PACS series cache, sample studies: all in the test's folder
     env["PYTHONUNBUFFERED"] = "1"
     env.update(env_extra or {})
-    command = [sys.executable, "-m", "lowdose.server", "--studies", studies, "--models-dir", str(models_dir),
-               "--port", str(port), "--max-upload-mb", str(max_upload_mb), *(extra or [])]
+    command = [sys.executable, "-m", "lowdose.server", "--port", str(port), "--max-upload-mb", str(max_upload_mb),
+               *(["--studies", studies] if studies is not None else []),
+               *(["--models-dir", str(models_dir)] if models_dir is not None else []), *(extra or [])]
     started = time.time()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir,

@@ -124,6 +124,26 @@ def test_nifti_to_nrrd_and_mha_keep_hu_and_geometry(tmp_path):
         _assert_same_geometry(back, original)
 
 
+def test_a_slab_of_slices_keeps_its_place_in_space(tmp_path):
+    """volume.slices(a, b) is the same voxels in the same place, through a DICOM round trip too
+    (regular and gantry-tilted series)."""
+    for source in (SAMPLE_DICOM, shared("dcmqa_ge_head")):
+        volume = load_ct(source)
+        slab = volume.slices(3, 7)
+        assert slab.shape == (4, *volume.shape[1:])
+        np.testing.assert_array_equal(slab.hu, volume.hu[3:7])
+        written = load_ct(save_ct(slab, tmp_path / f"slab_{Path(source).name}"))
+        np.testing.assert_allclose(written.hu, np.rint(volume.hu[3:7]), atol=0.5)
+        if volume.is_regular_grid:
+            # voxel (0, 0, 3) of the volume is voxel (0, 0, 0) of the slab
+            np.testing.assert_allclose(written.affine_lps()[:3, 3], (volume.affine_lps() @ [0, 0, 3, 1])[:3], atol=1e-3)
+            np.testing.assert_allclose(written.affine_lps(), slab.affine_lps(), atol=1e-3)
+        else:
+            np.testing.assert_allclose(written.slice_positions_mm, volume.slice_positions_mm[3:7], atol=1e-3)
+    with pytest.raises(ValueError, match="no slices"):
+        volume.slices(5, 5)
+
+
 def test_float32_output_keeps_fractional_hu(tmp_path, sample_volume):
     volume = CTVolume(hu=sample_volume.hu[:3] + 0.25, spacing_mm=sample_volume.spacing_mm,
                       origin_mm=sample_volume.origin_mm, direction=sample_volume.direction)

@@ -304,3 +304,26 @@ def test_dose_estimator_learns_noise_level_and_interpolates_unseen_doses():
     assert error < math.log(1.3), f"mean log-dose error {error:.3f} on unseen doses"
     # Ordered like the truth: 1/3 is recognised as a higher dose than 1/8.
     assert predicted[:8].median() > predicted[8:].median()
+
+
+def test_folded_dose_conditioning_at_inference_equals_the_training_path():
+    """With one dose per batch, inference folds FiLM into the expansion conv; it must give the same numbers."""
+    net = DoseAwareUNet(in_channels=3, dose_conditioning=True).eval()
+    net.head.weight.data.normal_(std=0.1)
+    for block in _film_blocks(net):
+        block.film.weight.data.normal_(std=0.1)
+        block.film.bias.data.normal_(std=0.1)
+    x = _image(2, 3, 48, 64)
+    with torch.no_grad():
+        folded = net(x, torch.tensor([0.1]))  # one dose for the batch: folded
+        per_slice = net(x, torch.tensor([0.1, 0.1]))  # one dose per slice: not folded
+    with torch.enable_grad():
+        unfolded = net(x, 0.1).detach()  # grad mode never folds
+    assert torch.allclose(folded, per_slice, atol=1e-5), (folded - per_slice).abs().max()
+    assert torch.allclose(folded, unfolded, atol=1e-5), (folded - unfolded).abs().max()
+    with torch.no_grad():  # two doses in a batch: the unfolded path, each slice with its own dose
+        mixed = net(x, torch.tensor([0.1, 0.5]))
+        assert torch.allclose(mixed[:1], folded[:1], atol=1e-5)
+        assert not torch.allclose(mixed[1:], folded[1:], atol=1e-4)
+        with pytest.raises(ValueError, match="3 doses for 2 slices"):
+            net(x, torch.tensor([0.1, 0.2, 0.3]))
