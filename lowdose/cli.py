@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from .bundle import DEFAULT_MODEL
 from .errors import LowdoseError
 
 
@@ -57,20 +58,42 @@ def cmd_metrics(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    """Simulate a low-dose scan of the bundled sample, denoise it, print before/after, write a PNG."""
+    import shutil
+
     from . import load_ct, sample_ct_path, save_ct, simulate_low_dose
+    from .denoise import get_denoiser
+    from .figures import body_zoom, side_by_side_png
     from .metrics import compare
 
     out = Path(args.out)
     normal = load_ct(sample_ct_path())
     print(f"sample CT: {sample_ct_path()} ({normal.describe()})")
+    denoiser = get_denoiser(args.model, args.device)  # before the slow part: a missing model fails at once
     low = simulate_low_dose(normal, args.dose, seed=args.seed, progress=True)
-    target = out / f"simulated_{round(args.dose * 100)}pct_dose"
-    if target.exists():
-        import shutil
-        shutil.rmtree(target)  # the demo's own output folder from an earlier run
-    save_ct(low, target, description=low.metadata["lowdose_description"])
-    print(f"wrote {target} (DICOM series)")
-    _print_figures(f"simulated {args.dose:g} dose against the normal-dose sample", compare(normal, low))
+    denoised = denoiser(low, dose="auto", progress=True)
+    folders = {"low": out / f"simulated_{round(args.dose * 100)}pct_dose", "denoised": out / f"denoised_{denoiser.name}"}
+    for key, volume in (("low", low), ("denoised", denoised)):
+        if folders[key].exists():
+            shutil.rmtree(folders[key])  # the demo's own output folder from an earlier run
+        save_ct(volume, folders[key], description=volume.metadata["lowdose_description"])
+        print(f"wrote {folders[key]} (DICOM series)")
+    estimated = denoised.metadata["lowdose_dose_fraction"]
+    if estimated is not None:
+        print(f"dose: simulated {args.dose:g}, estimated from the image {estimated:.3g}")
+    before, after = compare(normal, low), compare(normal, denoised)
+    print(f"{'against the normal-dose sample':<30} {'low dose':>10} {'denoised':>10}")
+    for name in before:
+        print(f"  {name:<28} {before[name]:10.3f} {after.get(name, float('nan')):10.3f}")
+    k = normal.shape[0] // 2
+    row_mm, col_mm = normal.spacing_mm[1], normal.spacing_mm[0]  # spacing is (x, y, z)
+    png = side_by_side_png(
+        out / "side_by_side.png",
+        {f"low dose ({args.dose:g}, simulated)": low.hu[k], f"denoised ({denoiser.name})": denoised.hu[k],
+         "normal dose": normal.hu[k]},
+        window="abdomen", title=f"bundled sample, slice {k + 1}/{normal.shape[0]}", spacing_mm=(row_mm, col_mm),
+        zoom=body_zoom(normal.hu[k]))
+    print(f"wrote {png} (low dose | denoised | normal dose, abdomen window)")
 
 
 def _parse_dose_or_auto(text: str):
@@ -101,19 +124,30 @@ def cmd_train(args) -> None:
     config = TrainConfig.from_yaml(args.config)
     if args.epochs:
         config.optim.epochs = args.epochs
-    train(config, resume=args.resume, progress=not args.quiet, bundle_dir=args.bundle)
+    train(config, resume=args.resume, progress=not args.quiet, bundle_dir=args.bundle,
+          command=" ".join(["lowdose", *sys.argv[1:]]), estimator_only=args.estimator_only)
 
 
 def cmd_models(args) -> None:
+    """The shipped models: name, network, dose handling and validation figures."""
     from .bundle import available_models, find_bundle
 
-    import json as _json
-
-    for name in available_models():
-        meta = _json.loads((find_bundle(name) / "configs" / "metadata.json").read_text())
+    names = available_models()
+    if not names:
+        raise LowdoseError("no trained model found under models/ (train one: lowdose train CONFIG --bundle models/NAME)")
+    print(f"{'model':<22} {'network':<10} {'dose':<22} validation PSNR abdomen (low-dose input)")
+    for name in names:
+        meta = json.loads((find_bundle(name) / "configs" / "metadata.json").read_text())
         validation = meta.get("validation", {})
-        figure = f"val PSNR {validation['val_psnr_abdomen']:.2f} dB" if "val_psnr_abdomen" in validation else ""
-        print(f"{name:<20} {meta['network']['name']:<12} {figure}")
+        figure = ""
+        if "val_psnr_abdomen" in validation:
+            figure = f"{validation.get('val_psnr_abdomen_auto', validation['val_psnr_abdomen']):.2f} dB"
+            if "val_input_psnr_abdomen" in validation:
+                figure += f" ({validation['val_input_psnr_abdomen']:.2f} dB)"
+        conditioned = meta["network"]["kwargs"].get("dose_conditioning", False)
+        dose = ("conditioned, estimated" if meta.get("dose_estimator") else "conditioned") if conditioned else "one model, any dose"
+        marker = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name + marker:<22} {meta['network']['name']:<10} {dose:<22} {figure}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("denoise", help="denoise a low-dose CT with a trained model")
     p.add_argument("input", help="low-dose CT: NIfTI/NRRD/MHA file or DICOM series folder")
     p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha) or new folder (DICOM series)")
-    p.add_argument("--model", default="dose_unet", help="model name under models/ or a bundle folder (default dose_unet)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model name under models/ or a bundle folder (default {DEFAULT_MODEL})")
     p.add_argument("--dose", type=_parse_dose_or_auto, default="auto",
                    help="dose fraction of the input (0.25, 1/4, 25%%) or auto to estimate it (default)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: GPU when there is one")
@@ -143,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a denoiser from a YAML config")
     p.add_argument("config", help="training config (YAML)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    p.add_argument("--estimator-only", action="store_true",
+                   help="run only the dose estimator's whole-slice stage (optim.estimator_epochs) on a finished run")
     p.add_argument("--bundle", help="write the best checkpoint as a MONAI bundle into this folder at the end")
     p.add_argument("--epochs", type=int, help="override optim.epochs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -169,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="output/demo", help="output folder (default output/demo)")
     p.add_argument("--dose", type=_parse_dose, default=0.25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"denoising model (default {DEFAULT_MODEL})")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -29,7 +29,7 @@ TINY = {
     "network": {"name": "dose_unet", "kwargs": {"in_channels": 3, "dose_conditioning": True,
                                                   "features": [8, 16], "blocks_per_level": [1, 1]},
                 "dose_estimator": True, "dose_estimator_kwargs": {"in_channels": 3, "features": [8, 16]}},
-    "optim": {"epochs": 2, "batch_size": 8, "learning_rate": 1e-3},
+    "optim": {"epochs": 2, "batch_size": 8, "learning_rate": 1e-3, "estimator_epochs": 1, "estimator_batch_size": 4},
 }
 
 
@@ -57,6 +57,44 @@ def test_training_runs_validates_and_checkpoints(tiny_run):
     assert (root / "run" / "checkpoint_last.pt").is_file() and (root / "run" / "checkpoint_best.pt").is_file()
     saved = json.loads((root / "run" / "history.json").read_text())
     assert len(saved["epochs"]) == 2
+
+
+def test_dose_estimator_stage_trains_on_whole_slices_and_is_what_ships(tiny_run):
+    import torch
+
+    root, config, history = tiny_run
+    stage = history["estimator_stage"]
+    assert len(stage["epochs"]) == 1 and stage["slices_per_epoch"] >= 1
+    assert np.isfinite(stage["epochs"][0]["dose_loss"])
+    best = torch.load(root / "run" / "checkpoint_best.pt", map_location="cpu", weights_only=False)
+    shipped = torch.load(root / "bundle" / "models" / "model.pt", map_location="cpu", weights_only=True)
+    for key, value in best["dose_estimator"].items():
+        assert torch.equal(shipped["dose_estimator"][key], value), key
+    meta = json.loads((root / "bundle" / "configs" / "metadata.json").read_text())
+    assert meta["validation"]["val_dose_median_rel_error"] == stage["epochs"][-1]["val_dose_median_rel_error"]
+    # whole slices, as at inference: full 2.5-D slabs of the training series
+    from lowdose.bundle import DEFAULT_NORMALISATION
+    from lowdose.training.data import PairSampler, load_sources
+
+    source = load_sources(config.data.train, "simulated")
+    sampler = PairSampler(source, [0.5], 3, DEFAULT_NORMALISATION, 48, 2, 8, 0.2, seed=1)
+    low, dose = next(sampler.whole_slices(0))
+    assert low.shape == (3, *source.normal[0].shape[1:]) and dose == 0.5
+
+
+def test_estimator_stage_needs_a_finished_first_stage(tmp_path):
+    raw = json.loads(json.dumps(TINY))
+    raw["output_dir"] = "run"
+    raw["data"]["train"] = [str(shared("totalsegmentator/pulmonary_report_ct_cropped.nii.gz"))]
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(raw))
+    config = TrainConfig.from_yaml(tmp_path / "train.yaml")
+    with pytest.raises(LowdoseError, match="no checkpoint"):
+        train(config, progress=False, estimator_only=True)
+    config.optim.epochs, config.optim.estimator_epochs = 1, 0
+    train(config, progress=False)
+    config.optim.epochs, config.optim.estimator_epochs = 2, 1
+    with pytest.raises(LowdoseError, match="trained 1 of 2 epochs"):
+        train(config, progress=False, estimator_only=True)
 
 
 def test_resume_continues_where_it_stopped(tiny_run):

@@ -53,6 +53,11 @@ class OptimConfig:
     weight_decay: float = 1e-4
     ssim_weight: float = 0.1
     dose_loss_weight: float = 1.0
+    # Second stage for the dose estimator: epochs over whole slices of the simulation pool (it reads
+    # whole slices at inference, while the first stage only shows it the denoiser's patches).
+    estimator_epochs: int = 0
+    estimator_learning_rate: float = 3e-4
+    estimator_batch_size: int = 8
 
 
 @dataclasses.dataclass

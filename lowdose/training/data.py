@@ -121,7 +121,7 @@ class PairSampler:
                                f"{min_tissue_fraction:.0%} body in it")
         self.seed = seed
         self.pool: list[tuple[int, float, int]] = []  # (candidate index, dose, noise seed)
-        self._pool_memory: dict[int, np.ndarray] = {}
+        self._pool_memory: dict[tuple, np.ndarray] = {}
         if pool_size and source.low is None:
             rng = np.random.default_rng([seed, 7])
             self.pool = [(int(rng.integers(len(self.candidates))), self.doses[i % len(self.doses)],
@@ -150,6 +150,16 @@ class PairSampler:
             np.save(tmp, low.astype(np.float32))
             os.replace(tmp, cache)
         return low
+
+    def _pooled(self, pick: int, volume: CTVolume, v: int, lo: int, hi: int, dose: float, noise_seed: int) -> np.ndarray:
+        """A run of the pool: simulated once, then read from the disk cache or kept in memory."""
+        key = (pick, dose, noise_seed)
+        low_run = self._pool_memory.get(key)
+        if low_run is None:
+            low_run = self._simulate(volume, v, lo, hi, dose, noise_seed)
+            if self.cache_dir is None:
+                self._pool_memory[key] = low_run
+        return low_run
 
     def epoch(self, epoch: int) -> list[dict]:
         """A list of MONAI-style items {low: [C,P,P], normal: [1,P,P], dose: float} for one epoch."""
@@ -183,13 +193,8 @@ class PairSampler:
             normal_run = volume.hu[lo:hi]
             if self.source.low is not None:
                 low_run, dose = self.source.low[v].hu[lo:hi], self.source.paired_dose
-            elif dose is not None:  # from the pool: simulated once, kept on disk or in memory
-                key = hash((pick, dose, noise_seed))
-                low_run = self._pool_memory.get(key)
-                if low_run is None:
-                    low_run = self._simulate(volume, v, lo, hi, dose, noise_seed)
-                    if self.cache_dir is None:
-                        self._pool_memory[key] = low_run
+            elif dose is not None:
+                low_run = self._pooled(pick, volume, v, lo, hi, dose, noise_seed)
             else:
                 dose = float(rng.choice(self.doses))
                 low_run = self._simulate(volume, v, lo, hi, dose, int(rng.integers(2**31)))
@@ -207,6 +212,36 @@ class PairSampler:
                                   "normal": np.asarray(patch["normal"], dtype=np.float32),
                                   "dose": np.float32(dose if dose is not None else np.nan)})
         return items
+
+
+    def whole_slices(self, epoch: int, min_fraction: float = 0.2):
+        """Whole low-dose slabs with their dose, as the dose estimator sees slices at inference.
+
+        Yields ``(low [C, H, W] normalised, dose)`` for the body slices of every run of the pool (or of
+        one epoch's fresh runs without a pool), runs in a random order and each slab randomly flipped.
+        """
+        if self.source.low is not None:
+            raise LowdoseError("the dose estimator is trained on simulated doses; paired data has one dose")
+        rng = np.random.default_rng([self.seed, epoch, 2])
+        half = self.channels // 2
+        entries = self.pool or [(int(i), float(rng.choice(self.doses)), int(rng.integers(2**31))) for i in
+                                rng.choice(len(self.candidates), size=max(1, self.slices_per_epoch // RUN_LENGTH))]
+        for pick, dose, noise_seed in (entries[int(i)] for i in rng.permutation(len(entries))):
+            v, k = self.candidates[pick]
+            volume = self.source.normal[v]
+            first = max(0, min(k, volume.shape[0] - RUN_LENGTH))
+            centres = list(range(first, min(first + RUN_LENGTH, volume.shape[0])))
+            lo, hi = max(0, centres[0] - half), min(volume.shape[0], centres[-1] + half + 1)
+            low_run = self._pooled(pick, volume, v, lo, hi, dose, noise_seed)
+            for c in centres:
+                if (volume.hu[c] > BODY_HU).mean() < min_fraction:
+                    continue
+                low = hu_to_input(slab(low_run, c - lo, self.channels), self.normalisation)
+                if rng.random() < 0.5:
+                    low = low[:, :, ::-1]
+                if rng.random() < 0.5:
+                    low = low[:, ::-1, :]
+                yield np.ascontiguousarray(low), dose
 
 
 def validation_set(volumes: list[CTVolume], doses: list[float], channels: int, slices_per_volume: int,

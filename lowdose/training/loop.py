@@ -51,9 +51,12 @@ def _windowed_ssim_loss(prediction: torch.Tensor, target: torch.Tensor, normalis
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True,
-          bundle_dir: str | Path | None = None, command: str | None = None) -> dict:
+          bundle_dir: str | Path | None = None, command: str | None = None, estimator_only: bool = False) -> dict:
     """Run the training described by ``config``; returns the history (per-epoch losses and figures).
 
+    Stage 1 trains the denoiser (and the dose estimator on the same patches) for ``optim.epochs``;
+    stage 2, when ``optim.estimator_epochs`` > 0, trains the dose estimator alone on whole slices and
+    stores it in the best checkpoint. ``estimator_only`` runs stage 2 on a finished stage 1.
     ``command`` (the command line that started the run) is kept in the history for the model card.
     """
     from tqdm.auto import tqdm
@@ -97,9 +100,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, learning_rate_factor)
-    history: dict = {"epochs": [], "config": config.to_dict(), "command": command, "threads": torch.get_num_threads()}
+    history: dict = {"epochs": [], "config": config.to_dict(), "commands": [], "threads": torch.get_num_threads()}
     start_epoch, best = 0, -float("inf")
     checkpoint_path = out / "checkpoint_last.pt"
+    if estimator_only:
+        resume = True
     if resume:
         if not checkpoint_path.is_file():
             raise LowdoseError(f"{checkpoint_path}: no checkpoint to resume from")
@@ -111,7 +116,18 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
         torch.set_rng_state(state["torch_rng"])
-        log.info("resumed from %s at epoch %d", checkpoint_path, start_epoch + 1)
+        if estimator_only:
+            if start_epoch < config.optim.epochs:
+                raise LowdoseError(f"{checkpoint_path}: the denoiser has trained {start_epoch} of "
+                                   f"{config.optim.epochs} epochs; finish it (--resume) before the estimator stage")
+            if estimator is None or config.optim.estimator_epochs < 1:
+                raise LowdoseError("the config has no dose estimator stage (network.dose_estimator and "
+                                   "optim.estimator_epochs > 0)")
+        else:
+            log.info("resumed from %s at epoch %d", checkpoint_path, start_epoch + 1)
+    history.setdefault("commands", [])
+    if command:
+        history["commands"].append(command)
 
     log.info("training %s (%d parameters, %.1f GFLOPs per 512x512 slice) on %s: %d epochs x %d steps",
              config.network.name, count_parameters(network), count_gflops(network, (1, channels, 512, 512),
@@ -176,9 +192,70 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         remaining = elapsed / (epoch + 1 - start_epoch) * (config.optim.epochs - epoch - 1)
         log.info("%s (eta %.0f min)%s", message, remaining / 60, " *best*" if is_best else "")
         (out / "history.json").write_text(json.dumps(history, indent=2))
+    if estimator is not None and config.optim.estimator_epochs > 0:
+        history["estimator_stage"] = _train_estimator_stage(
+            config, out, network, estimator, sampler, validation, normalisation, channels, conditioned, device, progress)
+        (out / "history.json").write_text(json.dumps(history, indent=2))
     if bundle_dir is not None:
         export_bundle(out / "checkpoint_best.pt", bundle_dir, history=history)
     return history
+
+
+def _train_estimator_stage(config, out, network, estimator, sampler, validation, normalisation, channels,
+                           conditioned, device, progress) -> dict:
+    """Stage 2: the dose estimator alone on whole slices; stored in the best checkpoint (last epoch kept:
+    the held-out series is not used to pick it). Returns its per-epoch record and final figures."""
+    from tqdm.auto import tqdm
+
+    best_path = out / "checkpoint_best.pt"
+    best_state = torch.load(best_path, map_location=device, weights_only=False)
+    network.load_state_dict(best_state["network"])  # the exported denoiser, for val_psnr_abdomen_auto
+    if best_state.get("dose_estimator") is not None:
+        estimator.load_state_dict(best_state["dose_estimator"])
+    optimiser = torch.optim.AdamW(estimator.parameters(), lr=config.optim.estimator_learning_rate,
+                                  weight_decay=config.optim.weight_decay)
+    epochs = config.optim.estimator_epochs
+    slices_per_epoch = sum(1 for _ in sampler.whole_slices(0))  # reads the pool once (cached afterwards)
+    steps = epochs * math.ceil(slices_per_epoch / config.optim.estimator_batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    records, started, cpu_started = [], time.time(), time.process_time()
+    for epoch in range(epochs):
+        estimator.train()
+        losses, batch = [], []
+        bar = tqdm(total=slices_per_epoch, desc=f"dose estimator {epoch + 1}/{epochs}", unit="slice",
+                   disable=not progress, leave=False)
+
+        def step(batch):
+            low = torch.from_numpy(np.stack([b[0] for b in batch])).to(device)
+            dose = torch.tensor([b[1] for b in batch], dtype=torch.float32, device=device)
+            loss = F.smooth_l1_loss(estimator(low), dose.log(), beta=0.1)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(estimator.parameters(), 1.0)
+            optimiser.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            bar.update(len(batch))
+
+        for item in sampler.whole_slices(1000 + epoch):
+            batch.append(item)
+            if len(batch) == config.optim.estimator_batch_size:
+                step(batch)
+                batch = []
+        if batch:
+            step(batch)
+        bar.close()
+        figures = evaluate(network, estimator, validation, normalisation, channels, conditioned, device)
+        record = {"epoch": epoch + 1, "dose_loss": float(np.mean(losses)),
+                  **{k: v for k, v in figures.items() if "dose" in k or "auto" in k}}
+        records.append(record)
+        log.info("dose estimator %s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                               for k, v in record.items()))
+    best_state["dose_estimator"] = estimator.state_dict()
+    _atomic_save(best_state, best_path)
+    return {"epochs": records, "slices_per_epoch": slices_per_epoch,
+            "cpu_minutes": round((time.process_time() - cpu_started) / 60, 2),
+            "wall_minutes": round((time.time() - started) / 60, 2)}
 
 
 @torch.inference_mode()
@@ -243,6 +320,10 @@ def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, history: dict 
         },
         "validation": {k: v for k, v in best.items() if k.startswith("val_")},
     }
+    stage = (history.get("estimator_stage") or {}).get("epochs")
+    if stage:  # the shipped estimator is stage 2's: its figures replace stage 1's
+        metadata["validation"].update({k: v for k, v in stage[-1].items() if k.startswith("val_")})
+        metadata["training"]["dose_estimator_stage_epochs"] = len(stage)
     folder = save_bundle(bundle_dir, name=Path(bundle_dir).name, network_name=config.network.name,
                          network_kwargs=config.network.kwargs, network_state=state["network"],
                          estimator_kwargs=config.network.dose_estimator_kwargs if state.get("dose_estimator") else None,

@@ -61,8 +61,9 @@ def model_card(meta: dict, history: dict, parameters: int, gflops: float) -> str
     lines += ["", "Held out for validation:", ""]
     lines += [f"- {series}" for series in training.get("validation_series", [])]
     lines += ["", "## How it was trained", ""]
-    if history.get("command"):
-        lines += ["```", history["command"], "```", ""]
+    commands = history.get("commands") or ([history["command"]] if history.get("command") else [])
+    if commands:
+        lines += ["```", *commands, "```", ""]
     if epochs:
         last = epochs[-1]
         cpu = last.get("cpu_minutes")
@@ -76,4 +77,11 @@ def model_card(meta: dict, history: dict, parameters: int, gflops: float) -> str
             lines.append(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                   for k, v in record.items() if v is not None))
         lines += ["```", ""]
+    stage = history.get("estimator_stage")
+    if stage:
+        last = stage["epochs"][-1]
+        lines += [f"Dose estimator, second stage on whole slices: {len(stage['epochs'])} epochs of "
+                  f"{stage['slices_per_epoch']} slices, {stage['wall_minutes']:.0f} min wall; last epoch (the one "
+                  "shipped, not picked on the held-out series):", "", "```",
+                  " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()), "```", ""]
     return "\n".join(lines)
