@@ -91,9 +91,33 @@ def test_metrics_prints_figures_for_two_volumes(tmp_path):
     assert 10.0 < figures["psnr_abdomen"] < 40.0 and figures["rmse_hu"] > 5.0
 
 
-def test_demo_runs_on_the_bundled_sample(tmp_path):
+def test_demo_simulates_denoises_and_draws_the_sample(tmp_path):
+    """The README's main command with the shipped default model: before/after figures and a PNG."""
     result = run("demo", "--out", tmp_path / "demo")
     assert result.returncode == 0, result.stderr
-    assert "psnr_abdomen" in result.stdout and "soft_tissue_noise_std_hu" in result.stdout
-    written = load_ct(tmp_path / "demo" / "simulated_25pct_dose")
-    assert written.shape == (20, 512, 512)
+    figures = {}
+    for line in result.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in ("psnr_abdomen", "rmse_hu", "soft_tissue_noise_std_hu"):
+            figures[parts[0]] = (float(parts[1]), float(parts[2]))
+    assert set(figures) == {"psnr_abdomen", "rmse_hu", "soft_tissue_noise_std_hu"}, result.stdout
+    # the shipped model must make the quarter-dose sample closer to the normal dose, and less noisy
+    assert figures["psnr_abdomen"][1] > figures["psnr_abdomen"][0] + 1.0
+    assert figures["soft_tissue_noise_std_hu"][1] < 0.7 * figures["soft_tissue_noise_std_hu"][0]
+    assert "estimated from the image" in result.stdout
+    normal = load_ct(SAMPLE_DICOM)
+    for folder in ("simulated_25pct_dose", "denoised_dose_unet"):
+        written = load_ct(tmp_path / "demo" / folder)
+        assert written.shape == normal.shape
+        np.testing.assert_allclose(written.origin_mm, normal.origin_mm, atol=1e-3)
+        np.testing.assert_allclose(written.spacing_mm, normal.spacing_mm, atol=1e-4)
+    from PIL import Image
+
+    png = Image.open(tmp_path / "demo" / "side_by_side.png")
+    assert png.format == "PNG" and png.width > png.height > 600  # three panels, full slice and zoom rows
+
+
+def test_demo_with_a_missing_model_fails_before_simulating(tmp_path):
+    result = run("demo", "--out", tmp_path / "demo", "--model", tmp_path / "nowhere")
+    _one_line_error(result, "nowhere", "no such model")
+    assert not (tmp_path / "demo").exists()

@@ -179,6 +179,31 @@ def test_denoise_upload_gives_the_library_result_with_the_input_geometry(server,
     print(f"\nlatency {timing}")
 
 
+def test_readme_command_serves_the_shipped_model_and_denoises_the_sample(tmp_path):
+    """The README's server command with its defaults (the bundled sample as datastore, the repository's
+    models/) and its first curl: the shipped default model denoises the sample over HTTP."""
+    from lowdose import load_ct, sample_ct_path
+
+    running = start_lowdose_server(tmp_path / "work", None, None)
+    try:
+        info = requests.get(f"{running.url}/info/", timeout=30).json()
+        assert MODEL in info["models"] and info["datastore"]["total"] == 1
+        response = requests.post(f"{running.url}/infer/{MODEL}",
+                                 params={"image": "abdomen_ct_sample", "output": "image"}, timeout=600)
+    finally:
+        stop_lowdose_server(running)
+    assert response.status_code == 200, response.text
+    summary = json.loads(response.headers["X-Lowdose-Result"])
+    assert summary["model"] == "dose_unet" and summary["dose_source"] == "estimated"
+    result = _load_response_image(response, tmp_path / "denoised.nii.gz")
+    sample = load_ct(sample_ct_path())
+    _assert_same_geometry(result, sample)
+    from lowdose.denoise import Denoiser
+
+    expected = Denoiser("dose_unet", device="cpu")(sample, dose=summary["dose_fraction"])
+    assert np.abs(result.hu - np.rint(expected.hu)).max() <= 1.0
+
+
 def test_denoise_datastore_image_returns_json_and_multipart(server):
     response = _infer(server, image=STUDY_ID, output="json")
     assert response.status_code == 200, response.text

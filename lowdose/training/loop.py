@@ -238,6 +238,9 @@ def _train_estimator_stage(config, out, network, estimator, sampler, validation,
             bar.update(len(batch))
 
         for item in sampler.whole_slices(1000 + epoch):
+            if batch and item[0].shape != batch[0][0].shape:  # series differ in size: batch alike slices
+                step(batch)
+                batch = []
             batch.append(item)
             if len(batch) == config.optim.estimator_batch_size:
                 step(batch)
@@ -332,7 +335,10 @@ def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, history: dict 
     conditioned = bool(config.network.kwargs.get("dose_conditioning", False))
     gflops = count_gflops(network, **({"dose_fraction": torch.tensor([0.25])} if conditioned else {}))
     meta = json.loads((folder / "configs" / "metadata.json").read_text())
-    _atomic_write_text(folder / "docs" / "history.json", json.dumps(history, indent=2))
+    # Paths in the history relative to the repository, as the model card's readers have it cloned.
+    root = Path(__file__).resolve().parents[2]
+    text = json.dumps(history, indent=2).replace(f"{root}/", "").replace(f"{root.parent}/", "../")
+    _atomic_write_text(folder / "docs" / "history.json", text)
     _atomic_write_text(folder / "docs" / "README.md", model_card(meta, history, count_parameters(network), gflops))
     return folder
 
@@ -343,10 +349,15 @@ def _relative_inputs(entry: str) -> list[str]:
         inputs = find_ct_inputs(entry)
     except LowdoseError:
         return [entry]
+    root = Path(__file__).resolve().parents[2]
     names = []
     for p in inputs:
-        parts = Path(p).parts
-        names.append("/".join(parts[parts.index("data"):]) if "data" in parts else Path(p).name)
+        p = Path(p).resolve()
+        parts = p.parts
+        if p.is_relative_to(root):  # e.g. the bundled sample
+            names.append(str(p.relative_to(root)))
+        else:
+            names.append("/".join(parts[parts.index("data"):]) if "data" in parts else p.name)
     return names
 
 

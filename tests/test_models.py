@@ -1,0 +1,66 @@
+"""The shipped models under models/: complete MONAI bundles that load, denoise, and are documented.
+
+Denoising quality against the other methods is measured by benchmarks/denoising.py; here each shipped
+bundle is checked as a user receives it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lowdose import load_ct, sample_ct_path, simulate_low_dose
+from lowdose.bundle import DEFAULT_MODEL, MODELS_DIR, available_models
+from lowdose.metrics import compare
+
+SHIPPED = available_models()
+
+
+def test_the_default_model_is_shipped():
+    assert DEFAULT_MODEL in SHIPPED, f"models/{DEFAULT_MODEL} is missing; shipped: {SHIPPED}"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_bundle_is_complete_small_and_documented(name):
+    folder = MODELS_DIR / name
+    meta = json.loads((folder / "configs" / "metadata.json").read_text())
+    assert (folder / "models" / "model.pt").stat().st_size <= 20e6
+    assert (folder / "configs" / "inference.json").is_file() and (folder / "configs" / "train.yaml").is_file()
+    assert meta["training"]["validation_series"] and meta["training"]["train_series"]
+    assert not set(meta["training"]["validation_series"]) & set(meta["training"]["train_series"])
+    # on its held-out series the model is better than the low-dose input it was given
+    assert meta["validation"]["val_psnr_abdomen"] > meta["validation"]["val_input_psnr_abdomen"] + 1.0
+    card = (folder / "docs" / "README.md").read_text()
+    for section in ("## Intended use", "## Limits", "## How it was trained", "lowdose train", "GFLOPs per 512x512 slice"):
+        assert section in card, f"{name} model card lacks {section!r}"
+
+
+def test_default_model_denoises_a_held_out_quarter_dose_scan_with_its_own_dose_estimate():
+    from lowdose.denoise import Denoiser
+
+    normal = load_ct(sample_ct_path())
+    normal = normal.slices(8, 12)
+    low = simulate_low_dose(normal, 0.25, seed=7)
+    denoiser = Denoiser(DEFAULT_MODEL, device="cpu")
+    out = denoiser(low, dose="auto")
+    before, after = compare(normal, low), compare(normal, out)
+    assert after["psnr_abdomen"] > before["psnr_abdomen"] + 1.0
+    assert after["soft_tissue_noise_std_hu"] < 0.7 * before["soft_tissue_noise_std_hu"]
+    assert abs(after["soft_tissue_mean_shift_hu"]) < 5.0  # HU kept
+    assert 0.1 < out.metadata["lowdose_dose_fraction"] < 0.6
+    assert out.spacing_mm == low.spacing_mm and out.origin_mm == low.origin_mm
+
+
+def test_models_command_lists_the_shipped_models():
+    result = subprocess.run([str(Path(sys.executable).parent / "lowdose"), "models"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert set(lines) == set(SHIPPED)
+    assert "(default)" in lines[DEFAULT_MODEL] and "conditioned, estimated" in lines[DEFAULT_MODEL]
+    assert np.isfinite(float(lines[DEFAULT_MODEL].split(" dB")[0].split()[-1]))
