@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_output, default_mode
 from .errors import CTInputError, CTOutputError
 from .volume import PADDING_THRESHOLD_HU, CTVolume
 
@@ -339,17 +340,8 @@ def _save_grid_file(volume: CTVolume, path: Path, dtype: str) -> None:
     image.SetOrigin(volume.origin_mm)
     image.SetDirection(tuple(volume.direction.reshape(-1)))
     suffix = _grid_suffix(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, useCompression=suffix != ".nii")
-        os.replace(tmp, path)
-    except (RuntimeError, OSError) as exc:
-        _remove_quietly(tmp)
-        raise CTOutputError(path, f"could not be written ({_first_line(exc)})") from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+    with atomic_output(path, suffix) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=suffix != ".nii")
 
 
 def _to_stored(hu: np.ndarray, dtype: str) -> np.ndarray:
@@ -365,6 +357,7 @@ def _save_dicom_series(volume: CTVolume, folder: Path, description: str) -> None
     datasets = _derived_datasets(volume, description)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
+        os.chmod(tmp, default_mode(directory=True))
         for k, ds in enumerate(datasets):
             ds.save_as(tmp / f"{k + 1:04d}.dcm", write_like_original=False)
         if folder.exists():
@@ -492,9 +485,3 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
-
-def _remove_quietly(path) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass

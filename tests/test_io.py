@@ -144,6 +144,26 @@ def test_a_slab_of_slices_keeps_its_place_in_space(tmp_path):
         volume.slices(5, 5)
 
 
+def test_outputs_get_the_permissions_of_plain_files_not_of_temporary_ones(tmp_path, sample_volume):
+    """Atomic writes go through temporary files (0600, folders 0700); the results must be readable by
+    whoever the umask allows, e.g. a PACS gateway account reading the server's outputs."""
+    import os
+
+    from lowdose.bundle import _atomic_torch_save
+
+    old = os.umask(0o022)
+    try:
+        volume = sample_volume.slices(0, 2)
+        written = [save_ct(volume, tmp_path / "v.nii.gz"), save_ct(volume, tmp_path / "v.mha"),
+                   save_ct(volume, tmp_path / "series")]
+        _atomic_torch_save({"weights": 1}, tmp_path / "model.pt")
+    finally:
+        os.umask(old)
+    for path in [*written[:2], tmp_path / "model.pt", *sorted((tmp_path / "series").iterdir())]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert (tmp_path / "series").stat().st_mode & 0o777 == 0o755
+
+
 def test_float32_output_keeps_fractional_hu(tmp_path, sample_volume):
     volume = CTVolume(hu=sample_volume.hu[:3] + 0.25, spacing_mm=sample_volume.spacing_mm,
                       origin_mm=sample_volume.origin_mm, direction=sample_volume.direction)

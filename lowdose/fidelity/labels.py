@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import CTInputError
 from ..volume import CTVolume
-from ._files import atomic_output
+from ..atomic import atomic_output
 
 # Two grids are the same when voxel centres agree to this fraction of a voxel.
 GRID_TOLERANCE_VOXELS = 1e-3

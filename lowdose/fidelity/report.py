@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._files import write_bytes_atomically
+from ..atomic import write_bytes_atomically
 from .compare import REFERENCE_VERDICT_ORDER, VERDICT_ORDER, nsd_key, pair_name
 
 ABDOMEN_WINDOW = (50.0, 400.0)  # centre, width (HU), as in ldct-benchmark's abdomen figures

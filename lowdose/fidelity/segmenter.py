@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import LowdoseError
 from ..volume import CTVolume
-from ._files import write_bytes_atomically
+from ..atomic import write_bytes_atomically
 
 # LPS (DICOM, SimpleITK, CTVolume) to RAS (NIfTI as nibabel and TotalSegmentator read it).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

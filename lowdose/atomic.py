@@ -1,4 +1,8 @@
-"""Atomic output: write to a temporary file beside the target, then rename it into place."""
+"""Atomic output: write to a temporary file beside the target, then rename it into place.
+
+Used for every file lowdose writes, so that a reader never sees half a file and outputs get the
+permissions a plain ``open()`` would give them (``tempfile`` alone would leave them 0600).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,15 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import CTOutputError
+from .errors import CTOutputError
 
 
-def _default_mode() -> int:
-    """The permissions a plain ``open()`` would give (0o666 less the umask); mkstemp gives 0o600."""
+def default_mode(directory: bool = False) -> int:
+    """The permissions ``open()`` (0o666) or ``mkdir()`` (0o777) would give less the umask; mkstemp and
+    mkdtemp give 0o600 and 0o700."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return (0o777 if directory else 0o666) & ~umask
 
 
 @contextlib.contextmanager
@@ -32,16 +37,16 @@ def atomic_output(path: str | os.PathLike, suffix: str = ""):
         raise CTOutputError(path, f"could not be written ({exc.strerror or exc})") from None
     try:
         yield Path(tmp)
-        os.chmod(tmp, _default_mode())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except OSError as exc:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise CTOutputError(path, f"could not be written ({exc.strerror or exc})") from None
     except RuntimeError as exc:  # SimpleITK reports write failures as RuntimeError
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise CTOutputError(path, f"could not be written ({str(exc).strip().splitlines()[0]})") from None
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
 
 
@@ -51,8 +56,12 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
-def _remove_quietly(path) -> None:
+def remove_quietly(path) -> None:
     try:
         os.remove(path)
     except OSError:
         pass
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes_atomically(path, text.encode())
