@@ -58,13 +58,24 @@ def nlm(hu: np.ndarray) -> np.ndarray:
     return out
 
 
-def bm3d_filter(hu: np.ndarray) -> np.ndarray:
+def bm3d_filter(hu: np.ndarray, sigmas=None) -> np.ndarray:
+    """BM3D slice by slice; sigma estimated from each image unless given (one per slice)."""
     import bm3d
 
     out = np.empty_like(hu)
     for k, image in enumerate(hu):
-        out[k] = bm3d.bm3d(image, sigma_psd=_sigma(image))
+        out[k] = bm3d.bm3d(image, sigma_psd=_sigma(image) if sigmas is None else sigmas[k])
     return out
+
+
+def oracle_sigmas(low: CTVolume, normal: CTVolume, centre: list[int]) -> list[float]:
+    """The true noise std of each scored slice inside the body (low - normal where normal > -500 HU).
+
+    skimage's estimate_sigma reads the finest wavelet scale and sees only part of CT noise, which is
+    spatially correlated by the reconstruction filter (12 HU estimated vs 29 HU true at 1/4 dose on the
+    sample), so BM3D with it barely denoises; BM3D with this oracle sigma is its best case here.
+    """
+    return [float((low.hu[k] - normal.hu[k])[normal.hu[k] > -500].std()) for k in centre]
 
 
 def evaluate(method, normal: CTVolume, low: CTVolume, centre: list[int]) -> tuple[dict, float, np.ndarray]:
@@ -122,6 +133,7 @@ def main() -> None:
                "NLM (scikit-image)": (classic(nlm), None)}
     if not args.no_bm3d:
         methods["BM3D"] = (classic(bm3d_filter), None)
+        methods["BM3D (oracle sigma)"] = ("oracle sigma", None)
     estimators, estimates = {}, {}
     for name in available_models():
         denoiser = Denoiser(name, device="cpu", batch_size=4)
@@ -146,6 +158,9 @@ def main() -> None:
         for method_name, (method, gflops, *extra) in methods.items():
             if method == "true dose":
                 method = model_method(extra[0], dose)
+            elif method == "oracle sigma":
+                sigmas = oracle_sigmas(low, normal, centre)
+                method = classic(lambda hu, s=sigmas: bm3d_filter(hu, s))
             figures, seconds, out = evaluate(method, normal, low, centre)
             rows.append({"dose": dose_name, "method": method_name, **figures, "seconds_per_slice": seconds,
                          "gflops_per_slice": gflops})
@@ -156,8 +171,10 @@ def main() -> None:
                 examples[method_name] = out[len(centre) // 2]
     examples["normal dose"] = normal.hu[centre[len(centre) // 2]]
 
-    volume_rows = [] if args.skip_volume else volume_runs([m for m in args.volume_models if m in available_models()])
-    write_results(rows, dose_rows, volume_rows, examples, args, normal.spacing_mm)
+    write_results(rows, dose_rows, [], examples, args, normal.spacing_mm)  # kept if the volume runs fail
+    if not args.skip_volume:
+        volume_rows = volume_runs([m for m in args.volume_models if m in available_models()])
+        write_results(rows, dose_rows, volume_rows, examples, args, normal.spacing_mm)
 
 
 def volume_runs(models: list[str]) -> list[dict]:
@@ -167,10 +184,10 @@ def volume_runs(models: list[str]) -> list[dict]:
         for slices in (100, 300):
             code = (
                 "import sys, time, resource, numpy as np; sys.path.insert(0, %r)\n"
-                "from lowdose import load_ct, sample_ct_path\n"
+                "from lowdose import CTVolume, load_ct, sample_ct_path\n"
                 "from lowdose.denoise import Denoiser\n"
-                "v = load_ct(sample_ct_path()); reps = -(-%d // v.shape[0])\n"
-                "v = v.with_hu(np.tile(v.hu, (reps, 1, 1))[:%d])\n"
+                "s = load_ct(sample_ct_path()); reps = -(-%d // s.shape[0])\n"
+                "v = CTVolume(hu=np.tile(s.hu, (reps, 1, 1))[:%d], spacing_mm=s.spacing_mm, origin_mm=s.origin_mm)\n"
                 "d = Denoiser(%r, device='cpu'); t = time.perf_counter(); d(v, dose='auto')\n"
                 "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2)\n"
             ) % (str(REPO), slices, slices, name)
@@ -189,11 +206,13 @@ def targets(rows, dose_rows, volume_rows) -> list[str]:
 
     out = []
     for dose, margin in (("1/4", 1.0), ("1/10", 1.5)):
-        ours, bm3d = psnr_of(dose, DEFAULT_MODEL), psnr_of(dose, "BM3D")
-        if ours is not None and bm3d is not None:
-            gain = ours - bm3d
-            out.append(f"- {DEFAULT_MODEL} vs BM3D at {dose}: {gain:+.2f} dB PSNR abdomen (target >= +{margin:.1f}): "
-                       f"{'met' if gain >= margin else 'NOT met'}")
+        ours = psnr_of(dose, DEFAULT_MODEL)
+        for variant in ("BM3D", "BM3D (oracle sigma)"):
+            bm3d = psnr_of(dose, variant)
+            if ours is not None and bm3d is not None:
+                gain = ours - bm3d
+                out.append(f"- {DEFAULT_MODEL} vs {variant} at {dose}: {gain:+.2f} dB PSNR abdomen "
+                           f"(target >= +{margin:.1f}): {'met' if gain >= margin else 'NOT met'}")
         for other in ("redcnn", "esaunet"):
             theirs = psnr_of(dose, other)
             if ours is not None and theirs is not None:

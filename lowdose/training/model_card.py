@@ -67,7 +67,8 @@ def model_card(meta: dict, history: dict, parameters: int, gflops: float) -> str
     if epochs:
         last = epochs[-1]
         cpu = last.get("cpu_minutes")
-        lines += [f"On {platform.machine()} CPU ({history.get('threads', '?')} threads), "
+        threads = history.get("threads", "?")
+        lines += [f"On {platform.machine()} CPU ({threads} thread{'' if threads == 1 else 's'}), "
                   f"{last.get('wall_minutes', sum(e.get('epoch_seconds', 0) for e in epochs) / 60):.0f} min wall"
                   + (f", {cpu:.0f} CPU-minutes" if cpu else "") + f", {len(epochs)} epochs. "
                   "The full per-epoch history is `docs/history.json`.", ""]
