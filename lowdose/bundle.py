@@ -97,16 +97,16 @@ def save_bundle(folder: str | Path, *, name: str, network_name: str, network_kwa
         },
     }
     meta.update(metadata or {})
-    _atomic_write_text(folder / "configs" / "metadata.json", json.dumps(meta, indent=2, default=_json_default))
+    write_text_atomically(folder / "configs" / "metadata.json", json.dumps(meta, indent=2, default=_json_default))
     inference = {
         "imports": ["$import lowdose.networks"],
         "network_def": {"_target_": f"$lowdose.networks.build_network", "name": network_name, **network_kwargs},
         "note": "Use lowdose.denoise (or `lowdose denoise`), which applies the normalisation in metadata.json "
                 "slice by slab; this file records how the network is built.",
     }
-    _atomic_write_text(folder / "configs" / "inference.json", json.dumps(inference, indent=2))
+    write_text_atomically(folder / "configs" / "inference.json", json.dumps(inference, indent=2))
     if readme:
-        _atomic_write_text(folder / "docs" / "README.md", readme)
+        write_text_atomically(folder / "docs" / "README.md", readme)
     return folder
 
 
@@ -176,10 +176,6 @@ def _json_default(value: Any):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    write_text_atomically(path, text)
 
 
 def _atomic_torch_save(obj, path: Path) -> None:

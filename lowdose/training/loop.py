@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..bundle import DEFAULT_NORMALISATION, _atomic_torch_save as _atomic_save, _atomic_write_text, hu_to_input, output_to_hu, save_bundle
+from ..atomic import write_text_atomically
+from ..bundle import DEFAULT_NORMALISATION, _atomic_torch_save as _atomic_save, hu_to_input, output_to_hu, save_bundle
 from ..errors import LowdoseError
 from ..metrics import psnr, ssim
 from .config import TrainConfig
@@ -338,8 +339,8 @@ def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, history: dict 
     # Paths in the history relative to the repository, as the model card's readers have it cloned.
     root = Path(__file__).resolve().parents[2]
     text = json.dumps(history, indent=2).replace(f"{root}/", "").replace(f"{root.parent}/", "../")
-    _atomic_write_text(folder / "docs" / "history.json", text)
-    _atomic_write_text(folder / "docs" / "README.md", model_card(meta, history, count_parameters(network), gflops))
+    write_text_atomically(folder / "docs" / "history.json", text)
+    write_text_atomically(folder / "docs" / "README.md", model_card(meta, history, count_parameters(network), gflops))
     return folder
 
 

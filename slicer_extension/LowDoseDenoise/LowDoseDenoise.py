@@ -633,20 +633,15 @@ class LowDoseDenoiseLogic(ScriptedLoadableModuleLogic):
 
     def startDenoise(self, volumeNode, url, model, dose="auto"):
         """Export the volume and start the request; poll the returned BackgroundJob (result: DenoiseResult)."""
-        client = self.client(url)
-        if not client.upload_allowed:
-            raise ConsentRequired(server_key(url))
-        path, folder = self.exportVolume(volumeNode)
-
-        def work(progress, cancel):
-            try:
-                return client.denoise(path, model.task, dose=dose, progress=progress, cancel=cancel)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-
-        return BackgroundJob(work, name="lowdose-denoise").start()
+        return self._startUpload(volumeNode, url, "lowdose-denoise", lambda client, path, progress, cancel: client.denoise(
+            path, model.task, dose=dose, progress=progress, cancel=cancel))
 
     def startFidelity(self, volumeNode, url, model, dose="auto"):
+        return self._startUpload(volumeNode, url, "lowdose-fidelity", lambda client, path, progress, cancel: client.fidelity(
+            path, model.model, dose=dose, labels=True, progress=progress, cancel=cancel))
+
+    def _startUpload(self, volumeNode, url, name, call):
+        """Consent check, export to a temporary file, then ``call`` in a BackgroundJob that removes the file."""
         client = self.client(url)
         if not client.upload_allowed:
             raise ConsentRequired(server_key(url))
@@ -654,11 +649,11 @@ class LowDoseDenoiseLogic(ScriptedLoadableModuleLogic):
 
         def work(progress, cancel):
             try:
-                return client.fidelity(path, model.model, dose=dose, labels=True, progress=progress, cancel=cancel)
+                return call(client, path, progress, cancel)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
 
-        return BackgroundJob(work, name="lowdose-fidelity").start()
+        return BackgroundJob(work, name=name).start()
 
     def denoise(self, volumeNode, url, model, dose="auto", timeout=None):
         """Denoise and load the result, waiting while Slicer stays responsive (for scripts and the self-test)."""
