@@ -121,6 +121,8 @@ def main() -> None:
     parser.add_argument("--skip-volume", action="store_true", help="skip the 100/300-slice timing and memory runs")
     parser.add_argument("--volume-models", nargs="*", default=[DEFAULT_MODEL],
                         help=f"models timed on whole volumes (default {DEFAULT_MODEL}; RED-CNN needs ~15 min per 100 slices)")
+    parser.add_argument("--extra-model", nargs="*", default=[],
+                        help="bundle folders scored besides the shipped models (e.g. an equal-budget run)")
     args = parser.parse_args()
 
     import torch
@@ -135,8 +137,8 @@ def main() -> None:
         methods["BM3D"] = (classic(bm3d_filter), None)
         methods["BM3D (oracle sigma)"] = ("oracle sigma", None)
     estimators, estimates = {}, {}
-    for name in available_models():
-        denoiser = Denoiser(name, device="cpu", batch_size=4)
+    for name in [*available_models(), *args.extra_model]:
+        denoiser = Denoiser(name, device="cpu")
         model = denoiser.model
         kwargs = {"dose_fraction": torch.tensor([0.25])} if model.dose_conditioning else {}
         gflops = count_gflops(model.network, (1, model.in_channels, 512, 512), **kwargs)
@@ -237,7 +239,8 @@ def write_results(rows, dose_rows, volume_rows, examples, args, spacing_mm) -> N
     (RESULTS / "denoising.json").write_text(json.dumps({"rows": rows, "dose_estimation": dose_rows,
                                                         "volumes": volume_rows}, indent=2))
     lines = ["# Denoising benchmark", "",
-             f"Command: `.venv/bin/python benchmarks/denoising.py{' --no-bm3d' if args.no_bm3d else ''}` "
+             f"Command: `.venv/bin/python benchmarks/denoising.py --slices {args.slices}{' --no-bm3d' if args.no_bm3d else ''}"
+             f"{' --extra-model ' + ' '.join(args.extra_model) if args.extra_model else ''}` "
              f"on {platform.machine()} with {__import__('os').cpu_count()} cores, CPU only, "
              f"{time.strftime('%Y-%m-%d')}.", "",
              f"Held-out data: the bundled sample (abdomen, 512x512, never trained on), {args.slices} slices; "

@@ -30,15 +30,19 @@ class Denoiser:
     Args:
         model: a model name under ``models/`` or a bundle folder.
         device: ``auto`` (GPU when there is one), ``cpu`` or ``cuda``.
-        batch_size: slices per forward pass (memory grows with it; 4-8 suits a CPU).
+        batch_size: slices per forward pass; 0 picks one for the device (1 on a CPU, 8 on a GPU).
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", batch_size: int = 4):
+    def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", batch_size: int = 0):
         self.device = pick_device(device)
         if self.device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
         self.model = load_bundle(model, self.device)
-        self.batch_size = max(1, int(batch_size))
+        if int(batch_size) < 0:
+            raise LowdoseError(f"batch size must be 0 (automatic) or more; got {batch_size}")
+        # On a CPU one slice per pass is fastest: 512x512x100 in 11-13 s against 18-30 s with 4 (measured on
+        # 2 cores; a slice's widest activations, 16 MB, stay in cache). A GPU wants bigger batches.
+        self.batch_size = int(batch_size) or (1 if self.device.type == "cpu" else 8)
 
     @property
     def name(self) -> str:
@@ -85,7 +89,9 @@ class Denoiser:
         for start in tqdm(batches, desc=f"denoising ({self.name})", unit="batch", disable=not progress):
             indices = range(start, min(start + self.batch_size, hu.shape[0]))
             x = self._input(hu, indices)
-            y = network(x, dose_tensor) if dose_tensor is not None else network(x)
+            organs = self.model.organ_probabilities(torch.from_numpy(hu[indices.start:indices.stop, None]).to(self.device))
+            extra = {} if organs is None else {"organ_probabilities": organs}
+            y = network(x, dose_tensor, **extra) if dose_tensor is not None or extra else network(x)
             out[start:start + len(indices)] = output_to_hu(y[:, 0].float().cpu().numpy(), self.model.normalisation)
         # Keep what the network never saw: padding outside the field of view and HU beyond its range.
         untouched = ~volume.field_of_view_mask() | (hu > self.model.normalisation["hu_max"])
@@ -102,7 +108,7 @@ class Denoiser:
 
 
 @functools.lru_cache(maxsize=4)
-def get_denoiser(model: str = DEFAULT_MODEL, device: str = "auto", batch_size: int = 4) -> Denoiser:
+def get_denoiser(model: str = DEFAULT_MODEL, device: str = "auto", batch_size: int = 0) -> Denoiser:
     """A cached ``Denoiser``: the model is loaded once per process."""
     return Denoiser(model, device, batch_size)
 

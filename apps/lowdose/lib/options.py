@@ -20,7 +20,7 @@ class AppOptions:
     models: tuple[str, ...] = ()  # empty: every bundle in models_dir
     default_model: str = DEFAULT_MODEL
     device: str = "auto"
-    batch_size: int = 4
+    batch_size: int = 0  # 0: automatic (1 slice per pass on a CPU, 8 on a GPU)
     max_upload_mb: float = 2048.0
     max_unzipped_mb: float = 8192.0
     output_dtype: str = "int16"
@@ -62,6 +62,6 @@ class AppOptions:
             raise LowdoseError(f"--conf device {options.device}: use auto, cpu or cuda")
         if options.output_dtype not in ("int16", "float32"):
             raise LowdoseError(f"--conf output_dtype {options.output_dtype}: use int16 or float32")
-        if options.batch_size < 1 or options.infer_concurrency < 1:
-            raise LowdoseError("--conf batch_size and infer_concurrency must be at least 1")
+        if options.batch_size < 0 or options.infer_concurrency < 1:
+            raise LowdoseError("--conf batch_size must be 0 (automatic) or more, infer_concurrency at least 1")
         return options
