@@ -125,9 +125,9 @@ def main() -> None:
                         help="bundle folders scored besides the shipped models (e.g. an equal-budget run)")
     args = parser.parse_args()
 
-    import torch
 
     from lowdose.networks import count_gflops
+    from lowdose.training.loop import forward_example
 
     normal = load_ct(sample_ct_path())
     centre = [int(k) for k in np.linspace(2, normal.shape[0] - 3, args.slices).round()]
@@ -140,8 +140,8 @@ def main() -> None:
     for name in [*available_models(), *args.extra_model]:
         denoiser = Denoiser(name, device="cpu")
         model = denoiser.model
-        kwargs = {"dose_fraction": torch.tensor([0.25])} if model.dose_conditioning else {}
-        gflops = count_gflops(model.network, (1, model.in_channels, 512, 512), **kwargs)
+        gflops = count_gflops(model.network, (1, model.in_channels, 512, 512),
+                              **forward_example(model.metadata["network"]["kwargs"]))
         methods[name] = (model_method(denoiser, estimates=estimates), gflops)
         if model.dose_conditioning:
             methods[f"{name} (true dose given)"] = ("true dose", gflops, denoiser)

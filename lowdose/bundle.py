@@ -52,17 +52,30 @@ class DenoisingModel:
     dose_conditioning: bool
     metadata: dict
     path: Path | None = None
+    # BioAtt models: the anatomy encoder whose organ presence steers the attention, and its normalisation.
+    anatomy_encoder: "torch.nn.Module | None" = None
+    anatomy_normalisation: dict | None = None
 
     def to(self, device) -> "DenoisingModel":
-        self.network.to(device)
-        if self.dose_estimator is not None:
-            self.dose_estimator.to(device)
+        for module in (self.network, self.dose_estimator, self.anatomy_encoder):
+            if module is not None:
+                module.to(device)
         return self
+
+    def organ_probabilities(self, hu) -> "torch.Tensor | None":
+        """BioAtt's prior for centre slices ``[B, 1, H, W]`` in HU (None for models without BioAtt)."""
+        if self.anatomy_encoder is None:
+            return None
+        import torch
+
+        x = hu_to_input(hu, self.anatomy_normalisation)
+        return torch.sigmoid(self.anatomy_encoder.presence_logits(self.anatomy_encoder.features(x)))
 
 
 def save_bundle(folder: str | Path, *, name: str, network_name: str, network_kwargs: dict,
                 network_state: dict, estimator_kwargs: dict | None = None, estimator_state: dict | None = None,
-                normalisation: dict | None = None, metadata: dict | None = None, readme: str = "") -> Path:
+                normalisation: dict | None = None, metadata: dict | None = None, readme: str = "",
+                anatomy_encoder: dict | None = None) -> Path:
     """Write a MONAI bundle folder for a trained model (weights first to a temp file, then renamed)."""
     import torch
 
@@ -74,6 +87,8 @@ def save_bundle(folder: str | Path, *, name: str, network_name: str, network_kwa
     state = {"network": network_state}
     if estimator_state is not None:
         state["dose_estimator"] = estimator_state
+    if anatomy_encoder is not None:
+        state["anatomy_encoder"] = anatomy_encoder["state"]
     _atomic_torch_save(state, folder / "models" / "model.pt")
     meta = {
         "version": "0.1.0",
@@ -85,6 +100,8 @@ def save_bundle(folder: str | Path, *, name: str, network_name: str, network_kwa
         "authors": "lowdose",
         "network": {"name": network_name, "kwargs": network_kwargs},
         "dose_estimator": None if estimator_state is None else {"name": "dose_estimator", "kwargs": estimator_kwargs},
+        "anatomy_encoder": None if anatomy_encoder is None else {
+            "name": "anatomy_encoder", **{k: v for k, v in anatomy_encoder.items() if k != "state"}},
         "normalisation": normalisation,
         "network_data_format": {
             "inputs": {"image": {"type": "image", "format": "hounsfield", "modality": "CT",
@@ -122,10 +139,20 @@ def find_bundle(model: str | Path) -> Path:
     raise LowdoseError(f"{model}: no such model (a name under models/ or a bundle folder); available: {available}")
 
 
-def available_models() -> list[str]:
+def bundle_kind(folder: Path) -> str:
+    """``denoiser`` or ``anatomy_encoder`` (metadata's ``lowdose_kind``; bundles without it are denoisers)."""
+    try:
+        return json.loads((folder / "configs" / "metadata.json").read_text()).get("lowdose_kind", "denoiser")
+    except (OSError, ValueError):
+        return "denoiser"
+
+
+def available_models(kind: str = "denoiser") -> list[str]:
+    """Names of the bundles under ``models/`` of one kind (denoisers by default)."""
     if not MODELS_DIR.is_dir():
         return []
-    return sorted(p.name for p in MODELS_DIR.iterdir() if (p / "configs" / "metadata.json").is_file())
+    return sorted(p.name for p in MODELS_DIR.iterdir()
+                  if (p / "configs" / "metadata.json").is_file() and bundle_kind(p) == kind)
 
 
 def load_bundle(model: str | Path = DEFAULT_MODEL, device: "str | torch.device" = "cpu") -> DenoisingModel:
@@ -140,6 +167,9 @@ def load_bundle(model: str | Path = DEFAULT_MODEL, device: "str | torch.device" 
         state = torch.load(folder / "models" / "model.pt", map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise LowdoseError(f"{folder}: damaged model bundle ({str(exc).splitlines()[0]})") from None
+    if meta.get("lowdose_kind", "denoiser") != "denoiser":
+        raise LowdoseError(f"{folder}: an {meta['lowdose_kind'].replace('_', ' ')} bundle, not a denoising model; "
+                           f"denoising models: {', '.join(available_models())}")
     kwargs = meta["network"]["kwargs"]
     try:
         network = build_network(meta["network"]["name"], **kwargs)
@@ -149,6 +179,11 @@ def load_bundle(model: str | Path = DEFAULT_MODEL, device: "str | torch.device" 
             estimator = build_network("dose_estimator", **meta["dose_estimator"]["kwargs"])
             estimator.load_state_dict(state["dose_estimator"])
             estimator.eval()
+        anatomy = None
+        if meta.get("anatomy_encoder"):
+            anatomy = build_network("anatomy_encoder", **meta["anatomy_encoder"]["kwargs"])
+            anatomy.load_state_dict(state["anatomy_encoder"])
+            anatomy.eval()
     except (RuntimeError, TypeError, KeyError) as exc:
         raise LowdoseError(f"{folder}: the weights do not fit this version's {meta['network']['name']} network "
                            f"({str(exc).splitlines()[0]}); retrain or use a matching lowdose version") from None
@@ -157,7 +192,8 @@ def load_bundle(model: str | Path = DEFAULT_MODEL, device: "str | torch.device" 
         name=meta.get("name", folder.name), network=network, dose_estimator=estimator,
         normalisation=meta.get("normalisation", DEFAULT_NORMALISATION),
         in_channels=int(kwargs.get("in_channels", 1)), dose_conditioning=bool(kwargs.get("dose_conditioning", False)),
-        metadata=meta, path=folder,
+        metadata=meta, path=folder, anatomy_encoder=anatomy,
+        anatomy_normalisation=(meta.get("anatomy_encoder") or {}).get("normalisation"),
     ).to(device)
 
 

@@ -121,11 +121,36 @@ def cmd_train(args) -> None:
     from .training import TrainConfig, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    command = " ".join(["lowdose", *sys.argv[1:]])
+    if _config_task(args.config) == "anatomy_encoder":
+        from .anatomy.training import AnatomyEncoderConfig, train_anatomy_encoder
+
+        config = AnatomyEncoderConfig.from_yaml(args.config)
+        if args.epochs:
+            config.epochs = args.epochs
+        train_anatomy_encoder(config, bundle_dir=args.bundle, progress=not args.quiet, command=command)
+        return
     config = TrainConfig.from_yaml(args.config)
     if args.epochs:
         config.optim.epochs = args.epochs
     train(config, resume=args.resume, progress=not args.quiet, bundle_dir=args.bundle,
-          command=" ".join(["lowdose", *sys.argv[1:]]), estimator_only=args.estimator_only)
+          command=command, estimator_only=args.estimator_only)
+
+
+def _config_task(path: str) -> str:
+    """``task`` of a training YAML: ``denoising`` (the default) or ``anatomy_encoder``."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise LowdoseError(f"{path}: no such training config") from None
+    except yaml.YAMLError as exc:
+        raise LowdoseError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    task = raw.get("task", "denoising") if isinstance(raw, dict) else "denoising"
+    if task not in ("denoising", "anatomy_encoder"):
+        raise LowdoseError(f"{path}: task must be denoising or anatomy_encoder, not {task!r}")
+    return task
 
 
 def cmd_models(args) -> None:

@@ -309,3 +309,38 @@ def timed_segment(segmenter: Segmenter, volume: CTVolume, role: str, progress: b
         found = len(np.unique(labels)) - int((labels == 0).any())
         print(f"[fidelity] {role}: {found} structures found in {seconds:.1f} s", file=sys.stderr, flush=True)
     return labels, seconds
+
+
+class AnatomyGroupSegmenter(Segmenter):
+    """lowdose's anatomy encoder as a segmenter of the 11 anatomy groups, slice by slice on the CPU.
+
+    Coarser and far less validated than TotalSegmentator: the anatomy ablation benchmark uses it to see
+    what training options change in denoised images; for a clinical check use TotalSegmentator.
+    """
+
+    name = "lowdose anatomy encoder"
+
+    def __init__(self, bundle: str = "anatomy_encoder", device: str = "cpu", batch_size: int = 4):
+        from ..anatomy import load_anatomy_encoder
+
+        self.encoder = load_anatomy_encoder(bundle, device)
+        self.device, self.batch_size = device, batch_size
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        from ..anatomy import ANATOMY_GROUPS
+
+        return dict(ANATOMY_GROUPS)
+
+    def segment(self, volume: CTVolume) -> np.ndarray:
+        import torch
+
+        labels = np.zeros(volume.shape, dtype=np.uint8)
+        with torch.inference_mode():
+            for start in range(0, volume.shape[0], self.batch_size):
+                hu = torch.from_numpy(np.ascontiguousarray(volume.hu[start:start + self.batch_size, None]))
+                labels[start:start + len(hu)] = self.encoder.segment(hu.to(self.device)).cpu().numpy()
+        return labels
+
+    def describe(self) -> dict:
+        return {**super().describe(), **self.encoder.describe()}

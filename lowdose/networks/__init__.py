@@ -84,15 +84,21 @@ def count_gflops(model: nn.Module, input_shape: Sequence[int] | None = None, **f
 
 
 # Imported last so that their @register_network decorators fill the registry.
+from .alden_discriminator import AnatomyAwareDiscriminator  # noqa: E402
+from .anatomy_encoder import AnatomyUNet  # noqa: E402
 from .dose_estimator import DoseEstimator  # noqa: E402
 from .dose_unet import DoseAwareUNet  # noqa: E402
 from .esaunet import ESAUNet  # noqa: E402
+from .macnet import MACNet  # noqa: E402
 from .redcnn import REDCNN  # noqa: E402
 
 __all__ = [
+    "AnatomyAwareDiscriminator",
+    "AnatomyUNet",
     "DoseAwareUNet",
     "DoseEstimator",
     "ESAUNet",
+    "MACNet",
     "REDCNN",
     "UnknownNetworkError",
     "available_networks",

@@ -77,6 +77,28 @@ class InvertedResidualBlock(nn.Module):
         return self.project(h).add_(x)
 
 
+class OrganPriorAttention(nn.Module):
+    """BioAtt's spatial attention steered by anatomy (BioAtt, 2025): one CBAM-style spatial map per organ
+    group (Woo et al., ECCV 2018: a 7x7 convolution over the channel mean and max), mixed by the slice's
+    organ-presence probabilities, so the network attends where the organs the slice holds are.
+
+    The maps start at zero and the gate is ``2 * sigmoid``: at initialisation the features pass unchanged,
+    so attention can be added to a trained network and fine-tuned.
+    """
+
+    def __init__(self, num_organs: int):
+        super().__init__()
+        self.maps = nn.Conv2d(2, num_organs, 7, padding=3)
+        nn.init.zeros_(self.maps.weight)
+        nn.init.zeros_(self.maps.bias)
+
+    def forward(self, x: torch.Tensor, organ_probabilities: torch.Tensor) -> torch.Tensor:
+        maps = self.maps(torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1))
+        weights = organ_probabilities / organ_probabilities.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        attention = (maps * weights[:, :, None, None].to(maps.dtype)).sum(dim=1, keepdim=True)
+        return x * (2 * torch.sigmoid(attention))
+
+
 class _Stage(nn.Module):
     """A sequence of blocks that all receive the dose embedding."""
 
@@ -115,6 +137,9 @@ class DoseAwareUNet(nn.Module):
         expansion: width multiplier inside each inverted-residual block.
         dose_conditioning: if True, ``forward(x, dose_fraction)`` needs the dose fraction of each slice.
         embedding_dim: width of the dose embedding.
+        organ_attention: number of organ groups for BioAtt's anatomy-steered spatial attention after the
+            bottom and every decoder stage (0: none); ``forward`` then needs ``organ_probabilities``
+            ``[B, organ_attention]`` (from lowdose's anatomy encoder, shipped in the bundle).
     """
 
     def __init__(
@@ -125,6 +150,7 @@ class DoseAwareUNet(nn.Module):
         expansion: int = 2,
         dose_conditioning: bool = False,
         embedding_dim: int = 64,
+        organ_attention: int = 0,
     ):
         super().__init__()
         if len(features) != len(blocks_per_level) or len(features) < 2:
@@ -149,12 +175,19 @@ class DoseAwareUNet(nn.Module):
         self.decoder = nn.ModuleList(
             _Stage(f, n, expansion, cond_dim) for f, n in zip(features[:-1], blocks_per_level[:-1])
         )
+        self.organ_attention = organ_attention
+        if organ_attention:
+            self.attention = nn.ModuleList(OrganPriorAttention(organ_attention) for _ in features)
         self.head = nn.Conv2d(features[0], self.unshuffle**2, 3, padding=1)
         # Zero noise estimate at initialisation: training starts from the identity, never below the input.
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: torch.Tensor, dose_fraction: torch.Tensor | float | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dose_fraction: torch.Tensor | float | None = None,
+                organ_probabilities: torch.Tensor | None = None) -> torch.Tensor:
+        if self.organ_attention and (organ_probabilities is None or organ_probabilities.shape != (x.shape[0], self.organ_attention)):
+            raise ValueError(f"this network has BioAtt attention: pass organ_probabilities [{x.shape[0]}, "
+                             f"{self.organ_attention}] (from the anatomy encoder)")
         dose_embedding = None
         if self.dose_conditioning:
             if dose_fraction is None:
@@ -174,8 +207,12 @@ class DoseAwareUNet(nn.Module):
             skips.append(h)
             h = down(h)
         h = self.bottom(h, dose_embedding)
-        for stage, up, skip in zip(reversed(self.decoder), reversed(self.up), reversed(skips)):
+        if self.organ_attention:
+            h = self.attention[-1](h, organ_probabilities)
+        for level, (stage, up, skip) in enumerate(zip(reversed(self.decoder), reversed(self.up), reversed(skips))):
             h = F.interpolate(up(h), scale_factor=2, mode="bilinear", align_corners=False).add_(skip)
             h = stage(h, dose_embedding)
+            if self.organ_attention:
+                h = self.attention[-2 - level](h, organ_probabilities)
         noise = F.pixel_shuffle(self.head(h), self.unshuffle)
         return (centre - crop_to(noise, size)).contiguous()

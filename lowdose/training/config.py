@@ -60,6 +60,9 @@ class OptimConfig:
     estimator_batch_size: int = 8
 
 
+from .anatomy_losses import AnatomyConfig  # noqa: E402  (a config section; the losses load lazily)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything that decides a training run; saved beside its checkpoints so it can be repeated."""
@@ -73,6 +76,7 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     network: NetworkConfig = dataclasses.field(default_factory=NetworkConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    anatomy: AnatomyConfig = dataclasses.field(default_factory=AnatomyConfig)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -105,11 +109,15 @@ class TrainConfig:
                                    f"(known: {', '.join(sorted(names))})")
             return values
 
+        raw = dict(raw)
+        if raw.pop("task", "denoising") != "denoising":
+            raise LowdoseError(f"{source}: not a denoising config (task); anatomy encoders train with lowdose train too")
         top = build(cls, raw, "top level")
-        config = cls(**{k: v for k, v in top.items() if k not in ("data", "network", "optim")})
+        config = cls(**{k: v for k, v in top.items() if k not in ("data", "network", "optim", "anatomy")})
         config.data = DataConfig(**build(DataConfig, top.get("data", {}), "data"))
         config.network = NetworkConfig(**build(NetworkConfig, top.get("network", {}), "network"))
         config.optim = OptimConfig(**build(OptimConfig, top.get("optim", {}), "optim"))
+        config.anatomy = AnatomyConfig(**build(AnatomyConfig, top.get("anatomy", {}), "anatomy"))
         config.validate(source)
         return config
 
@@ -125,6 +133,11 @@ class TrainConfig:
             raise LowdoseError(f"{source}: data.simulation_pool must be 0 (fresh runs) or a number of runs")
         if self.data.patch_size < 32:
             raise LowdoseError(f"{source}: data.patch_size must be at least 32")
+        a = self.anatomy
+        if min(a.mac_weight, a.adversarial_weight, a.semantic_contrastive_weight) < 0:
+            raise LowdoseError(f"{source}: anatomy loss weights must be 0 (off) or positive")
+        if a.bioatt and self.network.name != "dose_unet":
+            raise LowdoseError(f"{source}: anatomy.bioatt needs the dose_unet network (it has the attention slots)")
         if self.optim.epochs < 1 or self.optim.batch_size < 1:
             raise LowdoseError(f"{source}: optim.epochs and optim.batch_size must be positive")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -73,6 +74,16 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     channels = int(net_kwargs.get("in_channels", 1))
     conditioned = bool(net_kwargs.get("dose_conditioning", False))
 
+    anatomy = None
+    if config.anatomy.enabled:
+        from .anatomy_losses import AnatomyTerms
+
+        anatomy = AnatomyTerms(config.anatomy, normalisation, device)
+        log.info("anatomy-aware training: %s (encoder: %s)", ", ".join(config.anatomy.enabled),
+                 anatomy.encoder.name if anatomy.encoder is not None else "none")
+        if config.anatomy.bioatt:
+            net_kwargs["organ_attention"] = anatomy.num_organs
+            config.network.kwargs = dict(net_kwargs)
     network = build_network(config.network.name, **net_kwargs).to(device)
     estimator = None
     if config.network.dose_estimator:
@@ -80,6 +91,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     if config.init_bundle:
         _load_initial_weights(config, network, estimator)
     parameters = list(network.parameters()) + (list(estimator.parameters()) if estimator else [])
+    parameters += anatomy.generator_parameters() if anatomy is not None else []
     optimiser = torch.optim.AdamW(parameters, lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay)
 
     source = load_sources(config.data.train, config.data.mode, config.data.paired_dose)
@@ -113,6 +125,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         network.load_state_dict(state["network"])
         if estimator is not None and state.get("dose_estimator") is not None:
             estimator.load_state_dict(state["dose_estimator"])
+        if anatomy is not None and state.get("anatomy") is not None:
+            anatomy.load_trainable_state(state["anatomy"])
         optimiser.load_state_dict(state["optimiser"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
@@ -132,7 +146,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
 
     log.info("training %s (%d parameters, %.1f GFLOPs per 512x512 slice) on %s: %d epochs x %d steps",
              config.network.name, count_parameters(network), count_gflops(network, (1, channels, 512, 512),
-             **({"dose_fraction": torch.tensor([0.25])} if conditioned else {})), device,
+             **forward_example(net_kwargs)), device,
              config.optim.epochs, steps_per_epoch)
     started = time.time()
     # CPU and wall time carried over a resume, for the model card's budget figures.
@@ -147,7 +161,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         items = sampler.epoch(epoch)
         simulate_seconds = time.time() - t0
         order = np.random.default_rng([config.seed, epoch, 1]).permutation(len(items))
-        losses, dose_losses = [], []
+        losses, dose_losses, anatomy_losses = [], [], {}
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.optim.epochs}", disable=not progress,
                    unit="step", leave=False)
         for step in bar:
@@ -157,11 +171,16 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
             low = torch.from_numpy(np.stack([b["low"] for b in batch])).to(device)
             normal = torch.from_numpy(np.stack([b["normal"] for b in batch])).to(device)
             dose = torch.from_numpy(np.stack([b["dose"] for b in batch])).to(device)
-            prediction = network(low, dose) if conditioned else network(low)
+            organs = anatomy.organ_probabilities(low) if anatomy is not None and config.anatomy.bioatt else None
+            prediction = _forward(network, low, dose, conditioned, organs)
             loss = F.mse_loss(prediction, normal)
             if config.optim.ssim_weight > 0:
                 loss = loss + config.optim.ssim_weight * _windowed_ssim_loss(prediction, normal, normalisation)
             total = loss
+            if anatomy is not None:
+                for name, term in anatomy.generator_losses(prediction, normal, low).items():
+                    total = total + term
+                    anatomy_losses.setdefault(name, []).append(float(term.detach()))
             if estimator is not None and torch.isfinite(dose).all():
                 dose_loss = F.smooth_l1_loss(estimator(low), dose.log(), beta=0.1)
                 total = total + config.optim.dose_loss_weight * dose_loss
@@ -171,10 +190,15 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimiser.step()
             scheduler.step()
+            if anatomy is not None:
+                for name, value in anatomy.after_generator_step(prediction.detach(), normal).items():
+                    anatomy_losses.setdefault(name, []).append(value)
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.5f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        figures = evaluate(network, estimator, validation, normalisation, channels, conditioned, device)
+        organ_prior = anatomy.organ_probabilities if anatomy is not None and config.anatomy.bioatt else None
+        figures = evaluate(network, estimator, validation, normalisation, channels, conditioned, device, organ_prior)
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "dose_loss": float(np.mean(dose_losses)) if dose_losses else None,
+                  **{f"{name}_loss": float(np.mean(values)) for name, values in anatomy_losses.items()},
                   "simulate_seconds": round(simulate_seconds, 1), "epoch_seconds": round(time.time() - t0, 1), **figures,
                   "cpu_minutes": round(done_cpu + (time.process_time() - cpu_started) / 60, 2),
                   "wall_minutes": round(done_wall + (time.time() - started) / 60, 2)}
@@ -184,10 +208,14 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         best = max(best, score)
         state = {"network": network.state_dict(), "dose_estimator": estimator.state_dict() if estimator else None,
                  "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                 "best": best, "history": history, "torch_rng": torch.get_rng_state(), "config": config.to_dict()}
+                 "best": best, "history": history, "torch_rng": torch.get_rng_state(), "config": config.to_dict(),
+                 "anatomy": anatomy.trainable_state() if anatomy is not None else None}
         _atomic_save(state, checkpoint_path)
         if is_best:
-            _atomic_save({k: state[k] for k in ("network", "dose_estimator", "epoch", "config")}, out / "checkpoint_best.pt")
+            best_state = {k: state[k] for k in ("network", "dose_estimator", "epoch", "config")}
+            if anatomy is not None and config.anatomy.bioatt:  # BioAtt reads the encoder at inference: shipped with it
+                best_state["anatomy_encoder"] = anatomy.encoder_for_bundle()
+            _atomic_save(best_state, out / "checkpoint_best.pt")
         message = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if v is not None)
         elapsed = time.time() - started
         remaining = elapsed / (epoch + 1 - start_epoch) * (config.optim.epochs - epoch - 1)
@@ -195,15 +223,32 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         (out / "history.json").write_text(json.dumps(history, indent=2))
     if estimator is not None and config.optim.estimator_epochs > 0:
         history["estimator_stage"] = _train_estimator_stage(
-            config, out, network, estimator, sampler, validation, normalisation, channels, conditioned, device, progress)
+            config, out, network, estimator, sampler, validation, normalisation, channels, conditioned, device, progress,
+            anatomy.organ_probabilities if anatomy is not None and config.anatomy.bioatt else None)
         (out / "history.json").write_text(json.dumps(history, indent=2))
     if bundle_dir is not None:
         export_bundle(out / "checkpoint_best.pt", bundle_dir, history=history)
     return history
 
 
+def forward_example(network_kwargs: dict) -> dict:
+    """Example conditioning inputs for one slice (for counting FLOPs): a dose, BioAtt's organ probabilities."""
+    example = {}
+    if network_kwargs.get("dose_conditioning"):
+        example["dose_fraction"] = torch.tensor([0.25])
+    if network_kwargs.get("organ_attention"):
+        example["organ_probabilities"] = torch.full((1, int(network_kwargs["organ_attention"])), 0.5)
+    return example
+
+
+def _forward(network, low, dose, conditioned, organ_probabilities=None):
+    """The generator's output; BioAtt networks also get the slices' organ probabilities."""
+    extra = {} if organ_probabilities is None else {"organ_probabilities": organ_probabilities}
+    return network(low, dose if conditioned else None, **extra) if conditioned or extra else network(low)
+
+
 def _train_estimator_stage(config, out, network, estimator, sampler, validation, normalisation, channels,
-                           conditioned, device, progress) -> dict:
+                           conditioned, device, progress, organ_prior=None) -> dict:
     """Stage 2: the dose estimator alone on whole slices; stored in the best checkpoint (last epoch kept:
     the held-out series is not used to pick it). Returns its per-epoch record and final figures."""
     from tqdm.auto import tqdm
@@ -249,7 +294,7 @@ def _train_estimator_stage(config, out, network, estimator, sampler, validation,
         if batch:
             step(batch)
         bar.close()
-        figures = evaluate(network, estimator, validation, normalisation, channels, conditioned, device)
+        figures = evaluate(network, estimator, validation, normalisation, channels, conditioned, device, organ_prior)
         record = {"epoch": epoch + 1, "dose_loss": float(np.mean(losses)),
                   **{k: v for k, v in figures.items() if "dose" in k or "auto" in k}}
         records.append(record)
@@ -263,7 +308,7 @@ def _train_estimator_stage(config, out, network, estimator, sampler, validation,
 
 
 @torch.inference_mode()
-def evaluate(network, estimator, validation, normalisation, channels, conditioned, device) -> dict:
+def evaluate(network, estimator, validation, normalisation, channels, conditioned, device, organ_prior=None) -> dict:
     """PSNR/SSIM (abdomen window) of the network on the fixed validation slices.
 
     A dose-conditioned network is scored with the true dose (``val_psnr_abdomen``, what selects the best
@@ -276,7 +321,7 @@ def evaluate(network, estimator, validation, normalisation, channels, conditione
         estimator.eval()
 
     def denoise(low, dose, centre_hu):
-        prediction = network(low, dose) if conditioned else network(low)
+        prediction = _forward(network, low, dose, conditioned, organ_prior(low) if organ_prior else None)
         hu = output_to_hu(prediction[0, 0].float().cpu().numpy(), normalisation)
         return np.where(centre_hu > normalisation["hu_max"], centre_hu, hu)  # metal kept as it was
 
@@ -323,6 +368,7 @@ def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, history: dict 
             "seed": config.seed,
         },
         "validation": {k: v for k, v in best.items() if k.startswith("val_")},
+        "anatomy_aware_training": {"enabled": config.anatomy.enabled, **dataclasses.asdict(config.anatomy)},
     }
     stage = (history.get("estimator_stage") or {}).get("epochs")
     if stage:  # the shipped estimator is stage 2's: its figures replace stage 1's
@@ -331,10 +377,10 @@ def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, history: dict 
     folder = save_bundle(bundle_dir, name=Path(bundle_dir).name, network_name=config.network.name,
                          network_kwargs=config.network.kwargs, network_state=state["network"],
                          estimator_kwargs=config.network.dose_estimator_kwargs if state.get("dose_estimator") else None,
-                         estimator_state=state.get("dose_estimator"), metadata=metadata)
+                         estimator_state=state.get("dose_estimator"), metadata=metadata,
+                         anatomy_encoder=state.get("anatomy_encoder"))
     network = build_network(config.network.name, **config.network.kwargs)
-    conditioned = bool(config.network.kwargs.get("dose_conditioning", False))
-    gflops = count_gflops(network, **({"dose_fraction": torch.tensor([0.25])} if conditioned else {}))
+    gflops = count_gflops(network, **forward_example(config.network.kwargs))
     meta = json.loads((folder / "configs" / "metadata.json").read_text())
     # Paths in the history relative to the repository, as the model card's readers have it cloned.
     root = Path(__file__).resolve().parents[2]
@@ -368,11 +414,18 @@ def _load_initial_weights(config: TrainConfig, network, estimator) -> None:
 
     folder = find_bundle(config.init_bundle)
     meta = json.loads((folder / "configs" / "metadata.json").read_text())
-    if meta["network"]["name"] != config.network.name or meta["network"]["kwargs"] != dict(config.network.kwargs):
+    # BioAtt's attention may be added to a network trained without it (it starts as the identity).
+    def comparable(kwargs):
+        return {k: v for k, v in dict(kwargs).items() if k != "organ_attention"}
+
+    if meta["network"]["name"] != config.network.name or comparable(meta["network"]["kwargs"]) != comparable(config.network.kwargs):
         raise LowdoseError(f"{folder}: its network ({meta['network']['name']} {meta['network']['kwargs']}) is not the "
                            f"config's ({config.network.name} {config.network.kwargs}); fine-tuning needs the same")
     state = torch.load(folder / "models" / "model.pt", map_location="cpu", weights_only=True)
-    network.load_state_dict(state["network"])
+    missing, unexpected = network.load_state_dict(state["network"], strict=False)
+    if unexpected or any(not key.startswith("attention.") for key in missing):
+        raise LowdoseError(f"{folder}: its weights do not fit the config's network (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
     if estimator is not None and state.get("dose_estimator") is not None:
         estimator.load_state_dict(state["dose_estimator"])
     log.info("fine-tuning from %s", folder)

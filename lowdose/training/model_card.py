@@ -56,6 +56,19 @@ def model_card(meta: dict, history: dict, parameters: int, gflops: float) -> str
         "| figure | value |", "|---|---|",
     ]
     lines += [f"| {key} | {value:.4f} |" for key, value in validation.items() if isinstance(value, float)]
+    anatomy = meta.get("anatomy_aware_training") or {}
+    lines += ["", "## Anatomy-aware training", ""]
+    if anatomy.get("enabled"):
+        lines += [f"On: {', '.join(anatomy['enabled'])}; anatomy encoder `{anatomy.get('encoder')}`. Weights: "
+                  f"MAC {anatomy.get('mac_weight', 0):g}, adversarial {anatomy.get('adversarial_weight', 0):g}, "
+                  f"semantic contrastive {anatomy.get('semantic_contrastive_weight', 0):g}, BioAtt "
+                  f"{'on' if anatomy.get('bioatt') else 'off'}."]
+        if meta.get("anatomy_encoder"):
+            lines.append(f"The bundle ships the anatomy encoder `{meta['anatomy_encoder'].get('source')}` that gives "
+                         "BioAtt its organ probabilities at inference.")
+    else:
+        lines.append("None: pixel losses only (MSE + SSIM). See `benchmarks/results/anatomy.md` for what the "
+                     "anatomy-aware options change.")
     lines += ["", INTENDED_USE.format(hu_max=meta["normalisation"]["hu_max"]), "## Training data", ""]
     lines += [f"- {series}" for series in training.get("train_series", [])]
     lines += ["", "Held out for validation:", ""]

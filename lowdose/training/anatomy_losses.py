@@ -1,0 +1,282 @@
+"""Anatomy-aware training terms, usable with any of lowdose's generators.
+
+- ``MACLoss``: ASCON's multi-scale anatomical contrastive loss (global BYOL branch + pixel InfoNCE with
+  hard negatives), on a MAC-Net whose EMA target reads the normal-dose slice.
+- ``SemanticContrastiveLoss``: ALDEN's semantic-guided contrastive loss on a frozen anatomy encoder's
+  features: the denoised slice pulled to the normal dose, pushed from two negatives.
+- ``AnatomyAwareAdversary``: ALDEN's discriminator (anatomy cross-attention) and its LSGAN losses.
+- ``AnatomyTerms``: what the training loop holds: the switched-on terms of a config's ``anatomy`` section.
+
+All work on the denoiser's normalised images (``hu_to_input``); encoders receive HU.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LowdoseError
+
+
+class MACLoss(nn.Module):
+    """ASCON's MAC loss (Chen et al., MICCAI 2023): online MAC-Net on the denoised slice, target MAC-Net
+    (EMA of the online one) on the normal-dose slice.
+
+    - global branch: BYOL (Grill et al., NeurIPS 2020) on ``global_points`` positions of the 1/16 features:
+      online projection + predictor regresses the target projection (2 - 2 cos);
+    - pixel branch: InfoNCE on ``pixel_points`` positions of the full-resolution features: the positive is
+      the target feature at the same place, the negatives the ``negatives`` target features most similar to
+      it among its ``window`` x ``window`` neighbours (hard negatives: nearby anatomy that looks alike).
+    """
+
+    def __init__(self, global_points: int = 32, pixel_points: int = 512, negatives: int = 24, window: int = 7,
+                 temperature: float = 0.1, ema: float = 0.99):
+        super().__init__()
+        from ..networks import build_network
+
+        self.online = build_network("macnet")
+        self.target = copy.deepcopy(self.online).requires_grad_(False)
+        dim = self.online.global_head.out_channels
+        self.predictor = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, dim))
+        self.global_points, self.pixel_points = global_points, pixel_points
+        self.negatives, self.window, self.temperature, self.ema = negatives, window, temperature, ema
+        half = window // 2
+        offsets = [(dy, dx) for dy in range(-half, half + 1) for dx in range(-half, half + 1) if (dy, dx) != (0, 0)]
+        self.register_buffer("offsets", torch.tensor(offsets), persistent=False)
+        if negatives > len(offsets):
+            raise LowdoseError(f"MAC: {negatives} negatives asked, a {window}x{window} window has {len(offsets)}")
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """EMA step of the target network (after each optimiser step)."""
+        for t, o in zip(self.target.parameters(), self.online.parameters()):
+            t.mul_(self.ema).add_(o.detach(), alpha=1 - self.ema)
+        for t, o in zip(self.target.buffers(), self.online.buffers()):
+            t.copy_(o)
+
+    @staticmethod
+    def _sample(features: torch.Tensor, count: int, generator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, _, h, w = features.shape
+        index_b = torch.randint(0, b, (count,), device=features.device, generator=generator)
+        index_y = torch.randint(0, h, (count,), device=features.device, generator=generator)
+        index_x = torch.randint(0, w, (count,), device=features.device, generator=generator)
+        return index_b, index_y, index_x
+
+    def forward(self, denoised: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
+        pixel_online, global_online = self.online(denoised)
+        with torch.no_grad():
+            self.target.eval()
+            pixel_target, global_target = self.target(normal)
+        # Global branch (BYOL).
+        b, y, x = self._sample(global_online, self.global_points)
+        q = F.normalize(self.predictor(global_online[b, :, y, x]), dim=1)
+        z = F.normalize(global_target[b, :, y, x], dim=1)
+        global_loss = (2 - 2 * (q * z).sum(dim=1)).mean()
+        # Pixel branch (InfoNCE with hard negatives from the normal-dose neighbourhood).
+        b, y, x = self._sample(pixel_online, self.pixel_points)
+        h, w = pixel_target.shape[-2:]
+        anchor = F.normalize(pixel_online[b, :, y, x], dim=1)                        # [N, C]
+        target = F.normalize(pixel_target, dim=1)
+        positive = target[b, :, y, x]                                                 # [N, C]
+        ny = (y[:, None] + self.offsets[None, :, 0]).clamp(0, h - 1)
+        nx = (x[:, None] + self.offsets[None, :, 1]).clamp(0, w - 1)
+        neighbours = target[b[:, None], :, ny, nx]                                   # [N, K, C]
+        similarity = (neighbours * positive[:, None]).sum(-1)                         # to the positive
+        hard = similarity.topk(self.negatives, dim=1).indices
+        negatives = torch.gather(neighbours, 1, hard[..., None].expand(-1, -1, neighbours.shape[-1]))
+        logits = torch.cat([(anchor * positive).sum(-1, keepdim=True),
+                            torch.einsum("nc,nkc->nk", anchor, negatives)], dim=1) / self.temperature
+        pixel_loss = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+        return global_loss + pixel_loss
+
+
+def _blur(x: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
+    radius = int(3 * sigma)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-t**2 / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    return F.conv2d(x, kernel.view(1, 1, -1, 1))
+
+
+class SemanticContrastiveLoss(nn.Module):
+    """ALDEN's semantic-guided contrastive loss on the anatomy encoder's features, level by level:
+    ``d(denoised, normal) / (d(denoised, low) + d(denoised, smoothed normal))`` with ``d`` the mean L1
+    distance of features. The positive pair keeps tissue patterns; the "dual negatives" are our reading of
+    the paper (its exact pairing is not public): the low-dose slice (noise, streaks) and an over-smoothed
+    normal-dose slice (lost texture), so the loss pushes away from both ways of failing."""
+
+    def __init__(self, encoder, smoothing_sigma: float = 1.5):
+        super().__init__()
+        self.encoder, self.smoothing_sigma = encoder, smoothing_sigma
+
+    def forward(self, denoised_hu: torch.Tensor, normal_hu: torch.Tensor, low_hu: torch.Tensor,
+                normal_features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            normal_features = normal_features or self.encoder.features(normal_hu)
+            low_features = self.encoder.features(low_hu)
+            smooth_features = self.encoder.features(_blur(normal_hu, self.smoothing_sigma))
+        denoised_features = self.encoder.features(denoised_hu)
+        terms = []
+        for d, n, lo, s in zip(denoised_features, normal_features, low_features, smooth_features):
+            positive = (d - n).abs().mean()
+            negative = (d - lo.detach()).abs().mean() + (d - s.detach()).abs().mean()
+            terms.append(positive / (negative + 1e-6))
+        return torch.stack(terms).mean()
+
+
+class AnatomyAwareAdversary(nn.Module):
+    """ALDEN's discriminator with least-squares GAN losses (Mao et al., ICCV 2017); the anatomy features of
+    the normal-dose reference condition both the real and the fake decision."""
+
+    def __init__(self, encoder, channels: list[int]):
+        super().__init__()
+        from ..networks import build_network
+
+        self.encoder = encoder
+        self.discriminator = build_network("alden_discriminator", anatomy_channels=channels)
+
+    def generator_loss(self, denoised: torch.Tensor, normal_features: list[torch.Tensor]) -> torch.Tensor:
+        self.discriminator.requires_grad_(False)
+        try:
+            return ((self.discriminator(denoised, normal_features) - 1) ** 2).mean()
+        finally:
+            self.discriminator.requires_grad_(True)
+
+    def discriminator_loss(self, denoised: torch.Tensor, normal: torch.Tensor,
+                           normal_features: list[torch.Tensor]) -> torch.Tensor:
+        real = self.discriminator(normal, normal_features)
+        fake = self.discriminator(denoised.detach(), normal_features)
+        return 0.5 * (((real - 1) ** 2).mean() + (fake**2).mean())
+
+
+@dataclasses.dataclass
+class AnatomyConfig:
+    """The ``anatomy`` section of a training config: which anatomy-aware terms are on, and their weights.
+
+    A weight of 0 switches its term off; ``bioatt: true`` adds BioAtt attention to the generator (the
+    network's ``organ_attention``), which then reads organ probabilities from the anatomy encoder.
+    """
+
+    encoder: str = "anatomy_encoder"  # lowdose bundle | totalsegmentator[:fast|:full] | timm:<name>:<checkpoint>
+    mac_weight: float = 0.0  # ASCON MAC loss
+    adversarial_weight: float = 0.0  # ALDEN anatomy-aware discriminator
+    semantic_contrastive_weight: float = 0.0  # ALDEN semantic-guided contrastive loss
+    bioatt: bool = False  # BioAtt anatomy-steered attention
+    discriminator_learning_rate: float = 2e-4
+
+    @property
+    def enabled(self) -> list[str]:
+        names = []
+        if self.mac_weight > 0:
+            names.append("ASCON MAC loss")
+        if self.adversarial_weight > 0:
+            names.append("ALDEN anatomy-aware discriminator")
+        if self.semantic_contrastive_weight > 0:
+            names.append("ALDEN semantic contrastive loss")
+        if self.bioatt:
+            names.append("BioAtt organ-prior attention")
+        return names
+
+    @property
+    def needs_encoder(self) -> bool:
+        return self.adversarial_weight > 0 or self.semantic_contrastive_weight > 0 or self.bioatt
+
+
+class AnatomyTerms(nn.Module):
+    """The anatomy-aware terms of one training run: the frozen encoder, MAC-Net, the discriminator."""
+
+    def __init__(self, config: AnatomyConfig, normalisation: dict, device):
+        super().__init__()
+        from ..anatomy import load_anatomy_encoder
+
+        self.config, self.scale = config, float(normalisation["scale_hu"])
+        self.encoder = load_anatomy_encoder(config.encoder, device) if config.needs_encoder else None
+        if config.bioatt:  # fail now, not after the first epoch, when the encoder gives no organ presence
+            with torch.no_grad():
+                self.num_organs = self.encoder.organ_presence(torch.zeros(1, 1, 64, 64, device=device)).shape[1]
+        self.mac = MACLoss().to(device) if config.mac_weight > 0 else None
+        self.semantic = SemanticContrastiveLoss(self.encoder) if config.semantic_contrastive_weight > 0 else None
+        self.adversary = None
+        self.discriminator_optimiser = None
+        if config.adversarial_weight > 0:
+            with torch.no_grad():
+                channels = [f.shape[1] for f in self.encoder.features(torch.zeros(1, 1, 64, 64, device=device))]
+            self.adversary = AnatomyAwareAdversary(self.encoder, channels).to(device)
+            self.discriminator_optimiser = torch.optim.AdamW(self.adversary.discriminator.parameters(),
+                                                             lr=config.discriminator_learning_rate, betas=(0.5, 0.999))
+
+    def trainable_state(self) -> dict:
+        """What a checkpoint keeps to resume: MAC-Net (online, target, predictor), the discriminator and its optimiser."""
+        state = {}
+        if self.mac is not None:
+            state["mac"] = self.mac.state_dict()
+        if self.adversary is not None:
+            state["discriminator"] = self.adversary.discriminator.state_dict()
+            state["discriminator_optimiser"] = self.discriminator_optimiser.state_dict()
+        return state
+
+    def load_trainable_state(self, state: dict) -> None:
+        if self.mac is not None and "mac" in state:
+            self.mac.load_state_dict(state["mac"])
+        if self.adversary is not None and "discriminator" in state:
+            self.adversary.discriminator.load_state_dict(state["discriminator"])
+            self.discriminator_optimiser.load_state_dict(state["discriminator_optimiser"])
+
+    def encoder_for_bundle(self) -> dict:
+        """The anatomy encoder as a BioAtt bundle ships it (its organ presence is needed at inference)."""
+        from ..anatomy.encoders import LowdoseAnatomyEncoder
+
+        if not isinstance(self.encoder, LowdoseAnatomyEncoder):
+            raise LowdoseError("BioAtt bundles ship lowdose's anatomy encoder; set anatomy.encoder to one")
+        return {"kwargs": self.encoder.kwargs, "normalisation": dict(self.encoder.normalisation),
+                "source": self.encoder.folder.name, "state": self.encoder.network.state_dict()}
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained with the generator (MAC-Net's online network and predictor)."""
+        return [] if self.mac is None else list(self.mac.online.parameters()) + list(self.mac.predictor.parameters())
+
+    def hu(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+    @torch.no_grad()
+    def organ_probabilities(self, low: torch.Tensor) -> torch.Tensor:
+        """BioAtt's prior: organ-presence probabilities of the low-dose centre slices (as at inference)."""
+        centre = low[:, low.shape[1] // 2:low.shape[1] // 2 + 1]
+        return self.encoder.organ_presence(self.hu(centre))
+
+    def generator_losses(self, prediction: torch.Tensor, normal: torch.Tensor, low: torch.Tensor) -> dict:
+        """Weighted terms to add to the pixel loss, by name (each already multiplied by its weight)."""
+        terms = {}
+        normal_features = None
+        if self.semantic is not None or self.adversary is not None:
+            with torch.no_grad():
+                normal_features = self.encoder.features(self.hu(normal))
+        if self.mac is not None:
+            terms["mac"] = self.config.mac_weight * self.mac(prediction, normal)
+        if self.semantic is not None:
+            centre = low[:, low.shape[1] // 2:low.shape[1] // 2 + 1]
+            terms["semantic_contrastive"] = self.config.semantic_contrastive_weight * self.semantic(
+                self.hu(prediction), self.hu(normal), self.hu(centre), normal_features)
+        if self.adversary is not None:
+            terms["adversarial"] = self.config.adversarial_weight * self.adversary.generator_loss(prediction, normal_features)
+        self._normal_features = normal_features
+        return terms
+
+    def after_generator_step(self, prediction: torch.Tensor, normal: torch.Tensor) -> dict:
+        """EMA update of MAC-Net's target; one discriminator step. Returns the discriminator loss."""
+        figures = {}
+        if self.mac is not None:
+            self.mac.update_target()
+        if self.adversary is not None:
+            loss = self.adversary.discriminator_loss(prediction, normal, self._normal_features)
+            self.discriminator_optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            self.discriminator_optimiser.step()
+            figures["discriminator"] = float(loss.detach())
+        return figures
