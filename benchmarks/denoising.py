@@ -34,6 +34,8 @@ from lowdose.volume import CTVolume  # noqa: E402
 
 DOSES = {"1/2": 0.5, "1/4": 0.25, "1/10": 0.1, "1/20": 0.05, "1/3 (unseen)": 1 / 3, "1/8 (unseen)": 0.125}
 RESULTS = REPO / "benchmarks" / "results"
+# The default network trained with no more CPU time than the baselines (benchmarks/configs/dose_unet_budget40.yaml).
+EQUAL_BUDGET_MODEL = "dose_unet_budget40"
 
 
 def gaussian(hu: np.ndarray) -> np.ndarray:
@@ -123,7 +125,12 @@ def main() -> None:
                         help=f"models timed on whole volumes (default {DEFAULT_MODEL}; RED-CNN needs ~15 min per 100 slices)")
     parser.add_argument("--extra-model", nargs="*", default=[],
                         help="bundle folders scored besides the shipped models (e.g. an equal-budget run)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="score only these methods (e.g. a new model) and merge them into the existing results, "
+                             "whose other rows are kept; no volume runs, the PNG is kept")
     args = parser.parse_args()
+    if args.only is not None:
+        args.skip_volume = True
 
 
     from lowdose.networks import count_gflops
@@ -142,11 +149,14 @@ def main() -> None:
         model = denoiser.model
         gflops = count_gflops(model.network, (1, model.in_channels, 512, 512),
                               **forward_example(model.metadata["network"]["kwargs"]))
+        name = denoiser.name  # a bundle folder given by path is shown by its name
         methods[name] = (model_method(denoiser, estimates=estimates), gflops)
         if model.dose_conditioning:
             methods[f"{name} (true dose given)"] = ("true dose", gflops, denoiser)
-        if model.dose_estimator is not None:
+        if model.dose_estimator is not None and (args.only is None or name in args.only):
             estimators[name] = denoiser
+    if args.only is not None:
+        methods = {k: v for k, v in methods.items() if k in args.only or k.split(" (true dose")[0] in args.only}
 
     rows, dose_rows, examples = [], [], {}
     for dose_name, dose in DOSES.items():
@@ -173,6 +183,15 @@ def main() -> None:
                 examples[method_name] = out[len(centre) // 2]
     examples["normal dose"] = normal.hu[centre[len(centre) // 2]]
 
+    if args.only is not None:  # merge into the results of the last full run
+        previous = json.loads((RESULTS / "denoising.json").read_text())
+        rows = [r for r in previous["rows"] if (r["dose"], r["method"]) not in {(n["dose"], n["method"]) for n in rows}] + rows
+        dose_rows = [r for r in previous["dose_estimation"]
+                     if (r["model"], r["dose"]) not in {(n["model"], n["dose"]) for n in dose_rows}] + dose_rows
+        order = list(DOSES)
+        rows.sort(key=lambda r: order.index(r["dose"]))
+        write_results(rows, dose_rows, previous["volumes"], None, args, normal.spacing_mm)
+        return
     write_results(rows, dose_rows, [], examples, args, normal.spacing_mm)  # kept if the volume runs fail
     if not args.skip_volume:
         volume_rows = volume_runs([m for m in args.volume_models if m in available_models()])
@@ -215,10 +234,15 @@ def targets(rows, dose_rows, volume_rows) -> list[str]:
                 gain = ours - bm3d
                 out.append(f"- {DEFAULT_MODEL} vs {variant} at {dose}: {gain:+.2f} dB PSNR abdomen "
                            f"(target >= +{margin:.1f}): {'met' if gain >= margin else 'NOT met'}")
+        budget = psnr_of(dose, EQUAL_BUDGET_MODEL)
         for other in ("redcnn", "esaunet"):
             theirs = psnr_of(dose, other)
             if ours is not None and theirs is not None:
                 out.append(f"- {DEFAULT_MODEL} vs {other} at {dose}: {ours - theirs:+.2f} dB")
+            if budget is not None and theirs is not None:
+                out.append(f"- same budget: {EQUAL_BUDGET_MODEL} (the default network trained with 26 CPU-minutes) vs "
+                           f"{other} (40-46 CPU-minutes) at {dose}: {budget - theirs:+.2f} dB "
+                           f"(target >= 0): {'met' if budget >= theirs else 'NOT met'}")
     for r in volume_rows:
         if r["slices"] == 100:
             out.append(f"- {r['model']}, 512x512x100 in {r['seconds']:.1f} s (target <= 30 s): "
@@ -240,7 +264,8 @@ def write_results(rows, dose_rows, volume_rows, examples, args, spacing_mm) -> N
                                                         "volumes": volume_rows}, indent=2))
     lines = ["# Denoising benchmark", "",
              f"Command: `.venv/bin/python benchmarks/denoising.py --slices {args.slices}{' --no-bm3d' if args.no_bm3d else ''}"
-             f"{' --extra-model ' + ' '.join(args.extra_model) if args.extra_model else ''}` "
+             f"{' --extra-model ' + ' '.join(args.extra_model) if args.extra_model else ''}`"
+             f"{' (rows of ' + ', '.join(args.only) + ' added by this command to the last full run)' if args.only else ''} "
              f"on {platform.machine()} with {__import__('os').cpu_count()} cores, CPU only, "
              f"{time.strftime('%Y-%m-%d')}.", "",
              f"Held-out data: the bundled sample (abdomen, 512x512, never trained on), {args.slices} slices; "
@@ -268,6 +293,9 @@ def write_results(rows, dose_rows, volume_rows, examples, args, spacing_mm) -> N
     lines += ["", "## Against the targets", ""] + targets(rows, dose_rows, volume_rows)
     (RESULTS / "denoising.md").write_text("\n".join(lines) + "\n")
 
+    if examples is None:
+        print(f"wrote {RESULTS / 'denoising.md'} (merged; {RESULTS / 'denoising.png'} kept)")
+        return
     shown = {name: image for name, image in examples.items() if name not in ("Gaussian (sigma 1 px)",)}
     side_by_side_png(RESULTS / "denoising.png", shown, window="abdomen",
                      title="1/4 dose (simulated), held-out slice of the bundled sample",

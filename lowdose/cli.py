@@ -172,7 +172,14 @@ def cmd_models(args) -> None:
         conditioned = meta["network"]["kwargs"].get("dose_conditioning", False)
         dose = ("conditioned, estimated" if meta.get("dose_estimator") else "conditioned") if conditioned else "one model, any dose"
         marker = " (default)" if name == DEFAULT_MODEL else ""
-        print(f"{name + marker:<22} {meta['network']['name']:<10} {dose:<22} {figure}")
+        anatomy = ", ".join((meta.get("anatomy_aware_training") or {}).get("enabled", []))
+        print(f"{name + marker:<22} {meta['network']['name']:<10} {dose:<22} {figure}"
+              + (f"  [anatomy-aware: {anatomy}]" if anatomy else ""))
+    for name in available_models("anatomy_encoder"):
+        meta = json.loads((find_bundle(name) / "configs" / "metadata.json").read_text())
+        dice = meta.get("validation", {}).get("val_mean_dice")
+        print(f"{name:<22} anatomy encoder (for anatomy-aware training), {len(meta.get('groups', {}))} groups"
+              + (f", validation mean Dice {dice:.2f}" if dice is not None else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
