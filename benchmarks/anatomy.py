@@ -147,6 +147,33 @@ def main() -> None:
     write_results(rows, budgets, instrument, args, normal, examples)
 
 
+# (figure, label, higher is better, smallest change that counts)
+FIGURES = (("psnr_abdomen", "PSNR", True, 0.05), ("edge_sharpness", "edges", True, 0.005),
+           ("nps_mean_frequency_ratio", "NPS f", True, 0.005), ("mean_group_dice", "group Dice", True, 0.002),
+           ("mean_abs_hu_error", "|HU error|", False, 0.1))
+
+
+def changes(rows) -> list[str]:
+    """One line per variant and dose: each figure's change from the control, and whether it helped."""
+    control = VARIANTS["mse"]
+    lines = []
+    for dose in DOSES:
+        base = next((r for r in rows if r["dose"] == dose and r["method"] == control), None)
+        if base is None:
+            continue
+        for r in rows:
+            if r["dose"] != dose or r["method"] in (control, "low-dose input", "dose_unet (shipped)"):
+                continue
+            parts = []
+            for key, label, higher, least in FIGURES:
+                delta = r[key] - base[key]
+                better = delta > least if higher else delta < -least
+                worse = delta < -least if higher else delta > least
+                parts.append(f"{label} {delta:+.3f} ({'better' if better else 'worse' if worse else 'same'})")
+            lines.append(f"- {dose}, {r['method']}: " + "; ".join(parts))
+    return lines
+
+
 def write_results(rows, budgets, instrument, args, normal, examples) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "anatomy.json").write_text(json.dumps({"rows": rows, "budgets": budgets,
@@ -178,6 +205,7 @@ def write_results(rows, budgets, instrument, args, normal, examples) -> None:
     for r in rows:
         if r["dose"] == "1/10":
             lines.append(f"| {r['method']} | " + " | ".join(f"{r['group_dice'].get(g, float('nan')):.3f}" for g in groups) + " |")
+    lines += ["", "## What each method changed (against the control, same budget)", ""] + changes(rows)
     lines += ["", "## Training budgets", "", "| variant | epochs | CPU-minutes | wall minutes |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['epochs']} | {v['cpu_minutes']} | {v['wall_minutes']} |" for k, v in budgets.items()]
     lines += ["", "## The instrument", "",

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from lowdose import simulate_low_dose
 from lowdose.metrics import WINDOWS, apply_window, compare, noise_std, psnr, rmse_hu, soft_tissue_mask, ssim
 
 
@@ -74,3 +75,28 @@ def test_compare_returns_every_figure(sample_volume, slices):
     assert figures["psnr_abdomen"] < figures["psnr_chest"]  # the narrower window shows noise more
     with pytest.raises(ValueError, match="differ in shape"):
         compare(reference, noisy[:2])
+
+
+def test_over_smoothing_measures_see_blur_and_not_noise(sample_volume):
+    """Edge sharpness and NPS mean frequency: 1 for the image itself, well below 1 when it is blurred, and
+    not lowered by added noise (noise is not smoothing)."""
+    from scipy.ndimage import gaussian_filter
+
+    from lowdose.fidelity.labels import load_label_map
+    from lowdose.metrics import edge_sharpness_ratio, nps_mean_frequency
+
+    from .conftest import SAMPLE_SEG
+
+    normal = sample_volume.slices(8, 12)
+    low = simulate_low_dose(normal, 0.25, seed=1).hu
+    blurred = gaussian_filter(normal.hu, (0, 1.5, 1.5))
+    assert edge_sharpness_ratio(normal.hu, normal.hu) == pytest.approx(1.0)
+    assert edge_sharpness_ratio(normal.hu, blurred) < 0.7 < 0.95 < edge_sharpness_ratio(normal.hu, low)
+    labels, _ = load_label_map(SAMPLE_SEG, sample_volume)
+    liver = labels[8:12] == 5  # TotalSegmentator `total`: 5 = liver
+    f_normal = nps_mean_frequency(normal.hu, liver, normal.spacing_mm[0])
+    assert 0.1 < f_normal < 0.5  # cycles/mm, below the 0.51 Nyquist limit of 0.98 mm pixels
+    assert nps_mean_frequency(blurred, liver, normal.spacing_mm[0]) < 0.6 * f_normal
+    assert nps_mean_frequency(low, liver, normal.spacing_mm[0]) > 0.95 * f_normal
+    with pytest.raises(ValueError, match="no 24x24 region"):
+        nps_mean_frequency(normal.hu, np.zeros_like(liver), 1.0)

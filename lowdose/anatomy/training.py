@@ -287,8 +287,10 @@ def export_anatomy_bundle(folder: str | Path, config: AnatomyEncoderConfig, netw
              f"| **mean** | {last.get('val_mean_dice', float('nan')):.3f} |", "",
              "## Limits", "",
              "Learnt from very few label maps (listed above): it knows the coarse groups of an adult abdomen and "
-             "lower chest, not head, neck or pelvis; where the validation series is the same patient as the "
-             "training series (see above), its Dice is optimistic.", "",
+             "lower chest, not head, neck or pelvis. "
+             + ("The validation series is also a training series: its Dice is in-sample, an upper bound."
+                if set(config.validation_images) & set(config.images) else
+                "Where the validation series is the same patient as a training series, its Dice is optimistic."), "",
              "## How it was trained", "", "```", *history.get("commands", []), "```", "",
              f"{len(history['epochs'])} epochs, {last.get('wall_minutes', 0):.0f} min wall, "
              f"{last.get('cpu_minutes', 0):.0f} CPU-minutes ({history.get('threads')} threads)."]
