@@ -240,7 +240,7 @@ def targets(rows, dose_rows, volume_rows) -> list[str]:
             if ours is not None and theirs is not None:
                 out.append(f"- {DEFAULT_MODEL} vs {other} at {dose}: {ours - theirs:+.2f} dB")
             if budget is not None and theirs is not None:
-                out.append(f"- same budget: {EQUAL_BUDGET_MODEL} (the default network trained with 26 CPU-minutes) vs "
+                out.append(f"- same budget: {EQUAL_BUDGET_MODEL} (the default network trained with 28 CPU-minutes) vs "
                            f"{other} (40-46 CPU-minutes) at {dose}: {budget - theirs:+.2f} dB "
                            f"(target >= 0): {'met' if budget >= theirs else 'NOT met'}")
     for r in volume_rows:
@@ -264,8 +264,10 @@ def write_results(rows, dose_rows, volume_rows, examples, args, spacing_mm) -> N
                                                         "volumes": volume_rows}, indent=2))
     lines = ["# Denoising benchmark", "",
              f"Command: `.venv/bin/python benchmarks/denoising.py --slices {args.slices}{' --no-bm3d' if args.no_bm3d else ''}"
-             f"{' --extra-model ' + ' '.join(args.extra_model) if args.extra_model else ''}`"
-             f"{' (rows of ' + ', '.join(args.only) + ' added by this command to the last full run)' if args.only else ''} "
+             f"{' --extra-model ' + ' '.join(args.extra_model) if args.extra_model else ''}"
+             f"{' --only ' + ' '.join(args.only) if args.only else ''}`"
+             f"{' (rows of ' + ', '.join(args.only) + ' added by this command to the last full run; timings of rows '
+                'added while other jobs ran are not comparable)' if args.only else ''} "
              f"on {platform.machine()} with {__import__('os').cpu_count()} cores, CPU only, "
              f"{time.strftime('%Y-%m-%d')}.", "",
              f"Held-out data: the bundled sample (abdomen, 512x512, never trained on), {args.slices} slices; "
