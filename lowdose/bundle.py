@@ -66,10 +66,7 @@ class DenoisingModel:
         """BioAtt's prior for centre slices ``[B, 1, H, W]`` in HU (None for models without BioAtt)."""
         if self.anatomy_encoder is None:
             return None
-        import torch
-
-        x = hu_to_input(hu, self.anatomy_normalisation)
-        return torch.sigmoid(self.anatomy_encoder.presence_logits(self.anatomy_encoder.features(x)))
+        return self.anatomy_encoder.organ_presence(hu_to_input(hu, self.anatomy_normalisation))
 
 
 def save_bundle(folder: str | Path, *, name: str, network_name: str, network_kwargs: dict,

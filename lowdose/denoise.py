@@ -89,8 +89,10 @@ class Denoiser:
         for start in tqdm(batches, desc=f"denoising ({self.name})", unit="batch", disable=not progress):
             indices = range(start, min(start + self.batch_size, hu.shape[0]))
             x = self._input(hu, indices)
-            organs = self.model.organ_probabilities(torch.from_numpy(hu[indices.start:indices.stop, None]).to(self.device))
-            extra = {} if organs is None else {"organ_probabilities": organs}
+            extra = {}
+            if self.model.anatomy_encoder is not None:  # BioAtt: the organs of the slices steer the attention
+                centre = torch.from_numpy(hu[indices.start:indices.stop, None]).to(self.device)
+                extra["organ_probabilities"] = self.model.organ_probabilities(centre)
             y = network(x, dose_tensor, **extra) if dose_tensor is not None or extra else network(x)
             out[start:start + len(indices)] = output_to_hu(y[:, 0].float().cpu().numpy(), self.model.normalisation)
         # Keep what the network never saw: padding outside the field of view and HU beyond its range.

@@ -85,14 +85,15 @@ class LowdoseAnatomyEncoder(AnatomyEncoder):
         return dict(self.metadata["network"]["kwargs"])
 
     def _input(self, hu: torch.Tensor) -> torch.Tensor:
-        n = self.normalisation
-        return hu.clamp(n["hu_min"], n["hu_max"]) / n["scale_hu"]
+        from ..bundle import hu_to_input
+
+        return hu_to_input(hu, self.normalisation)
 
     def features(self, hu: torch.Tensor) -> list[torch.Tensor]:
         return self.network.features(self._input(hu))
 
     def organ_presence(self, hu: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.network.presence_logits(self.features(hu)))
+        return self.network.organ_presence(self._input(hu))
 
     def segment(self, hu: torch.Tensor) -> torch.Tensor:
         """Group labels ``[B, H, W]`` (0 background, 1..11 as ``ANATOMY_GROUPS``)."""

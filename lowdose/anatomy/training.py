@@ -87,8 +87,8 @@ def _resampled(volume, labels: np.ndarray, spacing_mm: float):
     return zoom(hu, factors, order=1).astype(np.float32), zoom(labels, factors, order=0)
 
 
-def load_labelled(images: list[str], labels: list[str], spacing_mm: float) -> list[tuple[np.ndarray, np.ndarray, float]]:
-    """(HU [z, y, x], group labels, in-plane spacing) for each image and its TotalSegmentator label map."""
+def load_labelled(images: list[str], labels: list[str], spacing_mm: float) -> list[tuple]:
+    """(HU [z, y, x], group labels, in-plane spacing, the CTVolume read) for each image and its label map."""
     from ..fidelity.labels import load_label_map
     from ..fidelity.segmenter import total_class_names
     from ..io import load_ct
@@ -130,6 +130,7 @@ def train_anatomy_encoder(config: AnatomyEncoderConfig, bundle_dir: str | Path |
     import torch
     import torch.nn.functional as F
     from monai.losses import DiceCELoss
+    from scipy.ndimage import gaussian_filter
     from tqdm.auto import tqdm
 
     from ..bundle import DEFAULT_NORMALISATION, hu_to_input
@@ -190,8 +191,6 @@ def train_anatomy_encoder(config: AnatomyEncoderConfig, bundle_dir: str | Path |
                 if rng.random() < 0.25:
                     image, label = image[::-1], label[::-1]
                 if rng.random() < 0.3:  # the smoothness of a denoised slice
-                    from scipy.ndimage import gaussian_filter
-
                     image = gaussian_filter(image, rng.uniform(0.5, 1.5))
                 images.append(np.ascontiguousarray(image))
                 labels.append(np.ascontiguousarray(label))

@@ -76,6 +76,10 @@ class AnatomyUNet(nn.Module):
         bottom = levels[-1]
         return self.presence_head(torch.cat([bottom.mean(dim=(2, 3)), bottom.amax(dim=(2, 3))], dim=1))
 
+    def organ_presence(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-slice probabilities [B, num_groups] that each group is in the slice (BioAtt's prior)."""
+        return torch.sigmoid(self.presence_logits(self.features(x)))
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(segmentation logits [B, num_groups + 1, H, W], organ-presence logits [B, num_groups])."""
         levels = self.features(x)

@@ -59,11 +59,11 @@ class MACLoss(nn.Module):
             t.copy_(o)
 
     @staticmethod
-    def _sample(features: torch.Tensor, count: int, generator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _sample(features: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, _, h, w = features.shape
-        index_b = torch.randint(0, b, (count,), device=features.device, generator=generator)
-        index_y = torch.randint(0, h, (count,), device=features.device, generator=generator)
-        index_x = torch.randint(0, w, (count,), device=features.device, generator=generator)
+        index_b = torch.randint(0, b, (count,), device=features.device)
+        index_y = torch.randint(0, h, (count,), device=features.device)
+        index_x = torch.randint(0, w, (count,), device=features.device)
         return index_b, index_y, index_x
 
     def forward(self, denoised: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
@@ -195,7 +195,7 @@ class AnatomyTerms(nn.Module):
         super().__init__()
         from ..anatomy import load_anatomy_encoder
 
-        self.config, self.scale = config, float(normalisation["scale_hu"])
+        self.config, self.normalisation = config, normalisation
         self.encoder = load_anatomy_encoder(config.encoder, device) if config.needs_encoder else None
         if config.bioatt:  # fail now, not after the first epoch, when the encoder gives no organ presence
             with torch.no_grad():
@@ -242,7 +242,9 @@ class AnatomyTerms(nn.Module):
         return [] if self.mac is None else list(self.mac.online.parameters()) + list(self.mac.predictor.parameters())
 
     def hu(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale
+        from ..bundle import output_to_hu
+
+        return output_to_hu(x, self.normalisation)
 
     @torch.no_grad()
     def organ_probabilities(self, low: torch.Tensor) -> torch.Tensor:

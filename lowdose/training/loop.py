@@ -74,7 +74,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     channels = int(net_kwargs.get("in_channels", 1))
     conditioned = bool(net_kwargs.get("dose_conditioning", False))
 
-    anatomy = None
+    anatomy, organ_prior = None, None  # organ_prior: BioAtt's organ probabilities of low-dose slices
     if config.anatomy.enabled:
         from .anatomy_losses import AnatomyTerms
 
@@ -82,6 +82,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         log.info("anatomy-aware training: %s (encoder: %s)", ", ".join(config.anatomy.enabled),
                  anatomy.encoder.name if anatomy.encoder is not None else "none")
         if config.anatomy.bioatt:
+            organ_prior = anatomy.organ_probabilities
             net_kwargs["organ_attention"] = anatomy.num_organs
             config.network.kwargs = dict(net_kwargs)
     network = build_network(config.network.name, **net_kwargs).to(device)
@@ -171,8 +172,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
             low = torch.from_numpy(np.stack([b["low"] for b in batch])).to(device)
             normal = torch.from_numpy(np.stack([b["normal"] for b in batch])).to(device)
             dose = torch.from_numpy(np.stack([b["dose"] for b in batch])).to(device)
-            organs = anatomy.organ_probabilities(low) if anatomy is not None and config.anatomy.bioatt else None
-            prediction = _forward(network, low, dose, conditioned, organs)
+            prediction = _forward(network, low, dose, conditioned, organ_prior(low) if organ_prior else None)
             loss = F.mse_loss(prediction, normal)
             if config.optim.ssim_weight > 0:
                 loss = loss + config.optim.ssim_weight * _windowed_ssim_loss(prediction, normal, normalisation)
@@ -195,7 +195,6 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
                     anatomy_losses.setdefault(name, []).append(value)
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.5f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        organ_prior = anatomy.organ_probabilities if anatomy is not None and config.anatomy.bioatt else None
         figures = evaluate(network, estimator, validation, normalisation, channels, conditioned, device, organ_prior)
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "dose_loss": float(np.mean(dose_losses)) if dose_losses else None,
                   **{f"{name}_loss": float(np.mean(values)) for name, values in anatomy_losses.items()},
@@ -224,7 +223,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     if estimator is not None and config.optim.estimator_epochs > 0:
         history["estimator_stage"] = _train_estimator_stage(
             config, out, network, estimator, sampler, validation, normalisation, channels, conditioned, device, progress,
-            anatomy.organ_probabilities if anatomy is not None and config.anatomy.bioatt else None)
+            organ_prior)
         (out / "history.json").write_text(json.dumps(history, indent=2))
     if bundle_dir is not None:
         export_bundle(out / "checkpoint_best.pt", bundle_dir, history=history)
