@@ -38,13 +38,14 @@ class AnatomyAwareDiscriminator(nn.Module):
     """Patch discriminator (real: normal dose, fake: denoised) with anatomy cross-attention.
 
     Args:
-        in_channels: 1 (a slice, normalised as the denoiser's output).
+        in_channels: 2: the slice in a soft-tissue window and its high-pass, as
+            ``lowdose.training.anatomy_losses.discriminator_view`` makes them.
         features: widths of the three stride-2 levels.
         anatomy_channels: widths of the anatomy encoder's feature maps, fine to coarse; the last
             ``len(features)`` of them are fused into the discriminator's levels, fine to coarse.
     """
 
-    def __init__(self, in_channels: int = 1, features: Sequence[int] = (32, 64, 128),
+    def __init__(self, in_channels: int = 2, features: Sequence[int] = (32, 64, 128),
                  anatomy_channels: Sequence[int] = (24, 48, 96, 192), heads: int = 4):
         super().__init__()
         if len(anatomy_channels) < len(features):
