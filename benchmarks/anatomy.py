@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from lowdose import load_ct, sample_ct_path, simulate_low_dose  # noqa: E402
 from lowdose.anatomy import ANATOMY_GROUPS  # noqa: E402
+from lowdose.bundle import available_models  # noqa: E402
 from lowdose.denoise import Denoiser  # noqa: E402
 from lowdose.fidelity.compare import compare_structures, pair_name  # noqa: E402
 from lowdose.fidelity.labels import load_label_map  # noqa: E402
@@ -47,6 +48,8 @@ VARIANTS = {
     "all": "+ all",
 }
 DOSES = {"1/4": 0.25, "1/10": 0.1}
+# The shipped bundles scored beside the variants: the plain default and the anatomy-aware model, if shipped.
+SHIPPED = {"dose_unet (shipped)": "dose_unet", "dose_unet_alden (shipped)": "dose_unet_alden"}
 RUNS = REPO / "runs" / "anatomy"
 RESULTS = REPO / "benchmarks" / "results"
 SAMPLE_LABELS = REPO / "sample" / "abdomen_ct_totalseg.nii.gz"
@@ -130,7 +133,7 @@ def main() -> None:
 
     instrument = dice_per_group(seg_reference, to_groups(labels_ts, names))
 
-    methods = {"dose_unet (shipped)": "dose_unet"}
+    methods = {label: name for label, name in SHIPPED.items() if name in available_models()}
     methods.update({label: str(RUNS / f"anatomy_{v}") for v, label in VARIANTS.items() if v in args.variants})
     rows, examples, budgets = [], {}, {}
     for dose_name, dose in DOSES.items():
@@ -173,7 +176,7 @@ def changes(rows) -> list[str]:
         if base is None:
             continue
         for r in rows:
-            if r["dose"] != dose or r["method"] in (control, "low-dose input", "dose_unet (shipped)"):
+            if r["dose"] != dose or r["method"] in (control, "low-dose input", *SHIPPED):
                 continue
             parts = []
             for key, label, higher, least in FIGURES:
@@ -183,6 +186,28 @@ def changes(rows) -> list[str]:
                 parts.append(f"{label} {delta:+.3f} ({'better' if better else 'worse' if worse else 'same'})")
             lines.append(f"- {dose}, {r['method']}: " + "; ".join(parts))
     return lines
+
+
+def ship_decision(rows) -> list[str]:
+    """The issue's rule, checked: the anatomy-aware model ships if it beats the plain default on fidelity
+    (lower HU error and group Dice not lower, at both doses) without losing more than 0.3 dB PSNR."""
+    plain, aware = SHIPPED
+    lines = []
+    for dose in DOSES:
+        a = next((r for r in rows if r["dose"] == dose and r["method"] == aware), None)
+        b = next((r for r in rows if r["dose"] == dose and r["method"] == plain), None)
+        if a is None or b is None:
+            return []
+        fidelity = a["mean_abs_hu_error"] < b["mean_abs_hu_error"] and a["mean_group_dice"] >= b["mean_group_dice"]
+        psnr_kept = a["psnr_abdomen"] - b["psnr_abdomen"] >= -0.3
+        lines.append(f"- {dose}: PSNR {a['psnr_abdomen'] - b['psnr_abdomen']:+.2f} dB, "
+                     f"|HU error| {a['mean_abs_hu_error'] - b['mean_abs_hu_error']:+.2f} HU, "
+                     f"group Dice {a['mean_group_dice'] - b['mean_group_dice']:+.4f}, "
+                     f"edges {a['edge_sharpness'] - b['edge_sharpness']:+.3f}, "
+                     f"NPS f {a['nps_mean_frequency_ratio'] - b['nps_mean_frequency_ratio']:+.3f}: "
+                     f"fidelity {'better' if fidelity else 'not better'}, "
+                     f"PSNR {'within' if psnr_kept else 'NOT within'} 0.3 dB")
+    return [f"## {aware} against {plain} (the rule for shipping it)", ""] + lines + [""]
 
 
 def write_results(rows, budgets, instrument, args, normal, examples) -> None:
@@ -217,7 +242,8 @@ def write_results(rows, budgets, instrument, args, normal, examples) -> None:
         if r["dose"] == "1/10":
             lines.append(f"| {r['method']} | " + " | ".join(f"{r['group_dice'].get(g, float('nan')):.3f}" for g in groups) + " |")
     lines += ["", "## What each method changed (against the control, same budget)", ""] + changes(rows)
-    lines += ["", "## Training budgets", "", "| variant | epochs | CPU-minutes | wall minutes |", "|---|---|---|---|"]
+    lines += [""] + ship_decision(rows)
+    lines += ["## Training budgets", "", "| variant | epochs | CPU-minutes | wall minutes |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['epochs']} | {v['cpu_minutes']} | {v['wall_minutes']} |" for k, v in budgets.items()]
     lines += ["", "## The instrument", "",
               "Dice of lowdose's anatomy encoder on the normal-dose sample against TotalSegmentator's label map "

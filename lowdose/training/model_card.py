@@ -39,6 +39,8 @@ def model_card(meta: dict, history: dict, parameters: int, gflops: float) -> str
     lines = [f"# {name}", ""]
     if config.get("description"):
         lines += [config["description"], ""]
+    if config.get("init_bundle"):
+        lines += [f"Fine-tuned from the bundle `{config['init_bundle']}`; the figures below are of the fine-tuned model.", ""]
     lines += [
         "| | |", "|---|---|",
         f"| network | `{network['name']}` {network['kwargs']} |",
