@@ -114,7 +114,8 @@ def test_bundle_has_monai_layout_and_metadata(tiny_run):
     assert meta["network"]["name"] == "dose_unet" and meta["dose_estimator"]["name"] == "dose_estimator"
     assert meta["normalisation"] == {"hu_min": -1024.0, "hu_max": 3071.0, "scale_hu": 1000.0}
     assert meta["training"]["doses"] == [0.5, 0.1]
-    assert "val_psnr_abdomen" in meta["validation"]
+    shipped_epoch = meta["training"]["best_epoch"]  # the figures are those of the epoch shipped
+    assert meta["validation"]["val_psnr_abdomen"] == _history_of(bundle)["epochs"][shipped_epoch - 1]["val_psnr_abdomen"]
     assert (bundle / "models" / "model.pt").stat().st_size < 20e6
     assert json.loads((bundle / "configs" / "inference.json").read_text())["network_def"]["name"] == "dose_unet"
 
@@ -146,6 +147,10 @@ def test_inference_keeps_hu_geometry_and_padding_and_is_deterministic(tiny_run, 
         denoiser(low, dose=1.5)
 
 
+def _history_of(bundle):
+    return json.loads((bundle / "docs" / "history.json").read_text())
+
+
 def test_bad_configs_and_models_give_clear_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text("data: {mode: simulated, train: [x], colour: red}\n")
     with pytest.raises(LowdoseError, match="unknown key.*colour"):
@@ -157,6 +162,22 @@ def test_bad_configs_and_models_give_clear_errors(tmp_path):
         Denoiser("no_such_model", device="cpu")
     with pytest.raises(LowdoseError, match="no such training config"):
         TrainConfig.from_yaml(tmp_path / "missing.yaml")
+    (tmp_path / "select.yaml").write_text("data: {train: [x]}\noptim: {selection: best}\n")
+    with pytest.raises(LowdoseError, match="optim.selection must be 'val_psnr' or 'last', not 'best'"):
+        TrainConfig.from_yaml(tmp_path / "select.yaml")
+
+
+def test_selection_last_ships_the_last_epoch_with_its_own_figures(tmp_path):
+    raw = json.loads(json.dumps(TINY))
+    raw["output_dir"] = str(tmp_path / "run")
+    raw["data"]["train"] = [str(shared("totalsegmentator/pulmonary_report_ct_cropped.nii.gz"))]
+    raw["data"]["validation"] = [str(shared("totalsegmentator/example_ct_sm.nii.gz"))]
+    raw["optim"].update(epochs=2, estimator_epochs=0, selection="last")
+    history = train(TrainConfig.from_dict(raw), progress=False, bundle_dir=tmp_path / "bundle")
+    meta = json.loads((tmp_path / "bundle" / "configs" / "metadata.json").read_text())
+    assert meta["training"]["best_epoch"] == 2
+    assert meta["validation"]["val_psnr_abdomen"] == history["epochs"][1]["val_psnr_abdomen"]
+    assert "| epoch shipped | 2 of 2 (the last) |" in (tmp_path / "bundle" / "docs" / "README.md").read_text()
 
 
 def test_export_bundle_writes_a_model_card_from_the_run(tiny_run, tmp_path):

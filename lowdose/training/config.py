@@ -53,6 +53,9 @@ class OptimConfig:
     weight_decay: float = 1e-4
     ssim_weight: float = 0.1
     dose_loss_weight: float = 1.0
+    # Which epoch the bundle gets: "val_psnr" (the best on the validation series; without one, the lowest
+    # training loss) or "last" (the end of the schedule, when PSNR is not what the run optimises for).
+    selection: str = "val_psnr"
     # Second stage for the dose estimator: epochs over whole slices of the simulation pool (it reads
     # whole slices at inference, while the first stage only shows it the denoiser's patches).
     estimator_epochs: int = 0
@@ -138,6 +141,8 @@ class TrainConfig:
             raise LowdoseError(f"{source}: anatomy loss weights must be 0 (off) or positive")
         if a.bioatt and self.network.name != "dose_unet":
             raise LowdoseError(f"{source}: anatomy.bioatt needs the dose_unet network (it has the attention slots)")
+        if self.optim.selection not in ("val_psnr", "last"):
+            raise LowdoseError(f"{source}: optim.selection must be 'val_psnr' or 'last', not {self.optim.selection!r}")
         if self.optim.epochs < 1 or self.optim.batch_size < 1:
             raise LowdoseError(f"{source}: optim.epochs and optim.batch_size must be positive")
 

@@ -203,7 +203,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
                   "wall_minutes": round(done_wall + (time.time() - started) / 60, 2)}
         history["epochs"].append(record)
         score = figures.get("val_psnr_abdomen", -float(np.mean(losses)))
-        is_best = score > best
+        is_best = score > best or config.optim.selection == "last"
         best = max(best, score)
         state = {"network": network.state_dict(), "dose_estimator": estimator.state_dict() if estimator else None,
                  "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
@@ -355,7 +355,8 @@ def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, history: dict 
     config = TrainConfig.from_dict(state["config"])
     history = history or state.get("history") or {}
     epochs = history.get("epochs", [])
-    best = max(epochs, key=lambda r: r.get("val_psnr_abdomen", -1e9)) if epochs else {}
+    exported = state.get("epoch", 0) + 1
+    best = next((r for r in epochs if r.get("epoch") == exported), {})  # the figures of the epoch shipped
     metadata = {
         "training": {
             "data_mode": config.data.mode,

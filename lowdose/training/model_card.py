@@ -50,7 +50,8 @@ def model_card(meta: dict, history: dict, parameters: int, gflops: float) -> str
         f"| input | {meta['network_data_format']['inputs']['image']['channel_def']['0']}, HU clipped to "
         f"[{meta['normalisation']['hu_min']:g}, {meta['normalisation']['hu_max']:g}] / {meta['normalisation']['scale_hu']:g} |",
         f"| training doses | {', '.join(f'{d:.3g}' for d in training.get('doses', []))} (fractions of the normal dose) |",
-        f"| best epoch | {training.get('best_epoch')} of {training.get('epochs')} |",
+        f"| epoch shipped | {training.get('best_epoch')} of {training.get('epochs')} ("
+        + ("the last" if config.get("optim", {}).get("selection") == "last" else "best validation PSNR") + ") |",
         "",
         "Validation on the held-out series (abdomen window C50/W400, mean over the validation doses "
         f"{', '.join(f'{d:.3g}' for d in config.get('data', {}).get('validation_doses', []))}):",
