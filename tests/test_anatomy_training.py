@@ -218,6 +218,26 @@ def test_bioatt_bundle_denoises_with_its_shipped_encoder(anatomy_run, sample_vol
     assert 20 < np.abs(out.hu).mean() < 2000  # HU out, not normalised values
 
 
+def test_bioatt_training_patches_carry_the_organ_prior_of_their_whole_slice():
+    """At inference BioAtt reads organ presence from whole slices; training patches must carry the same."""
+    from lowdose.bundle import DEFAULT_NORMALISATION
+    from lowdose.training.data import PairSampler, load_sources
+
+    source = load_sources([str(shared("totalsegmentator/pulmonary_report_ct_cropped.nii.gz"))], "simulated")
+    sampler = PairSampler(source, [0.25], 3, DEFAULT_NORMALISATION, 48, 2, 4, 0.2, seed=1)
+    seen = []
+
+    def prior(hu):
+        seen.append(hu.shape)
+        return np.array([float(hu.mean()), len(seen)], np.float32)
+
+    items = sampler.epoch(0, slice_prior=prior)
+    assert seen and all(shape == source.normal[0].shape[1:] for shape in seen)  # whole slices, not patches
+    assert all(item["low"].shape == (3, 48, 48) for item in items)
+    assert len({tuple(item["organ_probabilities"]) for item in items}) == len(seen)  # one prior per slice
+    assert "organ_probabilities" not in sampler.epoch(0)[0]
+
+
 def test_bioatt_fine_tunes_from_a_bundle_without_attention(encoder_bundle, tmp_path):
     from lowdose.training import train
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -208,7 +209,7 @@ class AnatomyTerms(nn.Module):
         super().__init__()
         from ..anatomy import load_anatomy_encoder
 
-        self.config, self.normalisation = config, normalisation
+        self.config, self.normalisation, self.device = config, normalisation, device
         self.encoder = load_anatomy_encoder(config.encoder, device) if config.needs_encoder else None
         if config.bioatt:  # fail now, not after the first epoch, when the encoder gives no organ presence
             with torch.no_grad():
@@ -260,8 +261,14 @@ class AnatomyTerms(nn.Module):
         return output_to_hu(x, self.normalisation)
 
     @torch.no_grad()
+    def slice_organ_probabilities(self, hu: np.ndarray) -> np.ndarray:
+        """BioAtt's prior of one whole low-dose slice (HU, [H, W]): what training patches of it carry."""
+        slice_hu = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None].to(self.device)
+        return self.encoder.organ_presence(slice_hu)[0].cpu().numpy()
+
+    @torch.no_grad()
     def organ_probabilities(self, low: torch.Tensor) -> torch.Tensor:
-        """BioAtt's prior: organ-presence probabilities of the low-dose centre slices (as at inference)."""
+        """BioAtt's prior: organ-presence probabilities of whole low-dose centre slices (validation, as at inference)."""
         centre = low[:, low.shape[1] // 2:low.shape[1] // 2 + 1]
         return self.encoder.organ_presence(self.hu(centre))
 

@@ -161,8 +161,12 @@ class PairSampler:
                 self._pool_memory[key] = low_run
         return low_run
 
-    def epoch(self, epoch: int) -> list[dict]:
-        """A list of MONAI-style items {low: [C,P,P], normal: [1,P,P], dose: float} for one epoch."""
+    def epoch(self, epoch: int, slice_prior=None) -> list[dict]:
+        """A list of MONAI-style items {low: [C,P,P], normal: [1,P,P], dose: float} for one epoch.
+
+        ``slice_prior`` (BioAtt): a function of a whole low-dose slice in HU giving its organ-presence
+        probabilities; each patch then carries its slice's as ``organ_probabilities``, as at inference,
+        where the prior is read from whole slices."""
         from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd, RandRotate90d
 
         rng = np.random.default_rng([self.seed, epoch])
@@ -207,10 +211,12 @@ class PairSampler:
                     "normal": hu_to_input(normal[half:half + 1], self.normalisation),
                     "body": (normal[half:half + 1] > BODY_HU).astype(np.float32),
                 }
+                extra = {} if slice_prior is None else {
+                    "organ_probabilities": np.asarray(slice_prior(low_run[c - lo]), dtype=np.float32)}
                 for patch in crop(item):
                     items.append({"low": np.asarray(patch["low"], dtype=np.float32),
                                   "normal": np.asarray(patch["normal"], dtype=np.float32),
-                                  "dose": np.float32(dose if dose is not None else np.nan)})
+                                  "dose": np.float32(dose if dose is not None else np.nan), **extra})
         return items
 
 

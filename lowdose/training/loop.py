@@ -159,7 +159,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         if estimator is not None:
             estimator.train()
         t0 = time.time()
-        items = sampler.epoch(epoch)
+        items = sampler.epoch(epoch, slice_prior=anatomy.slice_organ_probabilities if organ_prior else None)
         simulate_seconds = time.time() - t0
         order = np.random.default_rng([config.seed, epoch, 1]).permutation(len(items))
         losses, dose_losses, anatomy_losses = [], [], {}
@@ -172,7 +172,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
             low = torch.from_numpy(np.stack([b["low"] for b in batch])).to(device)
             normal = torch.from_numpy(np.stack([b["normal"] for b in batch])).to(device)
             dose = torch.from_numpy(np.stack([b["dose"] for b in batch])).to(device)
-            prediction = _forward(network, low, dose, conditioned, organ_prior(low) if organ_prior else None)
+            prior = torch.from_numpy(np.stack([b["organ_probabilities"] for b in batch])).to(device) if organ_prior else None
+            prediction = _forward(network, low, dose, conditioned, prior)
             loss = F.mse_loss(prediction, normal)
             if config.optim.ssim_weight > 0:
                 loss = loss + config.optim.ssim_weight * _windowed_ssim_loss(prediction, normal, normalisation)
