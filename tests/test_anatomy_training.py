@@ -176,7 +176,7 @@ def test_alden_discriminator_learns_to_tell_smoothed_from_normal_dose_texture():
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert np.mean(losses[:5]) > 0.2 and np.mean(losses[-10:]) < 0.1, (losses[:5], losses[-10:])
     fooled = adversary.generator_loss(patches(True), features)
     assert float(fooled) > 0.5  # the generator is told its smoothed output does not pass as normal dose
