@@ -1,7 +1,7 @@
 """Anatomy ablation: what ASCON's MAC loss, ALDEN's discriminator + semantic contrastive loss and BioAtt's
 organ-prior attention change in the default denoiser, measured on held-out slices.
 
-    .venv/bin/python benchmarks/anatomy.py --train   # fine-tune the five variants, then score them
+    .venv/bin/python benchmarks/anatomy.py --train   # fine-tune the five variants (one thread each), then score
     .venv/bin/python benchmarks/anatomy.py           # score variants already trained (runs/anatomy/)
 
 Variants (configs in benchmarks/configs/anatomy_*.yaml): the shipped dose_unet fine-tuned with the same
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -60,8 +61,9 @@ def train_variants(variants: list[str]) -> None:
     for name in variants:
         command = [str(REPO / ".venv" / "bin" / "lowdose"), "train", f"benchmarks/configs/anatomy_{name}.yaml",
                    "--bundle", f"runs/anatomy/anatomy_{name}", "--quiet"]
-        print("$", " ".join(command[1:]), flush=True)
-        subprocess.run(command, cwd=REPO, check=True)
+        print("$ OMP_NUM_THREADS=1", " ".join(command[1:]), flush=True)
+        # One thread each: CPU-minutes then compare across variants (two threads count their waiting too).
+        subprocess.run(command, cwd=REPO, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def texture_mask(labels: np.ndarray, names: dict[int, str]) -> np.ndarray:
@@ -217,11 +219,13 @@ def write_results(rows, budgets, instrument, args, normal, examples) -> None:
                                                       "encoder_dice_vs_totalsegmentator": instrument}, indent=2))
     lines = ["# Anatomy ablation", "",
              f"Command: `.venv/bin/python benchmarks/anatomy.py{' --train' if args.train else ''}` on "
-             f"{platform.machine()} with {__import__('os').cpu_count()} cores, CPU only, {time.strftime('%Y-%m-%d')}.", "",
+             f"{platform.machine()} with {os.cpu_count()} cores, CPU only, {time.strftime('%Y-%m-%d')}.", "",
              "Every variant is the shipped `dose_unet` fine-tuned with the same data, doses, steps (5 epochs x 64 "
              "steps of 16 patches) and schedule; only the `anatomy` section of its config differs "
              "(`benchmarks/configs/anatomy_*.yaml`). Held out: the bundled sample, all 20 slices, simulated 1/4 and "
-             "1/10 dose (seed 2024), denoised with the true dose.", "",
+             "1/10 dose (seed 2024), denoised with the true dose. Scored beside them: the shipped default `dose_unet` "
+             "(78 CPU-minutes from scratch, not fine-tuned) and the shipped `dose_unet_anatomy` (the + ALDEN recipe "
+             "with validation figures, its last epoch; `models/dose_unet_anatomy/configs/train.yaml`).", "",
              "- **edges**: mean gradient magnitude of the denoised scan / the normal dose's on the 10 % strongest "
              "soft-tissue edges inside the body (organ boundaries, vessels; skin, bone and lung left out) (1 = as sharp; below 1 = blurred).",
              "- **NPS f**: noise power spectrum mean frequency in liver and spleen, denoised / normal dose (1 = the "
@@ -244,7 +248,7 @@ def write_results(rows, budgets, instrument, args, normal, examples) -> None:
             lines.append(f"| {r['method']} | " + " | ".join(f"{r['group_dice'].get(g, float('nan')):.3f}" for g in groups) + " |")
     lines += ["", "## What each method changed (against the control, same budget)", ""] + changes(rows)
     lines += [""] + ship_decision(rows, VARIANTS["mse"]) + ship_decision(rows, "dose_unet (shipped)")
-    lines += ["## Training budgets", "", "| variant | epochs | CPU-minutes | wall minutes |", "|---|---|---|---|"]
+    lines += ["## Training budgets (one thread each)", "", "| variant | epochs | CPU-minutes | wall minutes |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['epochs']} | {v['cpu_minutes']} | {v['wall_minutes']} |" for k, v in budgets.items()]
     lines += ["", "## The instrument", "",
               "Dice of lowdose's anatomy encoder on the normal-dose sample against TotalSegmentator's label map "
