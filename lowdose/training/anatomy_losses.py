@@ -135,8 +135,8 @@ def discriminator_view(hu: torch.Tensor, window: tuple[float, float] = (-150.0, 
     """What ALDEN's discriminator looks at: the slice in a soft-tissue window scaled to [-1, 1], and its
     high-pass (the windowed slice minus its 5x5 mean, 1 unit = 10 HU). Measured: fed HU / 1000 or the
     windowed slice alone, the discriminator stayed at chance (LSGAN loss 0.25) on our denoiser's output vs
-    normal dose, even at 1/20 dose; with the high-pass channel it separates them at 1/4 dose within 100
-    steps: the texture is where denoised and normal-dose CT differ."""
+    normal dose, even at 1/20 dose; with the high-pass channel its loss is 0.086 after 200 steps at 1/4 dose
+    (0.131 at 1/20): the texture is where denoised and normal-dose CT differ."""
     low, high = window
     windowed = ((hu - low) / (high - low)).clamp(0, 1) * 2 - 1
     local_mean = F.avg_pool2d(F.pad(windowed, (2, 2, 2, 2), mode="reflect"), 5, stride=1)
