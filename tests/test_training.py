@@ -115,7 +115,8 @@ def test_bundle_has_monai_layout_and_metadata(tiny_run):
     assert meta["normalisation"] == {"hu_min": -1024.0, "hu_max": 3071.0, "scale_hu": 1000.0}
     assert meta["training"]["doses"] == [0.5, 0.1]
     shipped_epoch = meta["training"]["best_epoch"]  # the figures are those of the epoch shipped
-    assert meta["validation"]["val_psnr_abdomen"] == _history_of(bundle)["epochs"][shipped_epoch - 1]["val_psnr_abdomen"]
+    history = json.loads((bundle / "docs" / "history.json").read_text())
+    assert meta["validation"]["val_psnr_abdomen"] == history["epochs"][shipped_epoch - 1]["val_psnr_abdomen"]
     assert (bundle / "models" / "model.pt").stat().st_size < 20e6
     assert json.loads((bundle / "configs" / "inference.json").read_text())["network_def"]["name"] == "dose_unet"
 
@@ -145,10 +146,6 @@ def test_inference_keeps_hu_geometry_and_padding_and_is_deterministic(tiny_run, 
     np.testing.assert_allclose(back.origin_mm, low.origin_mm, atol=1e-4)
     with pytest.raises(LowdoseError, match="must be in"):
         denoiser(low, dose=1.5)
-
-
-def _history_of(bundle):
-    return json.loads((bundle / "docs" / "history.json").read_text())
 
 
 def test_bad_configs_and_models_give_clear_errors(tmp_path):

@@ -74,7 +74,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     channels = int(net_kwargs.get("in_channels", 1))
     conditioned = bool(net_kwargs.get("dose_conditioning", False))
 
-    anatomy, organ_prior = None, None  # organ_prior: BioAtt's organ probabilities of low-dose slices
+    # BioAtt's organ probabilities: slice_prior of one whole low-dose slice (training patches carry their
+    # slice's), organ_prior of a batch of whole validation slabs.
+    anatomy, organ_prior, slice_prior = None, None, None
     if config.anatomy.enabled:
         from .anatomy_losses import AnatomyTerms
 
@@ -82,7 +84,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         log.info("anatomy-aware training: %s (encoder: %s)", ", ".join(config.anatomy.enabled),
                  anatomy.encoder.name if anatomy.encoder is not None else "none")
         if config.anatomy.bioatt:
-            organ_prior = anatomy.organ_probabilities
+            organ_prior, slice_prior = anatomy.organ_probabilities, anatomy.slice_organ_probabilities
             net_kwargs["organ_attention"] = anatomy.num_organs
             config.network.kwargs = dict(net_kwargs)
     network = build_network(config.network.name, **net_kwargs).to(device)
@@ -159,7 +161,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
         if estimator is not None:
             estimator.train()
         t0 = time.time()
-        items = sampler.epoch(epoch, slice_prior=anatomy.slice_organ_probabilities if organ_prior else None)
+        items = sampler.epoch(epoch, slice_prior=slice_prior)
         simulate_seconds = time.time() - t0
         order = np.random.default_rng([config.seed, epoch, 1]).permutation(len(items))
         losses, dose_losses, anatomy_losses = [], [], {}
@@ -172,7 +174,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
             low = torch.from_numpy(np.stack([b["low"] for b in batch])).to(device)
             normal = torch.from_numpy(np.stack([b["normal"] for b in batch])).to(device)
             dose = torch.from_numpy(np.stack([b["dose"] for b in batch])).to(device)
-            prior = torch.from_numpy(np.stack([b["organ_probabilities"] for b in batch])).to(device) if organ_prior else None
+            prior = torch.from_numpy(np.stack([b["organ_probabilities"] for b in batch])).to(device) if slice_prior else None
             prediction = _forward(network, low, dose, conditioned, prior)
             loss = F.mse_loss(prediction, normal)
             if config.optim.ssim_weight > 0:
@@ -357,7 +359,7 @@ def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, history: dict 
     history = history or state.get("history") or {}
     epochs = history.get("epochs", [])
     exported = state.get("epoch", 0) + 1
-    best = next((r for r in epochs if r.get("epoch") == exported), {})  # the figures of the epoch shipped
+    shipped = next((r for r in epochs if r.get("epoch") == exported), {})  # the figures of the epoch shipped
     metadata = {
         "training": {
             "data_mode": config.data.mode,
@@ -368,7 +370,7 @@ def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, history: dict 
             "best_epoch": state.get("epoch", 0) + 1,
             "seed": config.seed,
         },
-        "validation": {k: v for k, v in best.items() if k.startswith("val_")},
+        "validation": {k: v for k, v in shipped.items() if k.startswith("val_")},
         "anatomy_aware_training": {"enabled": config.anatomy.enabled, **dataclasses.asdict(config.anatomy)},
     }
     stage = (history.get("estimator_stage") or {}).get("epochs")
