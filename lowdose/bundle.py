@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,7 +116,7 @@ def save_bundle(folder: str | Path, *, name: str, network_name: str, network_kwa
     write_text_atomically(folder / "configs" / "metadata.json", json.dumps(meta, indent=2, default=_json_default))
     inference = {
         "imports": ["$import lowdose.networks"],
-        "network_def": {"_target_": f"$lowdose.networks.build_network", "name": network_name, **network_kwargs},
+        "network_def": {"_target_": "$lowdose.networks.build_network", "name": network_name, **network_kwargs},
         "note": "Use lowdose.denoise (or `lowdose denoise`), which applies the normalisation in metadata.json "
                 "slice by slab; this file records how the network is built.",
     }
@@ -137,11 +139,15 @@ def find_bundle(model: str | Path) -> Path:
 
 
 def bundle_kind(folder: Path) -> str:
-    """``denoiser`` or ``anatomy_encoder`` (metadata's ``lowdose_kind``; bundles without it are denoisers)."""
+    """``denoiser`` or ``anatomy_encoder`` (metadata's ``lowdose_kind``; bundles without it are denoisers), or
+    ``damaged`` when its metadata cannot be read, names no network, or its weights file is missing."""
     try:
-        return json.loads((folder / "configs" / "metadata.json").read_text()).get("lowdose_kind", "denoiser")
+        meta = json.loads((folder / "configs" / "metadata.json").read_text())
     except (OSError, ValueError):
-        return "denoiser"
+        return "damaged"
+    if not isinstance(meta, dict) or "network" not in meta or not (folder / "models" / "model.pt").is_file():
+        return "damaged"
+    return str(meta.get("lowdose_kind", "denoiser"))
 
 
 def available_models(kind: str = "denoiser") -> list[str]:
@@ -154,16 +160,14 @@ def available_models(kind: str = "denoiser") -> list[str]:
 
 def load_bundle(model: str | Path = DEFAULT_MODEL, device: "str | torch.device" = "cpu") -> DenoisingModel:
     """Load a bundle's networks once, in eval mode, on ``device``."""
-    import torch
-
     from .networks import build_network
 
     folder = find_bundle(model)
     try:
         meta = json.loads((folder / "configs" / "metadata.json").read_text())
-        state = torch.load(folder / "models" / "model.pt", map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError) as exc:
         raise LowdoseError(f"{folder}: damaged model bundle ({str(exc).splitlines()[0]})") from None
+    state = load_checkpoint(folder / "models" / "model.pt")
     if meta.get("lowdose_kind", "denoiser") != "denoiser":
         raise LowdoseError(f"{folder}: an {meta['lowdose_kind'].replace('_', ' ')} bundle, not a denoising model; "
                            f"denoising models: {', '.join(available_models())}")
@@ -211,8 +215,79 @@ def _json_default(value: Any):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+def load_checkpoint(path: str | Path, map_location: "str | torch.device" = "cpu", safe_globals: tuple = ()) -> Any:
+    """The contents of a checkpoint file, unpickled by torch's ``weights_only`` loader.
+
+    Only tensors, numbers, strings, lists, tuples and dicts (and the ``safe_globals`` a caller allows for a
+    known format) are built, so a crafted file cannot run code when it is read. A file that needs anything
+    else, or is not a checkpoint at all, raises ``LowdoseError`` naming it.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe = re.search(r"Unsupported (?:global|class):? (?:GLOBAL )?([\w.]+)", str(exc))
+        if unsafe:
+            raise LowdoseError(f"{path}: refused: the checkpoint holds {unsafe.group(1)}, which only arbitrary "
+                               "unpickling (code execution) could build; lowdose loads checkpoints of tensors, "
+                               "numbers, strings, lists and dicts only. Was it made by this program?") from None
+        raise LowdoseError(f"{path}: not a readable checkpoint ({_last_line(exc)})") from None
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise LowdoseError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {_last_line(exc)})") from None
+
+
+def nnunet_checkpoint_globals() -> list:
+    """What an nnU-Net v2 checkpoint holds besides tensors and plain types, allowed and nothing more: numpy
+    scalars (its training log and ``_best_ema`` are numpy float64) with their dtypes, under the names numpy 1
+    and numpy 2 pickle them by. Its trainer arguments hold a ``torch.device``, which torch allows already."""
+    import numpy as np
+    from numpy._core.multiarray import scalar  # numpy.core's scalar, without numpy 2's deprecation warning
+
+    dtypes = [type(np.dtype(code)) for code in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "?")]
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype, *dtypes]
+
+
+def _last_line(exc: BaseException) -> str:
+    """The informative line of torch's several-line load errors."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+    return detail.replace("WeightsUnpickler error: ", "") or type(exc).__name__
+
+
+def plain(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays, paths, sets and dataclasses turned into the plain types
+    (numbers, strings, lists, dicts, tensors) that ``load_checkpoint`` reads back."""
+    import torch
+
+    if isinstance(value, np.generic):  # before float: numpy.float64 is a float, but pickles as a numpy global
+        return value.item()
+    if isinstance(value, torch.Tensor) or value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        converted = {plain(k): plain(v) for k, v in value.items()}
+        if isinstance(value, OrderedDict):  # a state dict: keep its order and its module versions
+            converted = OrderedDict(converted)
+            if hasattr(value, "_metadata"):
+                converted._metadata = plain(value._metadata)
+        return converted
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [plain(v) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    return value  # torch.device, torch.dtype, ...: torch's loader knows them; anything else fails the round trip
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     import torch
 
     with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
+        torch.save(plain(obj), tmp)

@@ -1,6 +1,7 @@
 """`lowdose <command>`: argument parsing only, then one call into the library.
 
-Errors in the user's input print one line on stderr (no traceback) and exit with status 1.
+Outputs are checked before any compute. Any error prints one line, ``lowdose <command>: error: ...``, on
+stderr and exits with status 1 (the traceback only with ``--debug``); Ctrl-C exits with status 130.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from .bundle import DEFAULT_MODEL
@@ -34,7 +36,9 @@ def _print_figures(title: str, figures: dict[str, float]) -> None:
 
 def cmd_simulate(args) -> None:
     from . import load_ct, save_ct, simulate_low_dose
+    from .io import check_output_path
 
+    check_output_path(args.output, inputs=(args.input,))
     volume = load_ct(args.input, series_uid=args.series)
     low = simulate_low_dose(volume, args.dose, seed=args.seed, progress=not args.quiet)
     save_ct(low, args.output, description=low.metadata["lowdose_description"])
@@ -64,9 +68,10 @@ def cmd_demo(args) -> None:
     from . import load_ct, sample_ct_path, save_ct, simulate_low_dose
     from .denoise import get_denoiser
     from .figures import body_zoom, side_by_side_png
+    from .io import check_output_folder
     from .metrics import compare
 
-    out = Path(args.out)
+    out = check_output_folder(args.out, inputs=(sample_ct_path(),))
     normal = load_ct(sample_ct_path())
     print(f"sample CT: {sample_ct_path()} ({normal.describe()})")
     denoiser = get_denoiser(args.model, args.device)  # before the slow part: a missing model fails at once
@@ -103,7 +108,9 @@ def _parse_dose_or_auto(text: str):
 def cmd_denoise(args) -> None:
     from . import load_ct, save_ct
     from .denoise import get_denoiser
+    from .io import check_output_path
 
+    check_output_path(args.output, inputs=(args.input,))
     volume = load_ct(args.input, series_uid=args.series)
     denoiser = get_denoiser(args.model, args.device)
     result = denoiser(volume, dose=args.dose, progress=not args.quiet)
@@ -128,13 +135,25 @@ def cmd_train(args) -> None:
         config = AnatomyEncoderConfig.from_yaml(args.config)
         if args.epochs:
             config.epochs = args.epochs
+        _check_training_outputs(config.output_dir, args.bundle, [*config.images, *config.labels,
+                                                                 *config.validation_images, *config.validation_labels])
         train_anatomy_encoder(config, bundle_dir=args.bundle, progress=not args.quiet, command=command)
         return
     config = TrainConfig.from_yaml(args.config)
     if args.epochs:
         config.optim.epochs = args.epochs
+    _check_training_outputs(config.output_dir, args.bundle, [*config.data.train, *config.data.validation])
     train(config, resume=args.resume, progress=not args.quiet, bundle_dir=args.bundle,
           command=command, estimator_only=args.estimator_only)
+
+
+def _check_training_outputs(output_dir, bundle, data: list) -> None:
+    """The run folder and the bundle folder can be made and are not training data (before any data is read)."""
+    from .io import check_output_folder
+
+    check_output_folder(output_dir, inputs=tuple(data))
+    if bundle:
+        check_output_folder(bundle, inputs=tuple(data))
 
 
 def _config_task(path: str) -> str:
@@ -169,7 +188,7 @@ def cmd_models(args) -> None:
             figure = f"{validation.get('val_psnr_abdomen_auto', validation['val_psnr_abdomen']):.2f} dB"
             if "val_input_psnr_abdomen" in validation:
                 figure += f" ({validation['val_input_psnr_abdomen']:.2f} dB)"
-        conditioned = meta["network"]["kwargs"].get("dose_conditioning", False)
+        conditioned = meta["network"].get("kwargs", {}).get("dose_conditioning", False)
         dose = ("conditioned, estimated" if meta.get("dose_estimator") else "conditioned") if conditioned else "one model, any dose"
         marker = " (default)" if name == DEFAULT_MODEL else ""
         anatomy = ", ".join((meta.get("anatomy_aware_training") or {}).get("enabled", []))
@@ -180,10 +199,13 @@ def cmd_models(args) -> None:
         dice = meta.get("validation", {}).get("val_mean_dice")
         print(f"{name:<22} anatomy encoder (for anatomy-aware training), {len(meta.get('groups', {}))} groups"
               + (f", validation mean Dice {dice:.2f}" if dice is not None else ""))
+    for name in available_models("damaged"):
+        print(f"{name:<22} damaged bundle, not usable (unreadable configs/metadata.json or no models/model.pt)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowdose", description="Low-dose CT: simulate, denoise, measure, and check that the anatomy was kept.")
+    parser.add_argument("--debug", action="store_true", help="on an error, print the full traceback (for a bug report)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="make a simulated low-dose CT from a normal-dose CT")
@@ -241,19 +263,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"denoising model (default {DEFAULT_MODEL})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=cmd_demo)
+    for p in sub.choices.values():  # `lowdose denoise ... --debug` as well as `lowdose --debug denoise ...`
+        try:
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        except argparse.ArgumentError:
+            pass  # the command has a --debug of its own
     return parser
 
 
+def _one_line(exc: BaseException, command: str) -> str:
+    """What went wrong, in one line: a LowdoseError's own message; anything else named as an internal error."""
+    if isinstance(exc, LowdoseError):
+        text = " ".join(str(exc).split())
+        return text or type(exc).__name__
+    if isinstance(exc, MemoryError):
+        return "out of memory (the input or the batch is too large for this machine)"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    detail = " ".join(str(exc).split())
+    detail = detail[:300] + ("..." if len(detail) > 300 else "")
+    return (f"internal error ({type(exc).__name__}{': ' + detail if detail else ''}); "
+            f"`lowdose --debug {command} ...` prints the traceback")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    name, debug = None, False
     try:
+        args = build_parser().parse_args(argv)
+        name, debug = args.command, args.debug
         args.func(args)
-    except LowdoseError as exc:
-        print(f"lowdose: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print("lowdose: interrupted", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(f"lowdose{' ' + name if name else ''}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # every error, expected or not, ends here as one line (the traceback with --debug)
+        if debug:
+            traceback.print_exc()
+        print(f"lowdose{' ' + name if name else ''}: error: {_one_line(exc, name or '<command>')}", file=sys.stderr)
+        return 1
     return 0
 
 

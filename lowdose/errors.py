@@ -25,3 +25,12 @@ class CTOutputError(LowdoseError, OSError):
         self.path = os.fspath(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class ServiceUnavailableError(LowdoseError):
+    """A service lowdose depends on (a PACS) cannot be reached or does not answer in time."""
+
+    def __init__(self, url: str, problem: str):
+        self.url = url
+        self.problem = f"{url}: {problem}"
+        super().__init__(self.problem)

@@ -8,9 +8,12 @@ A DICOM series out is a derived series of the one read (new UIDs, patient and st
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
+import math
 import os
 import shutil
+import struct
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -19,6 +22,7 @@ import numpy as np
 
 from .atomic import atomic_output, default_mode
 from .errors import CTInputError, CTOutputError
+from .limits import InputLimits
 from .volume import PADDING_THRESHOLD_HU, CTVolume
 
 GRID_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -26,29 +30,37 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 # Positions of consecutive slices may differ by this much (mm) and still count as one regular grid.
 SLICE_SPACING_TOLERANCE_MM = 0.01
+# A step this close (fraction of the series' usual step) to a whole multiple k >= 2 of it is k - 1 missing slices.
+MISSING_SLICE_TOLERANCE = 0.1
+# Suffixes that name a file format save_ct cannot write (any other suffix-less path is a DICOM series folder).
+UNWRITABLE_SUFFIXES = (".nhdr", ".mhd", ".hdr", ".img", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gz",
+                       ".zip", ".npy", ".npz", ".txt", ".json", ".pt")
 
 
 # ----------------------------------------------------------------------------------------- reading
 
 
-def load_ct(path: str | os.PathLike, series_uid: str | None = None) -> CTVolume:
+def load_ct(path: str | os.PathLike, series_uid: str | None = None, limits: InputLimits | None = None) -> CTVolume:
     """Read a CT volume in HU from a NIfTI/NRRD/MHA file, a DICOM file or a folder holding a DICOM series.
 
-    ``series_uid`` picks one series when the folder holds several. Raises ``CTInputError`` naming the
-    file and the problem for anything that is not one readable 3-D CT volume in Hounsfield units.
+    ``series_uid`` picks one series when the folder holds several. ``limits`` bounds what the input may
+    claim (``InputLimits.from_env()`` when None): headers are checked against it, and against the data
+    actually present, before any voxel is read. Raises ``CTInputError`` naming the file and the problem
+    for anything that is not one readable, complete 3-D CT volume in Hounsfield units.
     """
     path = Path(path)
+    limits = InputLimits.from_env() if limits is None else limits
     if not path.exists():
         raise CTInputError(path, "no such file or folder")
     if path.is_dir():
-        volume = _load_dicom_folder(path, series_uid)
+        volume = _load_dicom_folder(path, series_uid, limits)
     else:
         if path.stat().st_size == 0:
             raise CTInputError(path, "the file is empty")
         if _grid_suffix(path):
-            volume = _load_grid_file(path)
+            volume = _load_grid_file(path, limits)
         else:
-            volume = _load_dicom_files(path, [path], series_uid)
+            volume = _load_dicom_files(path, [path], series_uid, limits)
     _check_hounsfield(volume.hu, path)
     return volume
 
@@ -58,11 +70,10 @@ def _grid_suffix(path: Path) -> str | None:
     return next((s for s in GRID_SUFFIXES if name.endswith(s)), None)
 
 
-def _load_grid_file(path: Path) -> CTVolume:
+def _load_grid_file(path: Path, limits: InputLimits) -> CTVolume:
     import SimpleITK as sitk
 
-    if path.name.lower().endswith(".gz"):
-        _check_gzip_complete(path)
+    _check_grid_data(path, limits)  # SimpleITK allocates what the header says and zero-fills what is missing
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -95,27 +106,275 @@ def _load_grid_file(path: Path) -> CTVolume:
     )
 
 
-def _check_gzip_complete(path: Path) -> None:
-    """SimpleITK fills a truncated .gz with zeros instead of failing: read the stream to its end first."""
-    import gzip
+# --------------------------------------------------------------------- grid files: header against data
+
+
+@dataclasses.dataclass
+class _DataLayout:
+    """Where a grid file's voxels are and how they are stored, as its header says."""
+
+    shape_text: str  # e.g. "122x101x30 int16"
+    voxels: int  # values, components included
+    voxel_bytes: int  # bytes per value once decoded
+    data_path: Path  # the file that holds the voxels (the header's own file unless detached)
+    data_offset: int  # bytes before the voxels' stored form in data_path
+    encoding: str  # raw, gzip (gzip or zlib stream), bzip2, ascii or hex
+    skip: int = 0  # decoded bytes before the voxels (NIfTI header and extensions inside a .nii.gz)
+
+
+def _check_grid_data(path: Path, limits: InputLimits) -> None:
+    """Refuse, from the header and the stored sizes alone, a grid file that claims more than ``limits`` allow
+    or holds less voxel data than its header describes (truncated); compressed data is decoded as a stream,
+    never held, and never beyond what the limits allow."""
+    suffix = _grid_suffix(path)
+    if suffix in (".nii", ".nii.gz"):
+        layout = _nifti_layout(path)
+    elif suffix == ".nrrd":
+        layout = _nrrd_layout(path)
+    else:
+        layout = _metaimage_layout(path)
+    limits.check_voxels(path, layout.voxels, layout.shape_text)
+    nbytes = layout.voxels * layout.voxel_bytes
+    data = layout.data_path
+    if data != path and not data.is_file():
+        raise CTInputError(path, f"its data file {data.name} is missing (the header names {data})")
+    stored = data.stat().st_size - layout.data_offset
+    described = f"the header describes {layout.shape_text} voxels ({nbytes:,} bytes)"
+    if layout.encoding == "raw":
+        if stored < layout.skip + nbytes:
+            raise CTInputError(path, f"truncated: {described} but {_where(path, data)} holds only "
+                                     f"{max(stored - layout.skip, 0):,} bytes of voxel data")
+        return
+    if layout.encoding in ("ascii", "hex"):  # text: at least one digit and a separator per value
+        needed = 2 * nbytes if layout.encoding == "hex" else 2 * layout.voxels - 1
+        if stored < needed:
+            raise CTInputError(path, f"truncated: {described} but {_where(path, data)} holds only {stored:,} "
+                                     f"bytes of {layout.encoding} text, fewer than {needed:,}")
+        return
+    expanded = layout.skip + nbytes
+    what = f"its {layout.encoding}-compressed data ({layout.shape_text} voxels)"
+    if expanded > limits.max_expanded_bytes:
+        limits.check_expansion(path, expanded, stored, what)  # refused from the header alone
+    # Decode no further than the ratio allows: a stream that ends first is truncated, one that goes on is a bomb.
+    limit = min(expanded, int(stored * limits.max_compression_ratio) + 1)
+    decoded = _decoded_length(path, data, layout.data_offset, layout.encoding, limit)
+    if decoded < limit:
+        raise CTInputError(path, f"truncated or damaged: {described} but {_where(path, data)} decompresses to only "
+                                 f"{max(decoded - layout.skip, 0):,} bytes of voxel data")
+    limits.check_expansion(path, expanded, stored, what)
+
+
+def _where(path: Path, data: Path) -> str:
+    return "the file" if data == path else f"its data file {data.name}"
+
+
+def _decoded_length(path: Path, data: Path, offset: int, encoding: str, limit: int) -> int:
+    """How many bytes the compressed stream at ``offset`` of ``data`` decodes to, counting no further than
+    ``limit``; decoded a megabyte at a time and thrown away, so memory stays small whatever the stream holds."""
+    import bz2
     import zlib
 
+    def new_decoder():
+        # wbits 47: a gzip or a zlib stream (NRRD and .nii.gz are gzip, MetaImage zlib)
+        return bz2.BZ2Decompressor() if encoding == "bzip2" else zlib.decompressobj(47)
+
+    piece = 1 << 20
+    decoded, decoder, pending = 0, new_decoder(), b""
     try:
-        with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 24):
-                pass
-    except (EOFError, OSError, zlib.error) as exc:
+        with open(data, "rb") as stream:
+            stream.seek(offset)
+            while decoded < limit:
+                if encoding == "bzip2" and not decoder.needs_input:
+                    chunk = b""  # output held back by the size cap: continue it
+                else:
+                    chunk, pending = pending or stream.read(piece), b""
+                    if not chunk:
+                        break  # the stored data ends here
+                decoded += len(decoder.decompress(chunk, piece))
+                if encoding != "bzip2":
+                    pending = decoder.unconsumed_tail
+                if decoder.eof:  # a gzip file may hold several members one after the other
+                    pending, decoder = decoder.unused_data.lstrip(b"\0"), new_decoder()
+    except (zlib.error, OSError, EOFError, ValueError) as exc:
+        raise CTInputError(path, f"not a readable {_grid_suffix(path)} image (compressed data truncated or damaged: "
+                                 f"{_first_line(exc)})") from None
+    return min(decoded, limit)
+
+
+def _decoded_prefix(path: Path, size: int) -> bytes:
+    """The first ``size`` decoded bytes of a gzip file (a .nii.gz header), read in small pieces."""
+    import zlib
+
+    decoder, out = zlib.decompressobj(47), b""
+    try:
+        with open(path, "rb") as stream:
+            while len(out) < size and not decoder.eof:
+                chunk = decoder.unconsumed_tail or stream.read(1 << 16)
+                if not chunk:
+                    break
+                out += decoder.decompress(chunk, size - len(out))
+    except zlib.error as exc:
         raise CTInputError(path, f"not a readable .nii.gz image (truncated or damaged: {_first_line(exc)})") from None
+    return out
 
 
-def _load_dicom_folder(folder: Path, series_uid: str | None) -> CTVolume:
+_NIFTI_TYPES = {2: "uint8", 4: "int16", 8: "int32", 16: "float32", 64: "float64", 256: "int8", 512: "uint16",
+                768: "uint32", 1024: "int64", 1280: "uint64"}
+
+
+def _nifti_layout(path: Path) -> _DataLayout:
+    """NIfTI-1 or -2 header, read by hand (348 or 540 bytes) so that nothing past it is read or allocated."""
+    gz = path.name.lower().endswith(".gz")
+    if gz:
+        head = _decoded_prefix(path, 540)
+    else:
+        with open(path, "rb") as stream:
+            head = stream.read(540)
+    endian = next((e for e in "<>" if len(head) >= 4 and struct.unpack(e + "i", head[:4])[0] in (348, 540)), None)
+    if endian is None:
+        raise CTInputError(path, f"not a readable {_grid_suffix(path)} image (no NIfTI header: it starts with neither "
+                                 "348 nor 540)")
+    header_size = struct.unpack(endian + "i", head[:4])[0]
+    if len(head) < header_size:
+        raise CTInputError(path, f"truncated: the file ends inside its {header_size}-byte NIfTI header")
+    if header_size == 348:
+        dim = struct.unpack(endian + "8h", head[40:56])
+        datatype, bitpix = struct.unpack(endian + "hh", head[70:74])
+        vox_offset = struct.unpack(endian + "f", head[108:112])[0]
+        magic = head[344:348]
+        if magic != b"n+1\0":
+            raise CTInputError(path, f"not a single-file NIfTI-1 image (magic {magic!r}; a .hdr/.img pair or an "
+                                     "ANALYZE file?)")
+    else:
+        datatype, bitpix = struct.unpack(endian + "hh", head[12:16])
+        dim = struct.unpack(endian + "8q", head[16:80])
+        vox_offset = struct.unpack(endian + "q", head[168:176])[0]
+        if head[4:12] != b"n+2\0\r\n\x1a\n":
+            raise CTInputError(path, "not a single-file NIfTI-2 image (bad magic)")
+    ndim = dim[0]
+    if not 1 <= ndim <= 7 or any(d < 1 for d in dim[1:ndim + 1]):
+        raise CTInputError(path, f"damaged NIfTI header: dimensions {list(dim)}")
+    if bitpix < 8 or bitpix % 8 or not math.isfinite(vox_offset) or vox_offset < 0:
+        raise CTInputError(path, f"damaged NIfTI header: {bitpix} bits per voxel, data offset {vox_offset}")
+    shape = [int(d) for d in dim[1:ndim + 1]]
+    offset = max(int(vox_offset), header_size)
+    type_name = _NIFTI_TYPES.get(datatype, f"{bitpix}-bit")
+    return _DataLayout(shape_text="x".join(map(str, shape)) + f" {type_name}", voxels=math.prod(shape),
+                       voxel_bytes=bitpix // 8, data_path=path, data_offset=0 if gz else offset,
+                       encoding="gzip" if gz else "raw", skip=offset if gz else 0)
+
+
+def _itk_header(path: Path) -> tuple[list[int], int, int, str]:
+    """Size, components per voxel, bytes per component and pixel type (int16, ...), from the header alone."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise CTInputError(path, f"not a readable {_grid_suffix(path)} image ({_first_line(exc)})") from None
+    one_voxel = sitk.Image([1, 1], reader.GetPixelID())
+    components = int(reader.GetNumberOfComponents())
+    pixel_type = str(sitk.GetArrayViewFromImage(one_voxel).dtype) + (f" x{components}" if components > 1 else "")
+    return [int(s) for s in reader.GetSize()], components, int(one_voxel.GetSizeOfPixelComponent()), pixel_type
+
+
+def _text_header(path: Path, limit: int = 1 << 20) -> bytes:
+    """The first ``limit`` bytes of a file with a text header (NRRD, MetaImage): headers are far smaller."""
+    with open(path, "rb") as stream:
+        return stream.read(limit)
+
+
+def _detached(path: Path, name: str) -> Path:
+    """A detached data file named in ``path``'s header; only beside the header (or below it) is read."""
+    if name.upper() == "LIST" or "%" in name:
+        raise CTInputError(path, f"its voxels are spread over several data files ({name!r}); lowdose reads one "
+                                 "data file per volume (resave it as a single .nrrd, .mha or .nii.gz file)")
+    folder = path.parent.resolve()
+    data = (folder / name).resolve()
+    if folder not in data.parents:
+        raise CTInputError(path, f"its data file {name!r} lies outside the header's folder; lowdose reads detached "
+                                 "data only from the header's own folder")
+    return data
+
+
+def _header_int(path: Path, fields: dict, key: str) -> int:
+    try:
+        return int(fields.get(key) or 0)
+    except ValueError:
+        raise CTInputError(path, f"damaged header: {key} is {fields[key]!r}, not a whole number") from None
+
+
+def _nrrd_layout(path: Path) -> _DataLayout:
+    size, components, component_bytes, pixel_type = _itk_header(path)
+    raw = _text_header(path)
+    if not raw.startswith(b"NRRD"):
+        raise CTInputError(path, "not a readable .nrrd image (it does not start with NRRD)")
+    # The header ends at the first blank line (the data follow it), or at the end of a detached header.
+    ends = [i + len(blank) for blank in (b"\n\n", b"\r\n\r\n") if (i := raw.find(blank)) >= 0]
+    header_end = min(ends) if ends else len(raw)
+    fields = {}
+    for line in raw[:header_end].decode("latin-1").splitlines()[1:]:
+        if line.startswith("#") or ":=" in line or ":" not in line:
+            continue
+        key, value = line.split(":", 1)
+        fields[key.strip().lower()] = value.strip()
+    encoding = {"raw": "raw", "gzip": "gzip", "gz": "gzip", "bzip2": "bzip2", "bz2": "bzip2", "ascii": "ascii",
+                "text": "ascii", "txt": "ascii", "hex": "hex"}.get(fields.get("encoding", "raw").lower())
+    if encoding is None:
+        raise CTInputError(path, f"NRRD encoding {fields.get('encoding')!r} is not supported")
+    name = fields.get("data file", fields.get("datafile"))
+    if name:
+        data, offset = _detached(path, name), 0
+    elif not ends:
+        raise CTInputError(path, "truncated: the NRRD header has no end (no blank line) and names no data file")
+    else:
+        data, offset = path, header_end
+    skip = _header_int(path, fields, "byte skip")
+    voxels = math.prod(size) * components
+    if skip == -1 and encoding == "raw":  # the voxels are the last bytes of the data file
+        offset, skip = max(data.stat().st_size - voxels * component_bytes, offset), 0
+    return _DataLayout(shape_text="x".join(map(str, size)) + f" {pixel_type}", voxels=voxels,
+                       voxel_bytes=component_bytes, data_path=data, data_offset=offset, encoding=encoding,
+                       skip=max(skip, 0))
+
+
+def _metaimage_layout(path: Path) -> _DataLayout:
+    size, components, component_bytes, pixel_type = _itk_header(path)
+    raw = _text_header(path)
+    fields, header_end, position = {}, None, 0
+    for line in raw.split(b"\n"):
+        position += len(line) + 1
+        key, _, value = line.decode("latin-1").partition("=")
+        fields[key.strip().lower()] = value.strip()
+        if key.strip().lower() == "elementdatafile":  # the last line of a MetaImage header
+            header_end = min(position, len(raw))
+            break
+    if header_end is None:
+        raise CTInputError(path, "not a readable .mha image (no ElementDataFile line in the first MB)")
+    name = fields["elementdatafile"]
+    data, offset = (path, header_end) if name.upper() == "LOCAL" else (_detached(path, name), 0)
+    compressed = fields.get("compresseddata", "false").lower() == "true"
+    binary = fields.get("binarydata", "true").lower() == "true"
+    encoding = "gzip" if compressed else ("raw" if binary else "ascii")
+    voxels = math.prod(size) * components
+    skip = _header_int(path, fields, "headersize")
+    if skip == -1 and encoding == "raw":  # the voxels are the last bytes of the data file
+        offset, skip = max(data.stat().st_size - voxels * component_bytes, offset), 0
+    return _DataLayout(shape_text="x".join(map(str, size)) + f" {pixel_type}", voxels=voxels,
+                       voxel_bytes=component_bytes, data_path=data, data_offset=offset, encoding=encoding,
+                       skip=max(skip, 0) if encoding == "raw" else 0)
+
+
+def _load_dicom_folder(folder: Path, series_uid: str | None, limits: InputLimits) -> CTVolume:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise CTInputError(folder, "the folder is empty")
-    return _load_dicom_files(folder, files, series_uid)
+    return _load_dicom_files(folder, files, series_uid, limits)
 
 
-def _load_dicom_files(source: Path, files: list[Path], series_uid: str | None) -> CTVolume:
+def _load_dicom_files(source: Path, files: list[Path], series_uid: str | None, limits: InputLimits) -> CTVolume:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -149,7 +408,7 @@ def _load_dicom_files(source: Path, files: list[Path], series_uid: str | None) -
                                    f"(series_uid= / --series): {_list_series(series)}")
     else:
         chosen = next(iter(series.values()))
-    return _assemble_series(source, chosen)
+    return _assemble_series(source, chosen, limits)
 
 
 def _list_series(series: dict[str, list]) -> str:
@@ -161,7 +420,7 @@ def _list_series(series: dict[str, list]) -> str:
     return "; ".join(parts)
 
 
-def _assemble_series(source: Path, items: list) -> CTVolume:
+def _assemble_series(source: Path, items: list, limits: InputLimits) -> CTVolume:
     import pydicom
 
     first_file, first = items[0]
@@ -180,11 +439,20 @@ def _assemble_series(source: Path, items: list) -> CTVolume:
     row_dir, col_dir = orientation[:3], orientation[3:]
     normal = np.cross(row_dir, col_dir)
     pixel_spacing = [float(v) for v in first.get("PixelSpacing", [1.0, 1.0])]
+    limits.check_voxels(source, rows * cols * len(items), f"{len(items)} slices of {cols}x{rows}")
+    storage = _pixel_storage(first)
     positions = []
     for f, ds in items:
         if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
             raise CTInputError(f, f"slice is {ds.Columns}x{ds.Rows} but the series starts at {cols}x{rows} "
                                   "(mixed series?)")
+        spacing = [float(v) for v in ds.get("PixelSpacing", pixel_spacing)]
+        if not np.allclose(spacing, pixel_spacing, rtol=1e-4, atol=1e-5):
+            raise CTInputError(f, f"pixel spacing {spacing[0]:g} x {spacing[1]:g} mm but the series starts at "
+                                  f"{pixel_spacing[0]:g} x {pixel_spacing[1]:g} mm (mixed series?)")
+        if _pixel_storage(ds) != storage:
+            raise CTInputError(f, f"pixels stored as {_storage_text(_pixel_storage(ds))} but the series starts with "
+                                  f"{_storage_text(storage)} (mixed series?)")
         iop = np.array(ds.get("ImageOrientationPatient", orientation), dtype=np.float64)
         if not np.allclose(iop, orientation, atol=1e-4):
             raise CTInputError(f, "slice orientation differs from the rest of the series (mixed series?)")
@@ -203,12 +471,19 @@ def _assemble_series(source: Path, items: list) -> CTVolume:
         raise CTInputError(source, f"two slices share the position {along_normal[k]:.2f} mm "
                                    f"({items[k][0].name}, {items[k + 1][0].name}): overlapping acquisitions "
                                    "or a mixed series; split it before loading")
+    missing = _missing_slices(items, along_normal)
+    if missing:
+        raise CTInputError(source, missing)
 
     hu = np.empty((len(items), rows, cols), dtype=np.float32)
     headers, padding_hu = [], None
     for k, (f, _) in enumerate(items):
         try:
             ds = pydicom.dcmread(f)
+        except Exception as exc:
+            raise CTInputError(f, f"damaged DICOM file ({_first_line(exc)})") from None
+        _check_pixel_data_length(f, ds, rows, cols, storage)
+        try:
             stored = ds.pixel_array
         except Exception as exc:
             raise CTInputError(f, f"cannot decode the pixel data ({_first_line(exc)}); compressed DICOM "
@@ -247,6 +522,93 @@ def _assemble_series(source: Path, items: list) -> CTVolume:
         metadata=metadata,
         slice_positions_mm=None if regular else positions,
     )
+
+
+def _pixel_storage(ds) -> tuple[int, int, int, int]:
+    """(BitsAllocated, BitsStored, PixelRepresentation, SamplesPerPixel): how a slice's pixels are stored."""
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    return bits, int(ds.get("BitsStored", bits) or bits), int(ds.get("PixelRepresentation", 0) or 0), int(
+        ds.get("SamplesPerPixel", 1) or 1)
+
+
+def _storage_text(storage: tuple[int, int, int, int]) -> str:
+    allocated, stored, signed, samples = storage
+    return (f"{stored} of {allocated} bits, {'signed' if signed else 'unsigned'}"
+            + (f", {samples} samples" if samples != 1 else ""))
+
+
+def _check_pixel_data_length(f: Path, ds, rows: int, cols: int, storage: tuple[int, int, int, int]) -> None:
+    """Refuse native (uncompressed) pixel data shorter than Rows x Columns x samples x bytes: a cut slice."""
+    if "PixelData" not in ds:
+        raise CTInputError(f, "no pixel data in this slice")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_compressed:
+        return  # encapsulated frames: the decoder checks them
+    allocated, _, _, samples = storage
+    needed = rows * cols * samples * allocated // 8
+    if len(ds.PixelData) < needed:
+        raise CTInputError(f, f"pixel data holds {len(ds.PixelData):,} bytes but {rows} rows x {cols} columns x "
+                              f"{samples} sample(s) x {allocated // 8} bytes need {needed:,}: a truncated slice")
+
+
+def _missing_slices(items: list, along_normal: np.ndarray) -> str | None:
+    """What is missing from a series sorted along its normal (None when nothing is).
+
+    A step about k >= 2 times the series' usual step is k - 1 missing slices, unless the instance numbers
+    on both sides of it are consecutive: then the spacing really changes there (the series is read slice
+    by slice with its positions). Instance numbers that skip as many values as the step spans missing
+    slices confirm the gap.
+    """
+    if len(items) < 3:
+        return None
+    steps = np.diff(along_normal)
+    # The usual step: the one most other steps agree with (within 1 %), the smallest on a tie.
+    agree = np.abs(steps[:, None] - steps[None, :]) <= np.maximum(0.01 * steps[:, None], SLICE_SPACING_TOLERANCE_MM)
+    counts = agree.sum(axis=1)
+    candidates = np.flatnonzero(counts == counts.max())
+    usual_index = candidates[np.argmin(steps[candidates])]
+    usual = float(np.median(steps[agree[usual_index]]))
+    numbers = _instance_numbers(items)
+    usual_number_step = None
+    if numbers is not None:
+        number_steps = np.abs(np.diff(numbers))
+        usual_number_step = int(np.median(number_steps[agree[usual_index]]))
+    gaps, missing = [], 0
+    for i, step in enumerate(steps):
+        ratio = step / usual
+        k = int(round(ratio))
+        geometric = k >= 2 and abs(ratio - k) <= MISSING_SLICE_TOLERANCE
+        by_number = False
+        if numbers is not None:
+            number_step = abs(numbers[i + 1] - numbers[i])
+            if number_step == usual_number_step:
+                continue  # consecutive acquisitions: a genuine change of spacing, not a gap
+            skipped = number_step / usual_number_step if usual_number_step else 0
+            by_number = skipped >= 2 and skipped == int(skipped) and abs(ratio - skipped) <= 2 * MISSING_SLICE_TOLERANCE
+            k = int(skipped) if by_number else k
+        if geometric or by_number:
+            missing += k - 1
+            numbers_text = f", instance numbers {numbers[i]} and {numbers[i + 1]}" if numbers is not None else ""
+            gaps.append(f"{step:.2f} mm between {items[i][0].name} and {items[i + 1][0].name} "
+                        f"(at {along_normal[i]:.2f} and {along_normal[i + 1]:.2f} mm{numbers_text})")
+    if not gaps:
+        return None
+    return (f"{missing} slice(s) missing from the series: it steps {usual:.2f} mm but has a gap of "
+            + "; a gap of ".join(gaps[:3]) + (f" and {len(gaps) - 3} more gaps" if len(gaps) > 3 else "")
+            + "; export the complete series (lowdose does not fill missing slices)")
+
+
+def _instance_numbers(items: list) -> np.ndarray | None:
+    """The slices' InstanceNumbers when they are usable to find gaps: all present, distinct, and rising or
+    falling steadily along the slice normal; None otherwise."""
+    try:
+        numbers = np.array([int(ds.get("InstanceNumber")) for _, ds in items], dtype=np.int64)
+    except (TypeError, ValueError):
+        return None
+    steps = np.diff(numbers)
+    if len(set(numbers.tolist())) != len(numbers) or not (np.all(steps > 0) or np.all(steps < 0)):
+        return None
+    return numbers
 
 
 def _irregularity(positions, along_normal, normal) -> str:
@@ -311,12 +673,72 @@ def save_ct(volume: CTVolume, path: str | os.PathLike, *, description: str | Non
         raise CTOutputError(path, f"the folder {parent} is not writable")
     if _grid_suffix(path):
         _save_grid_file(volume, path, dtype)
-    elif path.suffix.lower() in (".nhdr", ".mhd", ".hdr", ".img", ".dcm", ".png", ".jpg"):
+    elif path.suffix.lower() in UNWRITABLE_SUFFIXES:
         raise CTOutputError(path, f"cannot write {path.suffix} files; use .nii.gz, .nii, .nrrd, .mha, or a "
                                   "folder name for a DICOM series")
     else:
         _save_dicom_series(volume, path, description or "lowdose derived series")
     return path
+
+
+def check_output_path(path: str | os.PathLike, inputs: tuple = ()) -> Path:
+    """Refuse at once, before any compute, an output ``save_ct`` would refuse only after it.
+
+    ``path`` is an output file (.nii.gz, .nii, .nrrd, .mha) or a new folder for a DICOM series; its folder
+    must exist and be writable, its suffix be one lowdose writes, and it must be none of ``inputs`` nor lie
+    inside an input folder. Raises ``CTOutputError`` naming the path and the problem; returns the path.
+    """
+    path = Path(path)
+    suffix = _grid_suffix(path)
+    if not suffix and path.suffix.lower() in UNWRITABLE_SUFFIXES:
+        raise CTOutputError(path, f"cannot write {path.suffix} files; use .nii.gz, .nii, .nrrd, .mha, or a folder "
+                                  "name for a DICOM series")
+    _check_output_parent(path)
+    _check_not_an_input(path, inputs)
+    if suffix and path.is_dir():
+        raise CTOutputError(path, f"is a folder; a {suffix} output is a file")
+    if not suffix and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CTOutputError(path, "already exists and is not an empty folder; a DICOM series is written into a new "
+                                  "folder (lowdose never overwrites files it did not make)")
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, inputs: tuple = ()) -> Path:
+    """Refuse at once a folder that outputs will be written into (made if missing): a file in its place, no
+    writable folder to make it in, or one of ``inputs`` (or a folder inside one). Returns the path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CTOutputError(path, "is a file; an output folder is needed here")
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise CTOutputError(path, f"cannot create the folder {path} ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CTOutputError(path, f"the folder {existing} is not writable")
+    _check_not_an_input(path, inputs)
+    return path
+
+
+def _check_output_parent(path: Path) -> None:
+    parent = path.absolute().parent
+    if not parent.exists():
+        existing = next(p for p in parent.parents if p.exists())
+        if not existing.is_dir():
+            raise CTOutputError(path, f"cannot create the folder {parent} ({existing} is a file)")
+        raise CTOutputError(path, f"the folder {parent} does not exist (create it first)")
+    if not parent.is_dir():
+        raise CTOutputError(path, f"cannot create the folder {parent} ({parent} is a file)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CTOutputError(path, f"the folder {parent} is not writable")
+
+
+def _check_not_an_input(path: Path, inputs: tuple) -> None:
+    target = path.resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        source = Path(source).resolve()
+        if target == source or source in target.parents:
+            raise CTOutputError(path, f"would overwrite or write into the input {source}; choose another output path")
 
 
 def _refuse_overwriting_input(volume: CTVolume, path: Path) -> None:

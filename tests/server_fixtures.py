@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -116,21 +117,52 @@ class LowdoseServer:
     studies: str
     models_dir: Path
     startup_seconds: float
+    token: str = ""  # the bearer token the server requires ("" when started with --no-auth)
+
+    @property
+    def headers(self) -> dict:
+        """The Authorization header every request to this server needs."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        """GET ``path`` with the token."""
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs) -> requests.Response:
+        """POST ``path`` with the token."""
+        return self.request("POST", path, **kwargs)
+
+    def request(self, method: str, path: str, **kwargs) -> requests.Response:
+        kwargs["headers"] = {**self.headers, **kwargs.get("headers", {})}
+        kwargs.setdefault("timeout", 60)
+        return requests.request(method, f"{self.url}{path}", **kwargs)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
 
 def start_lowdose_server(workdir: Path, studies: str | None, models_dir: Path | None, max_upload_mb: float = 64,
-                         extra: list[str] | None = None, env_extra: dict | None = None) -> LowdoseServer:
-    """``lowdose serve`` in a subprocess on a free loopback port; ``studies``/``models_dir`` None = its defaults."""
+                         extra: list[str] | None = None, env_extra: dict | None = None,
+                         token: str | None = None) -> LowdoseServer:
+    """``lowdose serve`` in a subprocess on a free loopback port; ``studies``/``models_dir`` None = its defaults.
+
+    The server requires a bearer token, given as a user would (``LOWDOSE_TOKEN``); a fresh random one unless
+    ``token`` is given; ``token=""`` leaves the variable unset (the server then makes and stores its own,
+    or runs without authentication when ``extra`` holds ``--no-auth``).
+    """
     port = free_port()
+    token = secrets.token_urlsafe(24) if token is None else token
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"lowdose-server-{port}.log"
     env = dict(os.environ)
     env["XDG_CACHE_HOME"] = str(workdir / "cache")  # PACS series cache, sample studies: all in the test's folder
     env["PYTHONUNBUFFERED"] = "1"
+    env["XDG_STATE_HOME"] = str(workdir / "state")  # the server's generated token lives here
+    env.pop("LOWDOSE_TOKEN", None)
+    if token:
+        env["LOWDOSE_TOKEN"] = token
     env.update(env_extra or {})
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     command = [sys.executable, "-m", "lowdose.server", "--port", str(port), "--max-upload-mb", str(max_upload_mb),
                *(["--studies", studies] if studies is not None else []),
                *(["--models-dir", str(models_dir)] if models_dir is not None else []), *(extra or [])]
@@ -140,13 +172,14 @@ def start_lowdose_server(workdir: Path, studies: str | None, models_dir: Path | 
                                    start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until(lambda: requests.get(f"{url}/info/", timeout=5).status_code == 200, SERVER_START_SECONDS,
-                    process, "lowdose serve", log_path)
+        # Any answer means it is up (401 when the token is the server's own, not known yet here).
+        _wait_until(lambda: requests.get(f"{url}/info/", headers=headers, timeout=5).status_code in (200, 401),
+                    SERVER_START_SECONDS, process, "lowdose serve", log_path)
     except BaseException:
         _stop(process)
         raise
     return LowdoseServer(url=url, process=process, log_path=log_path, studies=studies, models_dir=models_dir,
-                         startup_seconds=time.time() - started)
+                         startup_seconds=time.time() - started, token=token)
 
 
 def stop_lowdose_server(server: LowdoseServer) -> None:

@@ -24,6 +24,7 @@ from lowdose.anatomy.encoders import load_anatomy_encoder
 from lowdose.anatomy.external import TimmEncoder, TotalSegmentatorEncoder
 from lowdose.fidelity.segmenter import TotalSegmentatorWeightsError
 
+from .checkpoint_fixtures import unsafe_load_runs_the_payload, write_crafted_checkpoint
 from .fidelity_fixtures import write_tiny_totalsegmentator_weights
 
 
@@ -66,7 +67,7 @@ def test_totalsegmentator_encoder_is_the_checkpoints_encoder(totalseg_env, slice
     assert "Dataset297" in info["model_folder"] and info["weights_dir_from"] == "TOTALSEG_WEIGHTS_PATH"
     assert info["mode"] == "fast" and info["network"] == "PlainConvUNet"
     # The encoder holds exactly the checkpoint's encoder weights (built by nnU-Net, then loaded).
-    checkpoint = torch.load(encoder.model_folder / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    checkpoint = torch.load(encoder.model_folder / "fold_0" / "checkpoint_final.pth", weights_only=True)
     expected = {k[len("encoder."):]: v for k, v in checkpoint["network_weights"].items() if k.startswith("encoder.")}
     state = encoder.encoder.state_dict()
     assert state.keys() == expected.keys()
@@ -121,7 +122,7 @@ def test_totalsegmentator_full_mode_uses_the_organs_model(totalseg_env, slices):
     maps = encoder.features(slices)
     assert len(maps) == 2 and all(m.dim() == 4 for m in maps)
     # Its weights are those of Dataset291's checkpoint.
-    checkpoint = torch.load(encoder.model_folder / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    checkpoint = torch.load(encoder.model_folder / "fold_0" / "checkpoint_final.pth", weights_only=True)
     assert torch.equal(encoder.encoder.state_dict()["stages.0.0.convs.0.conv.weight"],
                        checkpoint["network_weights"]["encoder.stages.0.0.convs.0.conv.weight"])
     with pytest.raises(LowdoseError, match="totalsegmentator:fast or totalsegmentator:full"):
@@ -156,6 +157,60 @@ def test_damaged_totalsegmentator_checkpoint_is_named(tiny_weights, tmp_path):
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
     with pytest.raises(LowdoseError, match=str(checkpoint)):
         TotalSegmentatorEncoder(weights_dir=weights)
+
+
+def _copy_fast_model(tiny_weights, tmp_path):
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_weights / "Dataset297_TotalSegmentator_total_3mm_1559subj",
+                    weights / "Dataset297_TotalSegmentator_total_3mm_1559subj")
+    [checkpoint] = weights.glob("*/*/fold_0/checkpoint_final.pth")
+    return weights, checkpoint
+
+
+def test_totalsegmentator_checkpoint_as_nnunet_saves_it_loads_without_unpickling_code(tiny_weights, tmp_path):
+    """nnU-Net v2's trainer saves more than weights: optimiser and grad-scaler state, its training log and
+    best EMA Dice as numpy float64, and its arguments with a torch.device. All of it loads with torch's
+    weights_only loader once numpy scalars (and nothing else) are allowed."""
+    from lowdose.bundle import nnunet_checkpoint_globals
+
+    weights, path = _copy_fast_model(tiny_weights, tmp_path)
+    checkpoint = torch.load(path, weights_only=True)
+    network_weights = checkpoint["network_weights"]
+    parameters = [torch.nn.Parameter(v.float()) for v in network_weights.values() if v.is_floating_point()]
+    optimiser = torch.optim.SGD(parameters, lr=0.01, momentum=0.99, nesterov=True)
+    sum(p.sum() for p in parameters).backward()
+    optimiser.step()
+    dice = np.array([0.8, np.nan, 0.6])
+    checkpoint.update({
+        "optimizer_state": optimiser.state_dict(),
+        "grad_scaler_state": None,
+        "logging": {"mean_fg_dice": [np.nanmean(dice)], "ema_fg_dice": [np.float64(0.7)],
+                    "dice_per_class_or_region": [[np.float64(d) for d in dice]],
+                    "train_losses": [np.mean(np.array([0.5, 0.25], dtype=np.float32))], "lrs": [0.01],
+                    "epoch_start_timestamps": [1.0], "epoch_end_timestamps": [2.0]},
+        "_best_ema": np.float64(0.7),
+    })
+    checkpoint["init_args"]["device"] = torch.device("cpu")
+    torch.save(checkpoint, path)
+    with pytest.raises(Exception, match="numpy"):  # torch alone refuses numpy scalars: the allowance is needed
+        torch.load(path, weights_only=True)
+    with torch.serialization.safe_globals(nnunet_checkpoint_globals()):
+        assert torch.load(path, weights_only=True)["_best_ema"] == 0.7
+    encoder = TotalSegmentatorEncoder(weights_dir=weights)
+    expected = {k[len("encoder."):]: v for k, v in network_weights.items() if k.startswith("encoder.")}
+    assert all(torch.equal(encoder.encoder.state_dict()[k], expected[k]) for k in expected)
+
+
+def test_totalsegmentator_checkpoint_that_runs_code_is_refused(tiny_weights, tmp_path):
+    weights, path = _copy_fast_model(tiny_weights, tmp_path)
+    marker = tmp_path / "the_pickle_ran"
+    real = torch.load(path, weights_only=True)
+    write_crafted_checkpoint(path, marker, real, key="init_args")
+    assert unsafe_load_runs_the_payload(path, marker)  # as nnU-Net itself (weights_only=False) would load it
+    with pytest.raises(LowdoseError, match=f"{path}: refused: the checkpoint holds io.open") as info:
+        TotalSegmentatorEncoder(weights_dir=weights)
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
 
 
 # ------------------------------------------------------------------------------------------------------ timm

@@ -193,7 +193,7 @@ def test_all_anatomy_terms_train_from_the_cli_and_are_recorded(anatomy_run):
     assert meta["anatomy_encoder"]["source"] == "tiny_anatomy"
     card = (anatomy_run / "bundle" / "docs" / "README.md").read_text()
     assert "ASCON MAC loss, ALDEN anatomy-aware discriminator, ALDEN semantic contrastive loss, BioAtt" in card
-    state = torch.load(anatomy_run / "run" / "checkpoint_last.pt", weights_only=False)
+    state = torch.load(anatomy_run / "run" / "checkpoint_last.pt", weights_only=True)
     assert {"mac", "discriminator", "discriminator_optimiser"} <= set(state["anatomy"])  # resumable
 
 

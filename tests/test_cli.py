@@ -22,9 +22,10 @@ def run(*args, cwd=None):
 
 
 def _one_line_error(result, *fragments):
+    command = result.args[len(LOWDOSE)]
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lowdose: error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"lowdose {command}: error: "), result.stderr
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
@@ -121,3 +122,126 @@ def test_demo_with_a_missing_model_fails_before_simulating(tmp_path):
     result = run("demo", "--out", tmp_path / "demo", "--model", tmp_path / "nowhere")
     _one_line_error(result, "nowhere", "no such model")
     assert not (tmp_path / "demo").exists()
+
+
+# ------------------------------------------------------------------------------------ outputs checked first
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Record whether the input is read, a model loaded, or training started: none may happen when the
+    output is refused."""
+    import lowdose
+    import lowdose.denoise
+    import lowdose.training
+
+    calls = []
+
+    def spy(name):
+        def called(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} was called before the output was checked")
+        return called
+
+    monkeypatch.setattr(lowdose, "load_ct", spy("load_ct"))
+    monkeypatch.setattr(lowdose.denoise, "get_denoiser", spy("get_denoiser"))
+    monkeypatch.setattr(lowdose.training, "train", spy("train"))
+    return calls
+
+
+def _main_error(capsys, argv):
+    from lowdose.cli import main
+
+    status = main([str(a) for a in argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"lowdose {argv[0]}: error: "), lines
+    return lines[0]
+
+
+def _folder_with_a_file(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "keep.dcm").write_text("the user's file")
+    return folder
+
+
+@pytest.mark.parametrize("make_output, fragment", [
+    (lambda d, ct: Path("/no/such/dir/out.nii.gz"), "the folder /no/such/dir does not exist"),
+    (lambda d, ct: ct, "would overwrite or write into the input"),
+    (lambda d, ct: d / "out.png", "cannot write .png files"),
+    (lambda d, ct: _folder_with_a_file(d / "taken"), "already exists and is not an empty folder"),
+])
+@pytest.mark.parametrize("command", ["denoise", "simulate"])
+def test_a_bad_output_fails_before_the_input_is_read_or_a_model_loaded(tmp_path, capsys, spies, command,
+                                                                        make_output, fragment):
+    ct = tmp_path / "ct.nii.gz"
+    ct.write_bytes(shared("totalsegmentator/example_ct_sm.nii.gz").read_bytes())
+    output = make_output(tmp_path, ct)
+    line = _main_error(capsys, [command, ct, output])
+    assert str(output) in line and fragment in line, line
+    assert spies == []
+    assert ct.read_bytes() == shared("totalsegmentator/example_ct_sm.nii.gz").read_bytes()
+
+
+def test_denoise_into_a_missing_folder_fails_at_once_from_the_command_line(tmp_path):
+    result = run("denoise", shared("totalsegmentator/example_ct_sm.nii.gz"), "/no/such/dir/out.nii.gz")
+    _one_line_error(result, "/no/such/dir/out.nii.gz", "does not exist")
+
+
+def test_demo_and_train_outputs_are_checked_before_any_work(tmp_path, capsys, spies):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    line = _main_error(capsys, ["demo", "--out", blocker / "demo"])
+    assert f"cannot create the folder {blocker / 'demo'} ({blocker} is a file)" in line
+    config = tmp_path / "train.yaml"
+    config.write_text(f"output_dir: {blocker / 'run'}\ndata: {{train: [{shared('lungmask_chest')}]}}\n")
+    line = _main_error(capsys, ["train", config])
+    assert f"{blocker / 'run'}: cannot create the folder" in line
+    config.write_text(f"output_dir: {tmp_path / 'run'}\ndata: {{train: [{shared('lungmask_chest')}]}}\n")
+    line = _main_error(capsys, ["train", config, "--bundle", shared("lungmask_chest")])
+    assert "would overwrite or write into the input" in line
+    assert spies == []
+
+
+# ------------------------------------------------------------------------------------ no tracebacks
+
+DRIVER = """
+import os, signal, sys, time
+import lowdose
+from lowdose.cli import main
+
+def failing_load_ct(*args, **kwargs):
+    if sys.argv[1] == "interrupt":
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered while lowdose is at work
+        time.sleep(30)
+    raise ZeroDivisionError("float division by zero")  # a bug lowdose did not foresee
+
+lowdose.load_ct = failing_load_ct
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _driver(*args):
+    return subprocess.run([sys.executable, "-c", DRIVER, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_an_unexpected_error_is_one_line_and_the_traceback_needs_debug(tmp_path):
+    ct = shared("totalsegmentator/example_ct_sm.nii.gz")
+    result = _driver("bug", "metrics", ct, ct)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "lowdose metrics: error: internal error (ZeroDivisionError: float division by zero); "
+        "`lowdose --debug metrics ...` prints the traceback"]
+    for argv in (["--debug", "metrics", ct, ct], ["metrics", ct, ct, "--debug"]):
+        result = _driver("bug", *argv)
+        assert result.returncode == 1
+        assert "Traceback (most recent call last)" in result.stderr and "failing_load_ct" in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("lowdose metrics: error: internal error")
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path):
+    ct = shared("totalsegmentator/example_ct_sm.nii.gz")
+    result = _driver("interrupt", "simulate", ct, tmp_path / "out.nii.gz")
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines() == ["lowdose simulate: interrupted"]
+    assert not (tmp_path / "out.nii.gz").exists()

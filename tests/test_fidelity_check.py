@@ -291,3 +291,28 @@ def test_scans_on_another_grid_are_refused_naming_the_file(sample_volume, tmp_pa
     (tmp_path / "file").write_text("")
     with pytest.raises(LowdoseError, match="exists and is not a folder"):
         check_fidelity(other, other, out_dir=tmp_path / "file", progress=False)
+
+
+def test_a_crafted_totalsegmentator_checkpoint_is_refused_before_nnunet_unpickles_it(tmp_path, monkeypatch):
+    """nnU-Net reads its checkpoints with weights_only=False; lowdose reads each one first with torch's
+    weights-only loader, so a checkpoint whose pickle would run code is refused and its payload never runs,
+    while real-format weights (the tiny stand-in, saved as nnU-Net saves) pass."""
+    from lowdose.errors import LowdoseError
+
+    from .checkpoint_fixtures import unsafe_load_runs_the_payload, write_crafted_checkpoint
+    from .fidelity_fixtures import write_tiny_totalsegmentator_weights
+
+    weights = tmp_path / "weights"
+    write_tiny_totalsegmentator_weights(weights, fast=True)
+    monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(weights))
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "home"))
+    assert TotalSegmentatorSegmenter(fast=True, device="cpu").check_weights() == weights
+    checkpoint = next(weights.rglob("checkpoint_final.pth"))
+    marker = tmp_path / "payload-ran"
+    import torch
+
+    write_crafted_checkpoint(checkpoint, marker, torch.load(checkpoint, weights_only=False), key="init_args")
+    with pytest.raises(LowdoseError, match="refused"):
+        TotalSegmentatorSegmenter(fast=True, device="cpu").check_weights()
+    assert not marker.exists()
+    assert unsafe_load_runs_the_payload(checkpoint, marker)  # the control: nnU-Net's own load would run it

@@ -368,3 +368,72 @@ def test_unwritable_output_and_no_half_written_files(tmp_path, sample_volume, mo
         save_ct(sample_volume, tmp_path / "vol.nii.gz")
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     assert leftovers == ["a_file", "taken"], leftovers
+
+
+def test_a_series_with_a_missing_slice_is_refused(tmp_path):
+    """Slice 4 of 8 gone: a 6 mm gap in a 3 mm series, and instance numbers that skip one. Without instance
+    numbers the gap alone, a whole multiple of the spacing, says the same."""
+    source = shared("tcia_pancreatic_ct_cbct_seg")
+    files = _copy_series(source, tmp_path / "gap", 8)
+    files[3].unlink()
+    with pytest.raises(CTInputError, match=r"1 slice\(s\) missing from the series: it steps 3.00 mm but has a gap "
+                                           r"of 6.00 mm between .* instance numbers") as info:
+        load_ct(tmp_path / "gap")
+    assert str(tmp_path / "gap") in str(info.value)
+    files = _copy_series(source, tmp_path / "unnumbered", 8, lambda k, ds: delattr(ds, "InstanceNumber"))
+    files[2].unlink()
+    files[3].unlink()
+    with pytest.raises(CTInputError, match=r"2 slice\(s\) missing .* gap of 9.00 mm"):
+        load_ct(tmp_path / "unnumbered")
+
+
+def test_a_real_change_of_spacing_is_read_slice_by_slice_not_refused(tmp_path):
+    """The same 6 mm step with consecutive instance numbers is how the scanner numbered it: spacing that
+    really varies (as in the GE head series), kept slice by slice."""
+    source = shared("tcia_pancreatic_ct_cbct_seg")
+    numbers = {}
+
+    def renumber(k, ds):
+        numbers[k] = int(ds.InstanceNumber)
+
+    files = _copy_series(source, tmp_path / "varying", 8, renumber)
+    files[3].unlink()
+    # consecutive numbers over the 6 mm step: 134, 133, 132, (131 gone) 130 -> 131, ...
+    for k, f in enumerate(files):
+        if k > 3:
+            ds = pydicom.dcmread(f)
+            ds.InstanceNumber = numbers[k] + (1 if numbers[1] < numbers[0] else -1)
+            ds.save_as(f)
+    volume = load_ct(tmp_path / "varying")
+    assert volume.shape == (7, 512, 512) and not volume.is_regular_grid
+    assert "slice spacing varies from 3.00 to 6.00 mm" in volume.metadata["irregular_reason"]
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda ds: setattr(ds, "PixelSpacing", [0.7, 0.7]), "pixel spacing 0.7 x 0.7 mm but the series starts at"),
+    (lambda ds: setattr(ds, "PixelRepresentation", 1),
+     "pixels stored as 12 of 16 bits, signed but the series starts with 12 of 16 bits, unsigned"),
+    (lambda ds: setattr(ds, "PixelData", ds.PixelData[: len(ds.PixelData) // 2]),
+     "pixel data holds 262,144 bytes but 512 rows x 512 columns x 1 sample\\(s\\) x 2 bytes need 524,288"),
+])
+def test_mismatched_or_short_slices_name_the_slice(tmp_path, edit, problem):
+    files = _copy_series(shared("tcia_pancreatic_ct_cbct_seg"), tmp_path / "series", 4,
+                         lambda k, ds: edit(ds) if k == 2 else None)
+    with pytest.raises(CTInputError, match=problem) as info:
+        load_ct(tmp_path / "series")
+    assert str(files[2]) in str(info.value)
+
+
+def test_dicom_voxel_limit_is_checked_before_any_pixel_is_decoded(tmp_path, monkeypatch):
+    from lowdose.limits import InputLimits
+
+    decoded = []
+    real = pydicom.dataset.Dataset.pixel_array
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array",
+                        property(lambda ds: decoded.append(ds.filename) or real.fget(ds)))
+    limits = InputLimits(max_voxels=20 * 512 * 512 - 1)
+    with pytest.raises(CTInputError, match=r"20 slices of 512x512 = 5,242,880 voxels, more than the limit"):
+        load_ct(SAMPLE_DICOM, limits=limits)
+    assert decoded == []
+    assert load_ct(SAMPLE_DICOM, limits=InputLimits(max_voxels=20 * 512 * 512)).shape == (20, 512, 512)
+    assert len(decoded) == 20  # the spy sees decoding when it happens

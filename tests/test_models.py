@@ -87,3 +87,66 @@ def test_anatomy_encoder_is_shipped_documented_and_segments_the_sample():
                       total_class_names())
     dice = dice_per_group(AnatomyGroupSegmenter().segment(volume), truth)
     assert dice["liver"] > 0.5 and dice["bone"] > 0.3, dice
+
+
+def _crop(volume, y: slice, x: slice):
+    """In-plane crop with its true geometry (origin moved to the first kept voxel)."""
+    from lowdose import CTVolume
+
+    offset = volume.direction @ (np.array([x.start, y.start, 0], dtype=float) * np.array(volume.spacing_mm))
+    return CTVolume(hu=volume.hu[:, y, x].copy(), spacing_mm=volume.spacing_mm,
+                    origin_mm=tuple(np.array(volume.origin_mm) + offset), direction=volume.direction.copy(),
+                    metadata={"format": "nifti"})
+
+
+def test_every_model_listed_as_a_denoiser_denoises():
+    """What `lowdose models` lists as denoisers, and only that, takes a low-dose CT to one closer to the normal
+    dose: each on a 3x64x64 crop (liver and soft tissue) of the sample at a simulated quarter dose. The anatomy
+    encoder is listed apart and refused as a denoiser."""
+    from lowdose.denoise import Denoiser
+    from lowdose.errors import LowdoseError
+
+    result = subprocess.run([str(Path(sys.executable).parent / "lowdose"), "models"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split()[0] for line in result.stdout.splitlines()[1:]]
+    listed = [name for name, line in zip(rows, result.stdout.splitlines()[1:]) if "anatomy encoder" not in line]
+    assert sorted(listed) == sorted(SHIPPED) and len(listed) >= 4
+    normal = load_ct(sample_ct_path()).slices(9, 12)
+    low = simulate_low_dose(normal, 0.25, seed=11)
+    window = (slice(224, 288), slice(224, 288))
+    normal, low = _crop(normal, *window), _crop(low, *window)
+    low_error = float(np.sqrt(np.mean((low.hu - normal.hu) ** 2)))
+    for name in listed:
+        out = Denoiser(name, device="cpu")(low, dose=0.25)
+        error = float(np.sqrt(np.mean((out.hu - normal.hu) ** 2)))
+        assert out.shape == low.shape == (3, 64, 64) and out.origin_mm == low.origin_mm, name
+        assert error < 0.9 * low_error, (name, error, low_error)  # closer to the normal dose than its input
+    for name in rows:
+        if name not in listed:
+            with pytest.raises(LowdoseError, match="not a denoising model"):
+                Denoiser(name, device="cpu")
+
+
+def test_models_lists_damaged_and_non_denoising_bundles_apart(tmp_path, monkeypatch, capsys):
+    """A bundle whose metadata is unreadable or whose weights are missing is not offered as a denoiser."""
+    import shutil
+
+    import lowdose.bundle
+    from lowdose.cli import main
+
+    shutil.copytree(MODELS_DIR / "redcnn", tmp_path / "redcnn")
+    shutil.copytree(MODELS_DIR / "anatomy_encoder", tmp_path / "anatomy_encoder")
+    shutil.copytree(MODELS_DIR / "redcnn", tmp_path / "no_weights")
+    (tmp_path / "no_weights" / "models" / "model.pt").unlink()
+    shutil.copytree(MODELS_DIR / "redcnn", tmp_path / "broken")
+    (tmp_path / "broken" / "configs" / "metadata.json").write_text("{not json")
+    monkeypatch.setattr(lowdose.bundle, "MODELS_DIR", tmp_path)
+    assert available_models() == ["redcnn"]
+    assert main(["models"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(rows) == {"redcnn", "anatomy_encoder", "no_weights", "broken"}
+    network = json.loads((MODELS_DIR / "redcnn" / "configs" / "metadata.json").read_text())["network"]["name"]
+    assert rows["redcnn"].split()[1] == network and " dB" in rows["redcnn"]  # a denoiser's row
+    assert "anatomy encoder" in rows["anatomy_encoder"]
+    assert "damaged bundle" in rows["no_weights"] and "damaged bundle" in rows["broken"]

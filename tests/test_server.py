@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import threading
 import time
 import zipfile
@@ -89,7 +90,7 @@ def _infer(server, files=None, params=None, output="image", model=MODEL, image=N
     if image is not None:
         query["image"] = image
     data = {"params": json.dumps(params)} if params is not None else None
-    return requests.post(f"{server.url}/infer/{model}", params=query, files=files, data=data, timeout=timeout)
+    return server.post(f"/infer/{model}", params=query, files=files, data=data, timeout=timeout)
 
 
 def _load_response_image(response, path: Path):
@@ -131,7 +132,7 @@ def test_error_texts_lose_paths_but_keep_doses_and_urls():
 def test_server_starts_on_loopback_with_the_models_of_models_dir(server):
     import psutil
 
-    info = requests.get(f"{server.url}/info/", timeout=30).json()
+    info = server.get("/info/", timeout=30).json()
     assert MODEL in info["models"]
     assert info["models"][MODEL]["type"] == "others"  # image to image
     assert "finetune" in info["trainers"]
@@ -181,15 +182,30 @@ def test_denoise_upload_gives_the_library_result_with_the_input_geometry(server,
 
 def test_readme_command_serves_the_shipped_model_and_denoises_the_sample(tmp_path):
     """The README's server command with its defaults (the bundled sample as datastore, the repository's
-    models/) and its first curl: the shipped default model denoises the sample over HTTP."""
+    models/, no token given: the server makes one) and its first curl with the token that
+    `lowdose serve --show-token` prints: the shipped default model denoises the sample over HTTP."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
     from lowdose import load_ct, sample_ct_path
 
-    running = start_lowdose_server(tmp_path / "work", None, None)
+    running = start_lowdose_server(tmp_path / "work", None, None, token="")
     try:
-        info = requests.get(f"{running.url}/info/", timeout=30).json()
+        token_file = tmp_path / "work" / "state" / "lowdose" / "server-token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        shown = subprocess.run([sys.executable, "-m", "lowdose.server", "--show-token"], capture_output=True,
+                               text=True, env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "work" / "state")},
+                               timeout=60, check=True).stdout.strip()
+        assert shown == token_file.read_text().strip() and len(shown) >= 32
+        assert running.get("/info/").status_code == 401  # the fixture did not know the token
+        running.token = shown
+        assert str(token_file) in running.log() and shown not in running.log()  # where, never what
+        info = running.get("/info/", timeout=30).json()
         assert MODEL in info["models"] and info["datastore"]["total"] == 1
-        response = requests.post(f"{running.url}/infer/{MODEL}",
-                                 params={"image": "abdomen_ct_sample", "output": "image"}, timeout=600)
+        response = running.post(f"/infer/{MODEL}", params={"image": "abdomen_ct_sample", "output": "image"},
+                                timeout=600)
     finally:
         stop_lowdose_server(running)
     assert response.status_code == 200, response.text
@@ -221,12 +237,12 @@ def test_denoise_datastore_image_returns_json_and_multipart(server):
     assert parts[b"image"].content[:2] == b"\x1f\x8b"  # a gzipped NIfTI
 
 
-def _poll_info_until_done(server, futures, interval: float = 0.25) -> list[float]:
+def _poll_info_until_done(server, futures, interval: float = 0.05) -> list[float]:
     """Ask /info/ again and again until ``futures`` are done; how long each answer took (s)."""
     seconds = []
     while not all(f.done() for f in futures):
         t0 = time.perf_counter()
-        assert requests.get(f"{server.url}/info/", timeout=10).status_code == 200
+        assert server.get("/info/", timeout=10).status_code == 200
         seconds.append(time.perf_counter() - t0)
         time.sleep(interval)
     return seconds
@@ -292,26 +308,25 @@ def test_bad_requests_get_a_clear_4xx_without_paths_or_patient_data(server, tmp_
     ]
     for files, params, status, fragment in cases:
         data = {"params": params} if params is not None else None
-        response = requests.post(f"{server.url}/infer/{MODEL}", params={"output": "image"}, files=files, data=data,
-                                 timeout=120)
+        response = server.post(f"/infer/{MODEL}", params={"output": "image"}, files=files, data=data, timeout=120)
         _assert_clean_error(response, status, fragment, forbidden=("Doe", "Jane"))
 
     save_ct(CTVolume(hu=rng.normal(-500, 50, (3, 40, 40)).astype(np.float32)), tmp_path / "ok.nii.gz")
     response = _infer(server, files={"file": ("ok.nii.gz", (tmp_path / "ok.nii.gz").read_bytes())}, params={"dose": 7})
     _assert_clean_error(response, 400, "dose fraction must be in (0, 1]")
     _assert_clean_error(_infer(server, image="no_such_study"), 404, "no image 'no_such_study'")
-    _assert_clean_error(_infer(server, image="/etc/passwd"), 404, "no image", forbidden=("passwd",))
-    _assert_clean_error(_infer(server, image="../../etc"), 404, "no image")
+    _assert_clean_error(_infer(server, image="/etc/passwd"), 400, "not a valid name", forbidden=("/etc",))
+    _assert_clean_error(_infer(server, image="../../etc"), 400, "not a valid name")
     _assert_clean_error(_infer(server, image=STUDY_ID, model="denoise_nonexistent"), 404,
                         "no model named 'denoise_nonexistent'", MODEL)
     _assert_clean_error(_infer(server, image=STUDY_ID, output="pdf"), 400, "output must be")
     # Requests a web page elsewhere could make: refused.
-    response = requests.post(f"{server.url}/infer/{MODEL}", params={"image": STUDY_ID},
-                             headers={"Origin": "http://evil.example"}, timeout=30)
+    response = server.post(f"/infer/{MODEL}", params={"image": STUDY_ID}, headers={"Origin": "http://evil.example"},
+                           timeout=30)
     _assert_clean_error(response, 403, "cross-origin")
-    response = requests.get(f"{server.url}/info/", headers={"Host": "evil.example"}, timeout=30)
+    response = server.get("/info/", headers={"Host": "evil.example"}, timeout=30)
     _assert_clean_error(response, 400, "Host")
-    assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200  # still serving
+    assert server.get("/info/", timeout=30).status_code == 200  # still serving
 
 
 def test_eight_concurrent_requests_all_succeed_while_info_answers(server, sample_volume, denoiser, tmp_path):
@@ -388,37 +403,57 @@ def test_fidelity_report_and_label_maps(server, studies):
 def _wait_for_task(server, path: str, seconds: float) -> dict:
     deadline = time.time() + seconds
     while time.time() < deadline:
-        response = requests.get(f"{server.url}{path}", timeout=30)
+        response = server.get(path, timeout=30)
         if response.status_code == 200 and response.json().get("status") not in ("SUBMITTED", "RUNNING"):
             return response.json()
         time.sleep(1)
     pytest.fail(f"{path} still running after {seconds:.0f} s; server log ends:\n{server.log()[-3000:]}")
 
 
-def test_batch_inference_over_the_datastore(server, studies):
-    from lowdose import load_ct
-
-    response = requests.post(f"{server.url}/batch/infer/{MODEL}", json={"dose": 0.25}, timeout=60)
-    assert response.status_code == 200, response.text
-    task = _wait_for_task(server, "/batch/infer", 600)
-    assert task["status"] == "DONE", "\n".join(task.get("details", []))
-    result = load_ct(studies / "labels" / "original" / f"{STUDY_ID}.nii.gz")
-    _assert_same_geometry(result, load_ct(studies / f"{STUDY_ID}.nii.gz"))
-
-
 def test_finetune_on_the_datastore_makes_a_new_model_that_the_server_offers(server, models_dir):
     params = {"epochs": 1, "slices_per_epoch": 2, "patches_per_slice": 2, "patch_size": 64, "batch_size": 4}
-    response = requests.post(f"{server.url}/train/finetune", json=params, timeout=60)
+    response = server.post("/train/finetune", json=params, timeout=60)
     assert response.status_code == 200, response.text
     task = _wait_for_task(server, "/train/", 900)
     assert task["status"] == "DONE", "\n".join(task.get("details", []))
     assert (models_dir / "dose_unet_finetuned" / "models" / "model.pt").is_file()
     assert (models_dir / "dose_unet" / "models" / "model.pt").is_file()  # the source model is kept
-    info = requests.get(f"{server.url}/info/", timeout=30).json()
+    info = server.get("/info/", timeout=30).json()
     assert "denoise_dose_unet_finetuned" in info["models"]
     response = _infer(server, image=STUDY_ID, output="json", model="denoise_dose_unet_finetuned")
     assert response.status_code == 200, response.text
     assert response.json()["model"] == "dose_unet_finetuned"
+
+
+def test_finetune_never_overwrites_other_models_and_stopping_needs_the_token(server, models_dir):
+    """After the fine-tune above: its model may be overwritten only when asked; the shipped one never; the
+    running training cannot be stopped without the token."""
+    made = models_dir / "dose_unet_finetuned" / "models" / "model.pt"
+    assert made.is_file(), "runs after test_finetune_on_the_datastore_makes_a_new_model_that_the_server_offers"
+    shipped = (models_dir / "dose_unet" / "models" / "model.pt").read_bytes()
+    quick = {"epochs": 1, "slices_per_epoch": 1, "patches_per_slice": 1, "patch_size": 64, "batch_size": 1}
+    response = server.post("/train/finetune", json={**quick, "output_model": "dose_unet_finetuned"})
+    _assert_clean_error(response, 409, "exists")
+    response = server.post("/train/finetune", json={**quick, "output_model": "dose_unet", "overwrite": True})
+    _assert_clean_error(response, 409, "source model")
+    shutil.copytree(models_dir / "dose_unet", models_dir / "shipped_copy")  # a model fine-tuning did not make
+    try:
+        response = server.post("/train/finetune", json={**quick, "output_model": "shipped_copy", "overwrite": True})
+        _assert_clean_error(response, 409, "not made by fine-tuning")
+    finally:
+        shutil.rmtree(models_dir / "shipped_copy")
+
+    response = server.post("/train/finetune", json={**quick, "epochs": 50, "slices_per_epoch": 200,
+                                                    "output_model": "dose_unet_finetuned", "overwrite": True})
+    assert response.status_code == 200, response.text
+    assert requests.delete(f"{server.url}/train/", timeout=30).status_code == 401
+    assert requests.delete(f"{server.url}/train/", headers={"Authorization": "Bearer wrong-token-0123456789"},
+                           timeout=30).status_code == 401
+    assert server.get("/train/", params={"check_if_running": True}).status_code == 200  # still running
+    assert server.request("DELETE", "/train/").status_code == 200
+    task = _wait_for_task(server, "/train/", 120)
+    assert task["status"] in ("STOPPED", "ERROR"), task["status"]
+    assert (models_dir / "dose_unet" / "models" / "model.pt").read_bytes() == shipped
 
 
 # ----------------------------------------------------------------------------------------- PACS (Orthanc)
@@ -442,7 +477,7 @@ def orthanc(work, pacs_series):
 def pacs_server(work, orthanc, models_dir):
     no_weights = work / "pacs" / "no_totalseg_weights"
     no_weights.mkdir(parents=True)
-    running = start_lowdose_server(work / "pacs", orthanc.dicomweb, models_dir,
+    running = start_lowdose_server(work / "pacs", orthanc.dicomweb, models_dir, max_upload_mb=MAX_UPLOAD_MB,
                                    env_extra={"TOTALSEG_WEIGHTS_PATH": str(no_weights),
                                               "TOTALSEG_HOME_DIR": str(no_weights)})
     yield running
@@ -458,7 +493,7 @@ def test_pacs_round_trip_stores_a_new_derived_series_in_the_same_study(orthanc, 
 
     original = [pydicom.dcmread(f) for f in pacs_series]
     series_uid, study_uid = str(original[0].SeriesInstanceUID), str(original[0].StudyInstanceUID)
-    info = requests.get(f"{pacs_server.url}/info/", timeout=30).json()
+    info = pacs_server.get("/info/", timeout=30).json()
     assert info["lowdose"]["pacs"] and info["datastore"]["total"] == 1
     assert not (APP_DIR / "bin" / "itkimage2segimage").exists()  # no dcmqi download at start-up
 
@@ -509,3 +544,90 @@ def test_fidelity_without_segmentation_weights_is_503(pacs_server, pacs_series):
     series_uid = str(pydicom.dcmread(pacs_series[0], stop_before_pixels=True).SeriesInstanceUID)
     response = _infer(pacs_server, image=series_uid, output="json", model="fidelity", params={"dose": 0.25})
     _assert_clean_error(response, 503, "segmentation model is not installed")
+
+
+def test_pacs_data_lives_only_as_long_as_its_request_and_stays_out_of_the_log(orthanc, pacs_server, pacs_series):
+    """After PACS requests (the round trip above and one more here) no series is left on the server's disk
+    (no cache folder, an empty scratch folder) and no patient name or id is in the server log."""
+    import pydicom
+
+    from lowdose.server.settings import scratch_parent
+
+    first = pydicom.dcmread(pacs_series[0], stop_before_pixels=True)
+    response = _infer(pacs_server, image=str(first.SeriesInstanceUID), output="json",
+                      params={"dose": 0.5, "store_to_pacs": False})
+    assert response.status_code == 200, response.text
+    assert response.json()["pacs"] == {"stored": False}
+    scratch = scratch_parent() / str(pacs_server.process.pid)
+    assert scratch.is_dir()
+    left = [p for p in scratch.rglob("*") if p.is_file() and p.name != ".lock"]  # MONAI Label's datastore lock
+    assert not left, f"left on the server's disk after the request: {left}"
+    cache = pacs_server.log_path.parent / "cache"
+    assert not any(cache.rglob("*.dcm")), "DICOM files kept in the cache folder"
+    log = pacs_server.log()
+    for value in (str(first.PatientName), str(first.PatientID)):
+        assert value and value not in log, f"patient data {value!r} in the server log"
+
+
+def test_pacs_jpeg2000_series_is_decoded(orthanc, pacs_server, tmp_path):
+    """The shared JPEG 2000 (lossless) series, stored in Orthanc with its compressed pixel data as it is, is
+    fetched and denoised (was 500). Its files have no UIDs (anonymised), which a PACS needs: the test gives
+    them some; the pixel data are untouched."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    study, series = generate_uid(entropy_srcs=["j2k study"]), generate_uid(entropy_srcs=["j2k series"])
+    files = []
+    for k, source in enumerate(sorted(shared("totalsegmentator/example_ct_dicom").iterdir())[:6]):
+        ds = pydicom.dcmread(source)
+        assert ds.file_meta.TransferSyntaxUID.is_compressed
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["j2k", str(k)])
+        ds.save_as(tmp_path / f"{k}.dcm")
+        files.append(tmp_path / f"{k}.dcm")
+    upload_to_orthanc(orthanc, files)
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    response = _infer(pacs_server, image=str(first.SeriesInstanceUID), output="json",
+                      params={"dose": 0.25, "store_to_pacs": False})
+    assert response.status_code == 200, response.text
+    assert response.json()["shape_zyx"] == [6, 512, 512]
+
+
+def test_dicomweb_proxy_forwards_dicomweb_only(orthanc, pacs_server, pacs_series):
+    """The proxy answers DICOMweb paths of the PACS; traversal, the PACS's REST API and non-DICOMweb paths are
+    400 and never reach it; only STOW-RS may send, within the upload limit; the token is required."""
+    import http.client
+    import urllib.parse
+
+    import pydicom
+
+    first = pydicom.dcmread(pacs_series[0], stop_before_pixels=True)
+    study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    response = pacs_server.get("/proxy/dicom/qido/studies")
+    assert response.status_code == 200 and study in response.text
+    response = pacs_server.get(f"/proxy/dicom/wado/studies/{study}/series/{series}/metadata")
+    assert response.status_code == 200 and response.json()[0]["0020000E"]["Value"] == [series]
+    assert requests.get(f"{pacs_server.url}/proxy/dicom/qido/studies", timeout=30).status_code == 401
+
+    host, port = urllib.parse.urlsplit(pacs_server.url).hostname, urllib.parse.urlsplit(pacs_server.url).port
+    attacks = ["/proxy/dicom/qido/../../system", "/proxy/dicom/qido/studies/../../patients",
+               "/proxy/dicom/qido/%2e%2e/%2e%2e/patients", "/proxy/dicom/qido/studies/..%2f..%2fpatients",
+               "/proxy/dicom/wado/patients", "/proxy/dicom/wado/instances/../../tools/now",
+               f"/proxy/dicom/wado/studies/{study}/archive", "/proxy/dicom/qido/studies/1.2;x",
+               "/proxy/dicom/wado/studies/%252e%252e/system", "/proxy/dicom/qido/studies\\..\\..\\system"]
+    for path in attacks:  # sent as they are (no client-side normalisation of '..')
+        connection = http.client.HTTPConnection(host, port, timeout=30)
+        connection.request("GET", path, headers=pacs_server.headers)
+        answer = connection.getresponse()
+        body = answer.read().decode(errors="replace")
+        connection.close()
+        assert answer.status in (400, 404), f"{path}: {answer.status} {body[:200]}"
+        assert "Orthanc" not in body and "PatientID" not in body and "00100020" not in body, path
+    dataset = pydicom.dcmread(pacs_series[0])
+    assert pacs_server.post("/proxy/dicom/qido/studies", data=b"x").status_code == 404
+    too_big = pacs_server.post("/proxy/dicom/stow/studies", data=b"\0" * int((MAX_UPLOAD_MB + 1) * 2**20),
+                               headers={"Content-Type": "application/dicom"})
+    assert too_big.status_code == 413
+    assert dataset.SeriesInstanceUID  # the PACS still holds only what the tests stored
+    listed = pacs_server.get(f"/proxy/dicom/qido/studies/{study}/series").json()
+    assert series in {s["0020000E"]["Value"][0] for s in listed}

@@ -5,7 +5,8 @@ real CT files (small crops of the bundled sample series, written with lowdose.sa
 A model bundle with randomly initialised weights stands in for the trained one, and a tiny random
 TotalSegmentator model for the real segmentation weights (neither can exist here): these tests check the
 client (upload, progress, cancellation, time limits, errors, consent, geometry of what comes back), not
-denoising or segmentation quality. 3D Slicer itself cannot run here; the module's Slicer side is checked
+denoising or segmentation quality. The server requires its access token (a random one per test server,
+given to it through LOWDOSE_TOKEN); the client sends it. 3D Slicer itself cannot run here; the module's Slicer side is checked
 in tests/test_slicer_module.py and by its self-test inside Slicer.
 
 Two answers the real server never gives (a result that is not a volume, a server that is not lowdose's)
@@ -30,9 +31,10 @@ from .server_fixtures import crop_volume, free_port, make_random_bundle, start_l
 MODULE_DIR = Path(__file__).resolve().parent.parent / "slicer_extension" / "LowDoseDenoise"
 sys.path.insert(0, str(MODULE_DIR))
 
-from LowDoseDenoiseLib.client import (Cancelled, ConsentRequired, JsonConsentStore, LowDoseClient,  # noqa: E402
-                                      NotAVolume, ServerError, ServerUnreachable, Timeout, Timeouts,
-                                      fidelity_label_names, fidelity_rows, parse_dose, server_key, sniff_volume)
+from LowDoseDenoiseLib.client import (AuthenticationError, Cancelled, ConsentRequired,  # noqa: E402
+                                      JsonConsentStore, LowDoseClient, NotAVolume, ServerError, ServerUnreachable,
+                                      Timeout, Timeouts, fidelity_label_names, fidelity_rows, parse_dose, server_key,
+                                      sniff_volume)
 from LowDoseDenoiseLib.jobs import BackgroundJob  # noqa: E402
 
 MODEL_TASK = "denoise_dose_unet"
@@ -100,7 +102,7 @@ def consent(tmp_path) -> JsonConsentStore:
 @pytest.fixture()
 def client(server, consent) -> LowDoseClient:
     consent.allow(server.url)
-    return LowDoseClient(server.url, consent, Timeouts(connect=5, response=300, idle=60))
+    return LowDoseClient(server.url, consent, Timeouts(connect=5, response=300, idle=60), token=server.token)
 
 
 def _assert_same_geometry(result, reference):
@@ -175,6 +177,27 @@ def test_denoise_nrrd_with_automatic_dose_in_a_background_job(client, slow_ct):
 # ----------------------------------------------------------------------------------------- errors
 
 
+def test_without_its_token_or_with_a_wrong_one_the_server_refuses_and_says_where_to_find_it(server, consent,
+                                                                                         small_ct):
+    assert server.token, "the test server was started without a token"
+    consent.allow(server.url)
+    wrong = "not-the-servers-token-0123456789"
+    for token in (None, wrong):
+        client = LowDoseClient(server.url, consent, Timeouts(connect=5, response=60, idle=60), token=token)
+        for request in (client.info, lambda: client.denoise(small_ct, MODEL_TASK),
+                        lambda: client.fidelity(small_ct, "dose_unet")):
+            with pytest.raises(AuthenticationError) as caught:
+                request()
+            error = caught.value
+            assert isinstance(error, ServerError) and error.status == 401
+            assert error.token_given == (token is not None)
+            assert "Server token field" in str(error) and "lowdose serve --show-token" in str(error)
+            for secret in (server.token, wrong):
+                assert secret not in str(error) and secret not in repr(error) and secret not in repr(client)
+    right = LowDoseClient(server.url, consent, token=f"  Bearer {server.token}\n")  # pasted with the header's word
+    assert right.models() and server.token not in repr(right)
+
+
 def test_server_down_is_server_unreachable(consent):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     consent.allow(url)
@@ -212,7 +235,7 @@ def test_bad_input_and_too_large_uploads_give_the_servers_message(client, tmp_pa
 
 def test_a_very_small_time_limit_is_timeout(server, consent, slow_ct):
     consent.allow(server.url)
-    client = LowDoseClient(server.url, consent, Timeouts(connect=5, response=0.2, idle=60))
+    client = LowDoseClient(server.url, consent, Timeouts(connect=5, response=0.2, idle=60), token=server.token)
     started = time.monotonic()
     with pytest.raises(Timeout, match="no answer within 0.2 s"):
         client.denoise(slow_ct, MODEL_TASK, dose=0.25)
@@ -235,7 +258,7 @@ def test_cancel_while_the_server_works_returns_promptly(client, slow_ct):
 
 def test_cancel_during_upload_stops_sending_and_a_cancelled_job_reports_cancelled(server, consent, slow_ct):
     consent.allow(server.url)
-    client = LowDoseClient(server.url, consent, chunk_bytes=16 * 1024)
+    client = LowDoseClient(server.url, consent, chunk_bytes=16 * 1024, token=server.token)
     uploads = []
     cancel = threading.Event()
 
@@ -306,6 +329,7 @@ class _StandIn(http.server.BaseHTTPRequestHandler):
         self._answer()
 
     def _answer(self):
+        self.server.authorization.append(self.headers.get("Authorization"))
         status, content_type, body = self.server.reply
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -320,6 +344,7 @@ class _StandIn(http.server.BaseHTTPRequestHandler):
 @pytest.fixture()
 def stand_in():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StandIn)
+    httpd.authorization = []
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
@@ -361,6 +386,28 @@ def test_a_result_that_is_not_a_volume_is_not_a_volume(stand_in, consent, small_
     assert caught.value.status == 502 and caught.value.message == "Bad Gateway"
 
 
+def test_the_token_goes_with_every_request_and_a_401_from_anywhere_is_an_authentication_error(stand_in, consent,
+                                                                                            small_ct):
+    url = f"http://127.0.0.1:{stand_in.server_address[1]}"
+    consent.allow(url)
+    token = "tok-" + "a1B2" * 8
+    client = LowDoseClient(url, consent, token=token)
+    stand_in.reply = (200, *_multipart({"model": "x"}, small_ct.read_bytes()))
+    client.denoise(small_ct, MODEL_TASK)
+    stand_in.reply = (200, "application/json", json.dumps({"name": "lowdose", "lowdose": {}, "models": {}}).encode())
+    client.info()
+    assert stand_in.authorization == [f"Bearer {token}"] * 2  # the upload (POST) and the question (GET)
+
+    stand_in.authorization.clear()
+    LowDoseClient(url, consent).info()
+    assert stand_in.authorization == [None]  # no token: no header at all
+
+    stand_in.reply = (401, "application/json", b'{"detail": "missing or invalid bearer token"}')
+    with pytest.raises(AuthenticationError, match="lowdose serve --show-token") as caught:
+        client.denoise(small_ct, MODEL_TASK)
+    assert caught.value.token_given and token not in str(caught.value)
+
+
 def test_dose_text_and_server_addresses():
     assert parse_dose("auto") == parse_dose("") == parse_dose(None) == "auto"
     assert parse_dose("1/4") == parse_dose("25%") == parse_dose("0.25") == parse_dose("1/4 (25 %)") == 0.25
@@ -384,7 +431,7 @@ def test_fidelity_check_returns_the_report_and_label_maps_on_the_input_grid(serv
     from lowdose.fidelity import load_label_map
 
     consent.allow(server.url)
-    client = LowDoseClient(server.url, consent, Timeouts(connect=5, response=600, idle=60))
+    client = LowDoseClient(server.url, consent, Timeouts(connect=5, response=600, idle=60), token=server.token)
     try:
         result = client.fidelity(tiny_ct, "dose_unet", dose=0.25, labels=True, result_dir=tmp_path)
     except Timeout:

@@ -139,7 +139,7 @@ def test_every_widget_the_code_uses_is_in_the_ui_file():
     assert not missing, f"self.ui.<name> not in {UI_FILE.name}: {missing}"
     # And the other way round: every interactive widget in the .ui is wired up in the code.
     interactive = {n for n, c in names.items() if c in ("QPushButton", "QCheckBox", "QComboBox", "QTableWidget",
-                                                         "qMRMLNodeComboBox", "QProgressBar")}
+                                                         "qMRMLNodeComboBox", "QProgressBar", "QLineEdit")}
     assert not interactive - used, f"widgets in the .ui that the code never uses: {sorted(interactive - used)}"
 
 
@@ -154,13 +154,52 @@ def test_every_slot_and_logic_method_the_widget_calls_exists():
             if isinstance(slot, ast.Attribute) and _is_self_attr(slot, slot.attr):
                 assert slot.attr in widget_methods, f"slot self.{slot.attr} is not a method of the widget"
         if isinstance(node, ast.Attribute) and _is_self_attr(node.value, "logic"):
-            assert node.attr in logic_methods | {"consent", "timeouts"}, f"self.logic.{node.attr} does not exist"
+            assert node.attr in logic_methods | {"consent", "tokens", "timeouts"}, f"self.logic.{node.attr} does not exist"
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and _is_self_attr(node.func, node.func.attr):
             assert node.func.attr in widget_methods | inherited, f"self.{node.func.attr}() is not a widget method"
     test = _class(tree, "LowDoseDenoiseTest")
     for node in ast.walk(test):
         if isinstance(node, ast.Attribute) and _is_self_attr(node.value, "logic"):
-            assert node.attr in logic_methods | {"consent", "timeouts"}, f"test calls self.logic.{node.attr}"
+            assert node.attr in logic_methods | {"consent", "tokens", "timeouts"}, f"test calls self.logic.{node.attr}"
+
+
+def test_the_server_token_field_sits_with_the_server_address_and_hides_what_is_typed():
+    root = ET.parse(UI_FILE).getroot()
+    server = next(w for w in root.iter("widget") if w.get("name") == "serverCollapsibleButton")
+    field = next((w for w in server.iter("widget") if w.get("name") == "serverTokenLineEdit"), None)
+    assert field is not None and field.get("class") == "QLineEdit", "no Server token field in the Server section"
+    echo = {p.get("name"): p.findtext("enum") for p in field.findall("property")}.get("echoMode")
+    assert echo == "QLineEdit::Password"
+    assert "lowdose serve --show-token" in ET.tostring(field, encoding="unicode")  # the tooltip says where it is
+    labels = [w.findtext("property/string") for w in server.iter("widget") if w.get("class") == "QLabel"]
+    assert "Server token:" in labels
+
+
+def test_the_widget_sends_the_token_it_shows_and_never_logs_it():
+    """Every request the widget starts passes the field's token; no logging call or message mentions it."""
+    widget = _class(_tree(MODULE_FILE), "LowDoseDenoiseWidget")
+    starts = [n for n in ast.walk(widget) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+              and _is_self_attr(n.func.value, "logic") and n.func.attr in ("startDenoise", "startFidelity", "client")]
+    assert {n.func.attr for n in starts} == {"startDenoise", "startFidelity", "client"}
+    for call in starts:
+        passed = [*call.args, *(k.value for k in call.keywords)]
+        assert any(isinstance(a, ast.Name) and a.id == "token" or
+                   isinstance(a, ast.Call) and _is_self_attr(a.func, "serverToken") for a in passed), \
+            f"self.logic.{call.func.attr}(...) at line {call.lineno} is not given the token"
+    shown = 0
+    for node in ast.walk(_tree(MODULE_FILE)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        func = node.func
+        logs = isinstance(func.value, ast.Name) and func.value.id == "logging"
+        displays = func.attr in ("errorDisplay", "delayDisplay") or (
+            func.attr == "setText" and not _is_self_attr(func.value, "ui", "serverTokenLineEdit"))
+        if logs or displays:
+            shown += 1
+            used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+            used |= {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+            assert not used & {"token", "serverToken", "_token"}, f"line {node.lineno} shows or logs the token"
+    assert shown > 20  # the check looked at the module's messages
 
 
 # ----------------------------------------------------------------------------------------- CMake

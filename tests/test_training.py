@@ -18,6 +18,7 @@ from lowdose.denoise import Denoiser
 from lowdose.errors import LowdoseError
 from lowdose.training import TrainConfig, export_bundle, train
 
+from .checkpoint_fixtures import unsafe_load_runs_the_payload, write_crafted_checkpoint
 from .conftest import shared
 
 TINY = {
@@ -69,7 +70,7 @@ def test_dose_estimator_stage_trains_on_whole_slices_and_is_what_ships(tiny_run)
     stage = history["estimator_stage"]
     assert len(stage["epochs"]) == 1 and stage["slices_per_epoch"] >= 2
     assert np.isfinite(stage["epochs"][0]["dose_loss"])
-    best = torch.load(root / "run" / "checkpoint_best.pt", map_location="cpu", weights_only=False)
+    best = torch.load(root / "run" / "checkpoint_best.pt", map_location="cpu", weights_only=True)
     shipped = torch.load(root / "bundle" / "models" / "model.pt", map_location="cpu", weights_only=True)
     for key, value in best["dose_estimator"].items():
         assert torch.equal(shipped["dose_estimator"][key], value), key
@@ -212,3 +213,77 @@ def test_simulation_pool_shares_doses_and_is_simulated_once(tmp_path):
     assert len(list((tmp_path / "cache").iterdir())) <= 3  # never more simulations than pool entries
     assert {round(float(item["dose"]), 6) for item in first + second} <= {0.5, 0.25, 0.1}
     assert first[0]["low"].shape == (3, 48, 48) and first[0]["normal"].shape == (1, 48, 48)
+
+
+def test_lowdose_checkpoints_hold_only_what_weights_only_loading_reads(tiny_run, tmp_path):
+    """Every file lowdose saves loads with torch's weights_only loader and nothing allowed besides; numpy
+    scalars, paths and dataclasses are turned into plain types when saving."""
+    import dataclasses
+    from pathlib import Path
+
+    import torch
+
+    from lowdose.bundle import _atomic_torch_save, load_checkpoint
+
+    root, config, history = tiny_run
+    for path in (root / "run" / "checkpoint_last.pt", root / "run" / "checkpoint_best.pt",
+                 root / "bundle" / "models" / "model.pt"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        assert "network" in state and all(isinstance(v, torch.Tensor) for v in state["network"].values()), path
+    last = load_checkpoint(root / "run" / "checkpoint_last.pt")
+    assert last["history"]["epochs"][0]["val_psnr_abdomen"] == history["epochs"][0]["val_psnr_abdomen"]
+
+    @dataclasses.dataclass
+    class Record:
+        psnr: float
+
+    _atomic_torch_save({"psnr": np.float64(31.5), "epoch": np.int64(3), "folder": Path("/data/ct"),
+                        "figures": np.array([1.0, 2.0]), "record": Record(np.float32(2.5)), "doses": {0.25}},
+                       tmp_path / "c.pt")
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert state["psnr"] == 31.5 and type(state["psnr"]) is float and type(state["epoch"]) is int
+    assert state["folder"] == "/data/ct" and state["record"] == {"psnr": 2.5} and state["doses"] == [0.25]
+    assert torch.equal(state["figures"], torch.tensor([1.0, 2.0], dtype=torch.float64))
+
+
+def test_a_checkpoint_that_runs_code_is_refused_by_resume_export_and_load(tiny_run, tmp_path):
+    """A crafted checkpoint (its pickle creates a marker file) handed to `lowdose train --resume`, to
+    export_bundle and as a bundle's weights is refused, naming the file; the marker never appears."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from lowdose.bundle import load_bundle
+
+    root, _, _ = tiny_run
+    marker = tmp_path / "the_pickle_ran"
+    real = torch.load(root / "run" / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    raw = json.loads(json.dumps(TINY))
+    raw["output_dir"] = str(tmp_path / "run")
+    raw["data"]["train"] = [str(shared("totalsegmentator/pulmonary_report_ct_cropped.nii.gz"))]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(raw))
+    crafted = write_crafted_checkpoint(tmp_path / "run" / "checkpoint_last.pt", marker, real)
+    assert unsafe_load_runs_the_payload(crafted, marker)  # the control: the old loader would have run it
+
+    lowdose = Path(sys.executable).parent / "lowdose"
+    result = subprocess.run([str(lowdose), "train", str(tmp_path / "train.yaml"), "--resume", "--quiet"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "error" in line]
+    assert line.startswith(f"lowdose train: error: {crafted}: refused: the checkpoint holds ") and "Traceback" not in result.stderr
+    assert not marker.exists()
+
+    with pytest.raises(LowdoseError, match=f"{crafted}: refused"):
+        export_bundle(crafted, tmp_path / "bundle")
+    assert not marker.exists() and not (tmp_path / "bundle" / "models" / "model.pt").exists()
+
+    shutil.copytree(root / "bundle", tmp_path / "evil_bundle")
+    weights = tmp_path / "evil_bundle" / "models" / "model.pt"
+    write_crafted_checkpoint(weights, marker, torch.load(weights, weights_only=True), key="note")
+    with pytest.raises(LowdoseError, match=f"{weights}: refused"):
+        load_bundle(tmp_path / "evil_bundle")
+    assert not marker.exists()

@@ -9,15 +9,19 @@ import logging
 import multiprocessing
 import os
 import sys
+import tempfile
 import threading
 
+from pathlib import Path
+
 import lowdose
-from lib.batch import DenoiseBatchInfer
 from lib.datastore import PacsDatastore, has_image, local_datastore
 from lib.infers import DenoiseTask, FidelityTask, discover_models
 from lib.options import AppOptions
 from lib.trainers import FineTuneTask
 from monailabel.interfaces.app import MONAILabelApp
+
+from lowdose.errors import LowdoseError
 
 log = logging.getLogger("lowdose.app")
 
@@ -54,7 +58,7 @@ class LowdoseApp(MONAILabelApp):
 
     def init_remote_datastore(self):
         log.info("PACS mode: %s", self.studies)
-        return PacsDatastore(self.studies)
+        return PacsDatastore(self.studies, self.options.pacs_connect_timeout, self.options.pacs_read_timeout)
 
     def _download_dcmqi_tools(self):
         pass  # lowdose stores images, not DICOM SEG: the tools are never needed
@@ -96,13 +100,18 @@ class LowdoseApp(MONAILabelApp):
         default = self._default_model(models)
         return {"finetune": FineTuneTask(default, models[default], self.options)} if default else {}
 
-    def init_batch_infer(self):
-        return DenoiseBatchInfer()
-
     def infer(self, request, datastore=None):
+        """Run a task on an upload or a datastore image (a PACS series is fetched into the request's folder)."""
         image = request.get("image")
-        if isinstance(image, str) and not request.get("uploaded") and not os.path.exists(image):
-            request = {**request, "image_id": image}  # from the datastore: a PACS result may be stored back
+        if not request.get("uploaded"):
+            if not isinstance(image, str) or not self.has_image(image):
+                raise LowdoseError(f"no image {str(image)[:80]!r} in the datastore")
+            request = {**request, "image_id": image}  # a PACS result may be stored back
+            if isinstance(self._datastore, PacsDatastore):
+                into = Path(request["result_dir"]) if request.get("result_dir") else None
+                request["image"] = str(self._datastore.download_series(image, into or Path(tempfile.gettempdir())))
+            else:
+                request["image"] = self._datastore.get_image_uri(image)
         return super().infer(request, datastore)
 
     def info(self):
@@ -111,5 +120,6 @@ class LowdoseApp(MONAILabelApp):
         meta["lowdose"] = {"version": lowdose.__version__, "device": self.options.device,
                            "pacs": isinstance(self._datastore, PacsDatastore),
                            "max_upload_mb": self.options.max_upload_mb,
-                           "infer_concurrency": self.options.infer_concurrency}
+                           "infer_concurrency": self.options.infer_concurrency,
+                           "infer_queue": self.options.infer_queue}
         return meta

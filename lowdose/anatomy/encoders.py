@@ -61,7 +61,7 @@ class LowdoseAnatomyEncoder(AnatomyEncoder):
 
     def __init__(self, bundle: str | Path = "anatomy_encoder"):
         super().__init__()
-        from ..bundle import find_bundle
+        from ..bundle import find_bundle, load_checkpoint
         from ..networks import build_network
 
         folder = find_bundle(bundle)
@@ -69,8 +69,8 @@ class LowdoseAnatomyEncoder(AnatomyEncoder):
         if meta.get("lowdose_kind") != "anatomy_encoder":
             raise LowdoseError(f"{folder}: not an anatomy encoder bundle (it is a {meta.get('lowdose_kind', 'denoiser')})")
         self.network = build_network(meta["network"]["name"], **meta["network"]["kwargs"])
+        state = load_checkpoint(folder / "models" / "model.pt")
         try:
-            state = torch.load(folder / "models" / "model.pt", map_location="cpu", weights_only=True)
             self.network.load_state_dict(state["network"])
         except (OSError, RuntimeError, KeyError) as exc:
             raise LowdoseError(f"{folder}: damaged anatomy encoder bundle ({str(exc).splitlines()[0]})") from None

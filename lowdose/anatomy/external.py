@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..bundle import load_checkpoint, nnunet_checkpoint_globals
 from ..errors import LowdoseError
 from ..fidelity.segmenter import TotalSegmentatorWeightsError, required_model_folders, totalsegmentator_weights_dir
 from .encoders import AnatomyEncoder
@@ -118,10 +119,8 @@ class TotalSegmentatorEncoder(AnatomyEncoder):
                                f"{scheme}, axes {transpose}); use TotalSegmentator's task 'total' weights")
 
         checkpoint_path = folder / "fold_0" / "checkpoint_final.pth"
+        checkpoint = load_checkpoint(checkpoint_path, safe_globals=nnunet_checkpoint_globals())
         try:
-            # weights_only=False as nnU-Net itself loads it: the checkpoint also holds plain Python objects
-            # (trainer arguments), and it is the user's own TotalSegmentator install.
-            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
             network.load_state_dict(checkpoint["network_weights"])
         except (OSError, RuntimeError, KeyError, TypeError, EOFError, ValueError) as exc:
             raise LowdoseError(f"{checkpoint_path}: its weights do not load into the network its plans.json "

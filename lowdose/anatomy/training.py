@@ -133,7 +133,7 @@ def train_anatomy_encoder(config: AnatomyEncoderConfig, bundle_dir: str | Path |
     from scipy.ndimage import gaussian_filter
     from tqdm.auto import tqdm
 
-    from ..bundle import DEFAULT_NORMALISATION, hu_to_input
+    from ..bundle import DEFAULT_NORMALISATION, _atomic_torch_save, hu_to_input
     from ..networks import build_network
     from ..simulate import simulate_low_dose
     from ..training.loop import pick_device
@@ -213,7 +213,7 @@ def train_anatomy_encoder(config: AnatomyEncoderConfig, bundle_dir: str | Path |
         log.info(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                           if not isinstance(v, dict)))
     state = {"network": network.state_dict()}
-    torch.save({**state, "history": history}, out / "checkpoint_last.pt")
+    _atomic_torch_save({**state, "history": history}, out / "checkpoint_last.pt")
     (out / "history.json").write_text(json.dumps(history, indent=2))
     if bundle_dir is not None:
         export_anatomy_bundle(bundle_dir, config, state["network"], history)

@@ -93,11 +93,13 @@ def load_thresholds(path: str | None):
 
 def run(args) -> None:
     """The handler of ``lowdose fidelity``."""
+    from ..io import check_output_folder
     from .check import check_fidelity
     from .segmenter import TotalSegmentatorSegmenter
 
     if args.reference_labels and not args.reference:
         raise LowdoseError("--reference-labels needs --reference (the scan gives the HU figures)")
+    check_output_folder(args.out, inputs=(args.original, args.denoised, args.reference))
     thresholds = load_thresholds(args.thresholds)
     labels = {role: path for role, path in (("original", args.original_labels), ("denoised", args.denoised_labels),
                                             ("reference", args.reference_labels)) if path}

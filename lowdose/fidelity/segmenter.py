@@ -16,9 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_bytes_atomically
+from ..bundle import load_checkpoint, nnunet_checkpoint_globals
 from ..errors import LowdoseError
 from ..volume import CTVolume
-from ..atomic import write_bytes_atomically
+
+# Checkpoints (path, mtime) already proven readable without arbitrary unpickling.
+_SAFE_CHECKPOINTS: set[tuple[str, int]] = set()
 
 # LPS (DICOM, SimpleITK, CTVolume) to RAS (NIfTI as nibabel and TotalSegmentator read it).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -235,7 +239,21 @@ class TotalSegmentatorSegmenter(Segmenter):
                     f"`totalseg_download_weights -t {task}` (or TotalSegmentator{' --fast' if self.fast else ''} "
                     f"once on any CT), then copy the folder {dataset} from its ~/.totalsegmentator/nnunet/results "
                     f"into {weights} here, or set TOTALSEG_WEIGHTS_PATH to the folder that holds it")
+            self._check_checkpoint_is_safe(checkpoint)
         return weights
+
+    def _check_checkpoint_is_safe(self, checkpoint: Path) -> None:
+        """Refuse a checkpoint that only arbitrary unpickling could read, before nnU-Net unpickles it.
+
+        nnU-Net loads its checkpoints with ``weights_only=False``; the same bytes, read first by torch's
+        weights-only loader (tensors, plain types, numpy scalars), prove it cannot run code. Checked once per
+        file and modification time.
+        """
+        stamp = (str(checkpoint), checkpoint.stat().st_mtime_ns)
+        if stamp in _SAFE_CHECKPOINTS:
+            return
+        load_checkpoint(checkpoint, safe_globals=tuple(nnunet_checkpoint_globals()))
+        _SAFE_CHECKPOINTS.add(stamp)
 
     def describe(self) -> dict:
         try:

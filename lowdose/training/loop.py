@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import write_text_atomically
-from ..bundle import DEFAULT_NORMALISATION, _atomic_torch_save as _atomic_save, hu_to_input, output_to_hu, save_bundle
+from ..bundle import DEFAULT_NORMALISATION, _atomic_torch_save as _atomic_save, hu_to_input, load_checkpoint, output_to_hu, save_bundle
 from ..errors import LowdoseError
 from ..metrics import psnr, ssim
 from .config import TrainConfig
@@ -124,7 +124,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True,
     if resume:
         if not checkpoint_path.is_file():
             raise LowdoseError(f"{checkpoint_path}: no checkpoint to resume from")
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        state = load_checkpoint(checkpoint_path, map_location=device)
         network.load_state_dict(state["network"])
         if estimator is not None and state.get("dose_estimator") is not None:
             estimator.load_state_dict(state["dose_estimator"])
@@ -256,7 +256,7 @@ def _train_estimator_stage(config, out, network, estimator, sampler, validation,
     from tqdm.auto import tqdm
 
     best_path = out / "checkpoint_best.pt"
-    best_state = torch.load(best_path, map_location=device, weights_only=False)
+    best_state = load_checkpoint(best_path, map_location=device)
     network.load_state_dict(best_state["network"])  # the exported denoiser, for val_psnr_abdomen_auto
     if best_state.get("dose_estimator") is not None:
         estimator.load_state_dict(best_state["dose_estimator"])
@@ -354,7 +354,7 @@ def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, history: dict 
     from ..networks import build_network, count_gflops, count_parameters
     from .model_card import model_card
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)
     config = TrainConfig.from_dict(state["config"])
     history = history or state.get("history") or {}
     epochs = history.get("epochs", [])
@@ -424,7 +424,7 @@ def _load_initial_weights(config: TrainConfig, network, estimator) -> None:
     if meta["network"]["name"] != config.network.name or comparable(meta["network"]["kwargs"]) != comparable(config.network.kwargs):
         raise LowdoseError(f"{folder}: its network ({meta['network']['name']} {meta['network']['kwargs']}) is not the "
                            f"config's ({config.network.name} {config.network.kwargs}); fine-tuning needs the same")
-    state = torch.load(folder / "models" / "model.pt", map_location="cpu", weights_only=True)
+    state = load_checkpoint(folder / "models" / "model.pt")
     missing, unexpected = network.load_state_dict(state["network"], strict=False)
     if unexpected or any(not key.startswith("attention.") for key in missing):
         raise LowdoseError(f"{folder}: its weights do not fit the config's network (missing {missing[:3]}, "

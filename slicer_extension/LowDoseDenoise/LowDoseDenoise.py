@@ -16,10 +16,10 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from LowDoseDenoiseLib.client import (DOSE_CHOICES, FIDELITY_COLUMNS, Cancelled, ConsentRequired, ConsentStore,
-                                      JsonConsentStore, LowDoseClient, LowDoseClientError, ModelInfo,
-                                      ServerUnreachable, Timeouts, fidelity_label_names, fidelity_rows, parse_dose,
-                                      server_key)
+from LowDoseDenoiseLib.client import (DOSE_CHOICES, FIDELITY_COLUMNS, AuthenticationError, Cancelled,
+                                      ConsentRequired, ConsentStore, JsonConsentStore, LowDoseClient,
+                                      LowDoseClientError, ModelInfo, ServerUnreachable, Timeouts, TokenStore,
+                                      fidelity_label_names, fidelity_rows, parse_dose, server_key)
 from LowDoseDenoiseLib.jobs import BackgroundJob
 
 SETTINGS_GROUP = "LowDoseDenoise"
@@ -93,6 +93,16 @@ class QSettingsConsentStore(ConsentStore):
                               lambda text: _set_settings_value(self.KEY, text))
 
 
+class QSettingsTokenStore(TokenStore):
+    """Each server's access token, kept in Slicer's settings (QSettings) like the server addresses."""
+
+    KEY = "ServerTokens"
+
+    def __init__(self):
+        TokenStore.__init__(self, lambda: _settings_value(self.KEY, None),
+                            lambda text: _set_settings_value(self.KEY, text))
+
+
 #
 # Widget
 #
@@ -111,6 +121,7 @@ class LowDoseDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.fidelityResult = None
         self.fidelitySegmentations = ()
         self.timer = None
+        self._savedTokenShown = ""  # the token field's text when it was filled from the settings
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -131,6 +142,7 @@ class LowDoseDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.serverUrlComboBox.addItems(urls)
         self.ui.serverUrlComboBox.setEditText(str(_settings_value("ServerUrl", urls[0])))
         self.ui.serverUrlComboBox.connect("currentTextChanged(QString)", self.onServerUrlEdited)
+        self.ui.serverTokenLineEdit.connect("returnPressed()", self.onConnect)
         self.ui.connectButton.connect("clicked()", self.onConnect)
         self.ui.allowUploadCheckBox.connect("clicked(bool)", self.onAllowUploadClicked)
 
@@ -197,36 +209,55 @@ class LowDoseDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def serverUrl(self):
         return self.ui.serverUrlComboBox.currentText.strip()
 
+    def serverToken(self):
+        return self.ui.serverTokenLineEdit.text.strip()
+
     def onServerUrlEdited(self, text):
         try:
             allowed = self.logic.consent.is_allowed(text.strip())
         except ValueError:
             allowed = False
         self.ui.allowUploadCheckBox.setChecked(allowed)
+        self.showSavedToken(text.strip())
         if self.info is not None and getattr(self, "_connectedUrl", None) != text.strip():
             self.ui.serverStatusLabel.setText("Not connected: press Connect.")
         self.updateButtons()
 
+    def showSavedToken(self, url):
+        """Fill the token field with the token saved for this server; another server's saved token never stays
+        in it (it would be sent to this one)."""
+        try:
+            saved = self.logic.tokens.get(url)
+        except ValueError:  # not a server address (yet)
+            saved = ""
+        if saved or self.ui.serverTokenLineEdit.text == self._savedTokenShown:
+            self.ui.serverTokenLineEdit.setText(saved)
+            self._savedTokenShown = saved
+
     def onConnect(self):
-        url = self.serverUrl()
+        url, token = self.serverUrl(), self.serverToken()
         try:
             server_key(url)
+            self.logic.tokens.set(url, token)  # remembered for this server only; an empty field forgets it
         except ValueError as exc:
             slicer.util.errorDisplay(str(exc))
             return
+        self._savedTokenShown = self.ui.serverTokenLineEdit.text
         self.ui.serverStatusLabel.setText("Connecting...")
         slicer.app.processEvents()
         try:
             with _WaitCursor():
-                info = self.logic.client(url).info(timeout=30)
+                client = self.logic.client(url, token)
+                info = client.info(timeout=30)
         except Exception as exc:
             self.info, self.models = None, []
-            self.ui.serverStatusLabel.setText("Not connected.")
+            self.ui.serverStatusLabel.setText("Not connected: the server needs its access token (Server token)."
+                                              if isinstance(exc, AuthenticationError) else "Not connected.")
             self.fillModels()
             self.showError("Could not connect to the lowdose server", exc)
             return
         self.info, self._connectedUrl = info, url
-        self.models = self.logic.client(url).models(info)
+        self.models = client.models(info)
         self.rememberServerUrl(url)
         lowdose = info.get("lowdose", {})
         self.ui.serverStatusLabel.setText(
@@ -339,7 +370,8 @@ class LowDoseDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if request is None:
             return
         volume, model, dose = request
-        self.startJob("denoise", lambda: self.logic.startDenoise(volume, self.serverUrl(), model, dose),
+        self.startJob("denoise", lambda: self.logic.startDenoise(volume, self.serverUrl(), model, dose,
+                                                                 token=self.serverToken()),
                       {"volumeID": volume.GetID(), "model": model, "dose": dose})
 
     def onFidelity(self):
@@ -347,7 +379,8 @@ class LowDoseDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if request is None:
             return
         volume, model, dose = request
-        self.startJob("fidelity", lambda: self.logic.startFidelity(volume, self.serverUrl(), model, dose),
+        self.startJob("fidelity", lambda: self.logic.startFidelity(volume, self.serverUrl(), model, dose,
+                                                                   token=self.serverToken()),
                       {"volumeID": volume.GetID(), "model": model, "dose": dose})
 
     def startJob(self, kind, start, context):
@@ -394,7 +427,9 @@ class LowDoseDenoiseWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if isinstance(job.error, Cancelled):
                 self.ui.statusLabel.setText("Cancelled (the server may finish its current step, and discards it).")
             elif job.error is not None:
-                self.ui.statusLabel.setText(f"The {kind} request failed.")
+                self.ui.statusLabel.setText(f"The {kind} request failed" + (
+                    ": the server needs its access token (Server token)." if isinstance(job.error, AuthenticationError)
+                    else "."))
                 self.showError(f"The {kind} request failed", job.error)
             elif kind == "denoise":
                 self.finishDenoise(job.result, context)
@@ -593,15 +628,17 @@ def _number(value, digits):
 class LowDoseDenoiseLogic(ScriptedLoadableModuleLogic):
     """Everything the module does, usable from scripts: export, server requests, loading and display."""
 
-    def __init__(self, consent=None, timeouts=None):
+    def __init__(self, consent=None, timeouts=None, tokens=None):
         ScriptedLoadableModuleLogic.__init__(self)
         self.consent = consent if consent is not None else QSettingsConsentStore()
+        self.tokens = tokens if tokens is not None else QSettingsTokenStore()
         self.timeouts = timeouts or settingsTimeouts()
         self._windowLevelObservers = []
         self._syncingWindowLevel = False
 
-    def client(self, url):
-        return LowDoseClient(url, self.consent, self.timeouts)
+    def client(self, url, token=None):
+        """A client of the server at ``url`` with ``token`` (None: the token saved for that server)."""
+        return LowDoseClient(url, self.consent, self.timeouts, token=self.tokens.get(url) if token is None else token)
 
     # -- requests (network in a BackgroundJob; the scene is touched only here, in the GUI thread)
 
@@ -631,18 +668,20 @@ class LowDoseDenoiseLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"could not write {volumeNode.GetName()} to a temporary file")
         return path, folder
 
-    def startDenoise(self, volumeNode, url, model, dose="auto"):
+    def startDenoise(self, volumeNode, url, model, dose="auto", token=None):
         """Export the volume and start the request; poll the returned BackgroundJob (result: DenoiseResult)."""
-        return self._startUpload(volumeNode, url, "lowdose-denoise", lambda client, path, progress, cancel: client.denoise(
-            path, model.task, dose=dose, progress=progress, cancel=cancel))
+        return self._startUpload(volumeNode, url, token, "lowdose-denoise",
+                                 lambda client, path, progress, cancel: client.denoise(
+                                     path, model.task, dose=dose, progress=progress, cancel=cancel))
 
-    def startFidelity(self, volumeNode, url, model, dose="auto"):
-        return self._startUpload(volumeNode, url, "lowdose-fidelity", lambda client, path, progress, cancel: client.fidelity(
-            path, model.model, dose=dose, labels=True, progress=progress, cancel=cancel))
+    def startFidelity(self, volumeNode, url, model, dose="auto", token=None):
+        return self._startUpload(volumeNode, url, token, "lowdose-fidelity",
+                                 lambda client, path, progress, cancel: client.fidelity(
+                                     path, model.model, dose=dose, labels=True, progress=progress, cancel=cancel))
 
-    def _startUpload(self, volumeNode, url, name, call):
+    def _startUpload(self, volumeNode, url, token, name, call):
         """Consent check, export to a temporary file, then ``call`` in a BackgroundJob that removes the file."""
-        client = self.client(url)
+        client = self.client(url, token)
         if not client.upload_allowed:
             raise ConsentRequired(server_key(url))
         path, folder = self.exportVolume(volumeNode)
@@ -655,12 +694,12 @@ class LowDoseDenoiseLogic(ScriptedLoadableModuleLogic):
 
         return BackgroundJob(work, name=name).start()
 
-    def denoise(self, volumeNode, url, model, dose="auto", timeout=None):
+    def denoise(self, volumeNode, url, model, dose="auto", timeout=None, token=None):
         """Denoise and load the result, waiting while Slicer stays responsive (for scripts and the self-test)."""
         if isinstance(model, str):
-            model = next((m for m in self.client(url).models() if model in (m.task, m.model)), None) or ModelInfo(
-                task=model, model=model)
-        job = self.startDenoise(volumeNode, url, model, dose)
+            model = next((m for m in self.client(url, token).models() if model in (m.task, m.model)),
+                         None) or ModelInfo(task=model, model=model)
+        job = self.startDenoise(volumeNode, url, model, dose, token=token)
         job.wait(timeout, between=slicer.app.processEvents)
         if not job.done:
             job.cancel()
@@ -929,8 +968,9 @@ class LowDoseDenoiseTest(ScriptedLoadableModuleTest):
     """End-to-end test of the logic inside Slicer against a running server.
 
     The server address comes from the environment variable LOWDOSE_SERVER_URL (default
-    http://127.0.0.1:8000). The volume is a synthetic phantom made here (no patient data); permission to send
-    it is recorded in a temporary file, never in the user's settings.
+    http://127.0.0.1:8000), its access token from LOWDOSE_TOKEN (as for `lowdose serve`). The volume is a
+    synthetic phantom made here (no patient data); permission to send it is recorded in a temporary file and
+    the token kept in memory, never in the user's settings.
     """
 
     def setUp(self):
@@ -940,7 +980,12 @@ class LowDoseDenoiseTest(ScriptedLoadableModuleTest):
         self.url = os.environ.get("LOWDOSE_SERVER_URL", DEFAULT_SERVER_URL)
         self.folder = tempfile.mkdtemp(prefix="lowdose-selftest-")
         self.consent = JsonConsentStore(os.path.join(self.folder, "consent.json"))
-        self.logic = LowDoseDenoiseLogic(consent=self.consent, timeouts=Timeouts(connect=10, response=1800, idle=120))
+        memory = {}
+        self.tokens = TokenStore(lambda: memory.get("text"), lambda text: memory.__setitem__("text", text))
+        self.token = os.environ.get("LOWDOSE_TOKEN", "")
+        self.tokens.set(self.url, self.token)
+        self.logic = LowDoseDenoiseLogic(consent=self.consent, timeouts=Timeouts(connect=10, response=1800, idle=120),
+                                         tokens=self.tokens)
 
     def tearDown(self):
         self.logic.removeWindowLevelObservers()
@@ -951,6 +996,7 @@ class LowDoseDenoiseTest(ScriptedLoadableModuleTest):
         try:
             self.test_refuses_without_consent()
             self.test_unreachable_server()
+            self.test_wrong_token()
             self.test_denoise_compare_difference()
             self.test_cancel()
             self.test_fidelity()
@@ -991,6 +1037,16 @@ class LowDoseDenoiseTest(ScriptedLoadableModuleTest):
             port = s.getsockname()[1]
         with self.assertRaises(ServerUnreachable):
             self.logic.client(f"http://127.0.0.1:{port}").info()
+
+    def test_wrong_token(self):
+        if not self.token:
+            self.delayDisplay("LOWDOSE_TOKEN is not set: the refusal of a wrong token is not tested")
+            return
+        self.delayDisplay("Wrong token")
+        with self.assertRaises(AuthenticationError) as caught:
+            self.logic.client(self.url, self.token + "-wrong").info()
+        self.assertIn("lowdose serve --show-token", str(caught.exception))
+        self.assertNotIn(self.token, str(caught.exception))
 
     def firstModel(self):
         models = self.logic.client(self.url).models()

@@ -1,86 +1,156 @@
 """Where studies come from: a local folder of CT files, or a PACS over DICOMweb (QIDO/WADO/STOW-RS).
 
 MONAI Label's DICOMweb datastore converts every series to NIfTI (losing the DICOM headers a derived series
-needs) and downloads the dcmqi tools from the internet when the app starts; ``PacsDatastore`` does
-neither: it keeps each series as DICOM files in a local cache and stores results back as new series.
+needs), downloads the dcmqi tools from the internet when the app starts, keeps patient data in a cache
+folder forever and waits on a PACS that is down; ``PacsDatastore`` does none of that: a series is fetched
+as DICOM files into the folder of the request that needs it (removed with the request), every PACS call
+has time limits, and a PACS that cannot be reached is a ``ServiceUnavailableError`` naming its URL.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import requests
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
-from monailabel.datastore.utils.dicom import dicom_web_download_series
 from pydicom.dataset import Dataset
 
-from lowdose.errors import LowdoseError
+from lowdose.errors import LowdoseError, ServiceUnavailableError
 
 log = logging.getLogger("lowdose.app")
 
 LOCAL_EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.mha"]
 DICOM_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SERIES_LIST_SECONDS = 30
+STATUS_TIMEOUT = 0.4  # seconds /info/ may spend asking the PACS (it answers within 1 s even when the PACS is down)
+UNAVAILABLE_RETRY_SECONDS = 10  # after a failed call, /info/ says "unavailable" without asking again for this long
 # Series whose description starts with this were written by lowdose (see lowdose.denoise).
 DERIVED_PREFIX = "lowdose"
 
 
-def local_datastore(studies: str) -> LocalDatastore:
-    return LocalDatastore(studies, extensions=LOCAL_EXTENSIONS, auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-                          read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+class StudiesFolder(LocalDatastore):
+    """A folder of CT files; an image id is a file's name without extension and never reaches outside it."""
+
+    def get_image_uri(self, image_id: str) -> str:
+        if not isinstance(image_id, str) or not STUDY_NAME.fullmatch(image_id) or ".." in image_id:
+            raise LowdoseError(f"{str(image_id)[:80]!r} is not a study name of the datastore")
+        if image_id not in self.list_images():
+            raise LowdoseError(f"no study {image_id!r} in the datastore")
+        uri = super().get_image_uri(image_id)
+        if not Path(uri).resolve().is_relative_to(Path(self._datastore_path).resolve()):
+            raise LowdoseError(f"study {image_id!r} lies outside the studies folder (a link?): refused")
+        return uri
+
+
+def local_datastore(studies: str) -> StudiesFolder:
+    # No route writes into the studies folder (MONAI Label's datastore routes answer 404); MONAI Label keeps
+    # its index file there.
+    return StudiesFolder(studies, extensions=LOCAL_EXTENSIONS, auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                         read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
 
 
 def has_image(datastore, image_id: str) -> bool:
     """Whether ``image_id`` names an image of ``datastore`` (and nothing else, e.g. a path)."""
     if isinstance(datastore, PacsDatastore):
         return datastore.has_series(image_id)
-    return image_id in datastore.list_images()
+    if not isinstance(image_id, str) or not STUDY_NAME.fullmatch(image_id) or ".." in image_id:
+        return False
+    if image_id not in datastore.list_images():
+        return False
+    try:
+        datastore.get_image_uri(image_id)
+    except LowdoseError:
+        return False
+    return True
+
+
+class TimedSession(requests.Session):
+    """A requests session whose every call has the PACS time limits unless the caller sets its own."""
+
+    def __init__(self, connect: float, read: float, auth=None):
+        super().__init__()
+        self.timeouts = (connect, read)
+        self.auth = auth
+
+    def request(self, *args, **kwargs):
+        kwargs.setdefault("timeout", self.timeouts)
+        return super().request(*args, **kwargs)
 
 
 class PacsDatastore(DICOMWebDatastore):
     """A PACS reached by DICOMweb: images are CT series (by SeriesInstanceUID), cached as DICOM files."""
 
-    def __init__(self, url: str, cache_path: str | None = None):
-        from dicomweb_client.session_utils import create_session_from_user_pass
-
+    def __init__(self, url: str, connect_timeout: float = 3.0, read_timeout: float = 60.0):
         username = settings.MONAI_LABEL_DATASTORE_USERNAME or settings.MONAI_LABEL_DICOMWEB_USERNAME
         password = settings.MONAI_LABEL_DATASTORE_PASSWORD or settings.MONAI_LABEL_DICOMWEB_PASSWORD
-        session = create_session_from_user_pass(username, password) if username and password else None
+        self.url = url
+        self._timeouts = (connect_timeout, read_timeout)
+        session = TimedSession(connect_timeout, read_timeout, (username, password) if username and password else None)
         client = DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
                                  wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
                                  stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
-        cache_path = cache_path or settings.MONAI_LABEL_DATASTORE_CACHE_PATH or settings.MONAI_LABEL_DICOMWEB_CACHE_PATH
-        if not cache_path:
-            cache_path = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowdose" / "dicomweb")
+        self._status_client = DICOMwebClientX(
+            url=url, session=TimedSession(STATUS_TIMEOUT, STATUS_TIMEOUT, session.auth),
+            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX, wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+        for c in (client, self._status_client):
+            # dicomweb_client retries every failed call 5 times with growing waits (30 s and more for a PACS that
+            # is down); a clear 503 at once is better: the client may retry.
+            c.set_http_retry_params(retry=False)
         self._series: dict[str, dict] = {}
         self._listed_at = 0.0
+        self._failed_at = 0.0
         self._lock = threading.Lock()
+        # MONAI Label's datastore wants a cache folder; nothing is kept there (series go to request folders).
+        cache_path = tempfile.mkdtemp(prefix="dicomweb-cache-")
         super().__init__(client=client, search_filter=dict(settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER),
                          cache_path=cache_path, fetch_by_frame=False, convert_to_nifti=False)
 
+    def _unavailable(self, exc: Exception) -> ServiceUnavailableError:
+        self._failed_at = time.time()
+        if isinstance(exc, requests.Timeout):
+            problem = f"the PACS did not answer within {self._timeouts[0]:g} s (connect) / {self._timeouts[1]:g} s"
+        elif isinstance(exc, requests.HTTPError) and exc.response is not None:
+            problem = f"the PACS answered HTTP {exc.response.status_code}"
+        else:
+            problem = f"the PACS cannot be reached ({type(exc).__name__})"
+        return ServiceUnavailableError(self.url, problem)
+
+    def _pacs_call(self, function, *args, **kwargs):
+        """``function(...)``, with the PACS's failures as ServiceUnavailableError."""
+        try:
+            return function(*args, **kwargs)
+        except requests.HTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else 0
+            if 400 <= status < 500:  # the PACS is up and said no: not an outage
+                raise LowdoseError(f"the PACS refused the request (HTTP {status})") from None
+            raise self._unavailable(exc) from None
+        except requests.RequestException as exc:
+            raise self._unavailable(exc) from None
+
     # -- listing
 
-    def list_images(self) -> list[str]:
+    def list_images(self, client=None) -> list[str]:
+        """The PACS's series (listed again when older than SERIES_LIST_SECONDS; no lock held while asking)."""
+        if time.time() - self._listed_at > SERIES_LIST_SECONDS:
+            found = self._pacs_call((client or self._client).search_for_series, search_filters=self._search_filter,
+                                    fields=["SeriesDescription", "StudyInstanceUID"], get_remaining=True)
+            series = {}
+            for item in found:
+                ds = Dataset.from_json(item)
+                series[str(ds.SeriesInstanceUID)] = {"description": str(ds.get("SeriesDescription", "") or ""),
+                                                     "study": str(ds.get("StudyInstanceUID", "") or "")}
+            with self._lock:
+                self._series, self._listed_at = series, time.time()
         with self._lock:
-            if time.time() - self._listed_at > SERIES_LIST_SECONDS:
-                found = self._client.search_for_series(search_filters=self._search_filter,
-                                                       fields=["SeriesDescription", "StudyInstanceUID"],
-                                                       get_remaining=True)
-                self._series = {}
-                for item in found:
-                    ds = Dataset.from_json(item)
-                    self._series[str(ds.SeriesInstanceUID)] = {
-                        "description": str(ds.get("SeriesDescription", "") or ""),
-                        "study": str(ds.get("StudyInstanceUID", "") or "")}
-                self._listed_at = time.time()
             return sorted(self._series)
 
     def has_series(self, series_uid: str) -> bool:
@@ -88,7 +158,8 @@ class PacsDatastore(DICOMWebDatastore):
             return False
         if series_uid in self.list_images():
             return True
-        found = self._client.search_for_series(search_filters={**self._search_filter, "SeriesInstanceUID": series_uid})
+        found = self._pacs_call(self._client.search_for_series,
+                                search_filters={**self._search_filter, "SeriesInstanceUID": series_uid})
         return any(str(Dataset.from_json(item).SeriesInstanceUID) == series_uid for item in found)
 
     def is_lowdose_series(self, series_uid: str) -> bool:
@@ -96,7 +167,16 @@ class PacsDatastore(DICOMWebDatastore):
         return self._series.get(series_uid, {}).get("description", "").startswith(DERIVED_PREFIX)
 
     def status(self):
-        return {"total": len(self.list_images()), "completed": 0, "label_tags": {}, "pacs": True}
+        """The PACS's state for ``/info/``, within a second even when the PACS is down."""
+        state = {"url": self.url, "available": True}
+        if time.time() - self._failed_at < UNAVAILABLE_RETRY_SECONDS:
+            state["available"] = False
+        else:
+            try:
+                self.list_images(client=self._status_client)
+            except ServiceUnavailableError:
+                state["available"] = False
+        return {"total": len(self._series), "completed": 0, "label_tags": {}, "pacs": state}
 
     def get_labeled_images(self, label_tag=None, labels=None):
         return []  # lowdose writes images, not DICOM SEG label maps
@@ -109,24 +189,27 @@ class PacsDatastore(DICOMWebDatastore):
 
     # -- reading
 
+    def download_series(self, image_id: str, into: Path) -> Path:
+        """Fetch the series' DICOM files, as stored (compressed ones too), into a new folder under ``into``."""
+        if not isinstance(image_id, str) or len(image_id) > 64 or not DICOM_UID.match(image_id):
+            raise LowdoseError(f"{str(image_id)[:80]!r} is not a SeriesInstanceUID")
+        folder = Path(tempfile.mkdtemp(prefix="series-", dir=into))
+        found = self._pacs_call(self._client.search_for_series,
+                                search_filters={"SeriesInstanceUID": image_id}, fields=["StudyInstanceUID"])
+        studies = {str(Dataset.from_json(s).StudyInstanceUID) for s in found
+                   if str(Dataset.from_json(s).SeriesInstanceUID) == image_id}
+        if not studies:
+            raise LowdoseError(f"no series {image_id} on the PACS")
+        # Ask for the stored transfer syntax ("*"): the PACS then need not transcode JPEG 2000 and the like.
+        instances = self._pacs_call(self._client.retrieve_series, studies.pop(), image_id,
+                                    media_types=(("application/dicom", "*"),))
+        for k, instance in enumerate(instances):
+            instance.save_as(folder / f"{k:05d}.dcm", write_like_original=False)
+        return folder
+
     def get_image_uri(self, image_id: str) -> str:
-        """A local folder holding the series' DICOM files (downloaded once, completely, then reused)."""
-        if not isinstance(image_id, str) or not DICOM_UID.match(image_id):
-            raise LowdoseError(f"{image_id!r} is not a SeriesInstanceUID")
-        cache = Path(self._datastore.image_path())
-        folder = cache / image_id
-        if not (folder / ".complete").exists():
-            partial = Path(tempfile.mkdtemp(prefix=f".{image_id}.partial-", dir=cache))
-            try:
-                dicom_web_download_series(None, image_id, str(partial), self._client, False)
-                (partial / ".complete").touch()
-                if folder.exists():
-                    shutil.rmtree(folder)
-                os.rename(partial, folder)
-            except BaseException:
-                shutil.rmtree(partial, ignore_errors=True)
-                raise
-        return str(folder)
+        """A new scratch folder holding the series (the caller removes it; a killed server's is swept)."""
+        return str(self.download_series(image_id, Path(tempfile.gettempdir())))
 
     # -- writing
 
@@ -140,7 +223,7 @@ class PacsDatastore(DICOMWebDatastore):
             raise LowdoseError("no DICOM files to store")
         series_uid = str(datasets[0].SeriesInstanceUID)
         study_uid = str(datasets[0].StudyInstanceUID)
-        response = self._client.store_instances(datasets, study_instance_uid=study_uid)
+        response = self._pacs_call(self._client.store_instances, datasets, study_instance_uid=study_uid)
         failed = response.get("FailedSOPSequence") if response is not None else None
         if failed:
             reasons = sorted({str(item.get("FailureReason", "?")) for item in failed})

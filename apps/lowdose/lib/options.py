@@ -22,10 +22,15 @@ class AppOptions:
     device: str = "auto"
     batch_size: int = 0  # 0: automatic (1 slice per pass on a CPU, 8 on a GPU)
     max_upload_mb: float = 2048.0
-    max_unzipped_mb: float = 8192.0
+    max_unzipped_mb: float = 2048.0  # largest expanded input (zip, gzip) a request may bring
+    max_voxels: int = 1024 * 1024 * 3000  # the largest real CT, about
+    max_compression_ratio: float = 100.0  # CT compresses about 3:1; zeros 1000:1 (a bomb)
     output_dtype: str = "int16"
     store_to_pacs: bool = True
     infer_concurrency: int = 1
+    infer_queue: int = 8  # requests that may wait for a free slot; more get 503 with Retry-After
+    pacs_connect_timeout: float = 3.0  # seconds to reach the PACS
+    pacs_read_timeout: float = 60.0  # seconds for the PACS to answer once reached
     fidelity_segmenter: str = "auto"
     allowed_origins: str = ""  # web origins (besides the server's own) whose pages may call the server
 
@@ -62,6 +67,18 @@ class AppOptions:
             raise LowdoseError(f"--conf device {options.device}: use auto, cpu or cuda")
         if options.output_dtype not in ("int16", "float32"):
             raise LowdoseError(f"--conf output_dtype {options.output_dtype}: use int16 or float32")
-        if options.batch_size < 0 or options.infer_concurrency < 1:
-            raise LowdoseError("--conf batch_size must be 0 (automatic) or more, infer_concurrency at least 1")
+        if options.batch_size < 0 or options.infer_concurrency < 1 or options.infer_queue < 0:
+            raise LowdoseError("--conf batch_size must be 0 (automatic) or more, infer_concurrency at least 1, "
+                               "infer_queue 0 or more")
+        if min(options.max_unzipped_mb, options.max_voxels, options.max_compression_ratio,
+               options.pacs_connect_timeout, options.pacs_read_timeout) <= 0:
+            raise LowdoseError("--conf max_unzipped_mb, max_voxels, max_compression_ratio and the PACS timeouts "
+                               "must be positive")
         return options
+
+    def input_limits(self):
+        """The limits every CT a request brings is checked against before it is read."""
+        from lowdose.limits import InputLimits
+
+        return InputLimits(max_voxels=self.max_voxels, max_expanded_bytes=int(self.max_unzipped_mb * 2**20),
+                           max_compression_ratio=self.max_compression_ratio)

@@ -3,7 +3,8 @@
 It sends a CT volume file to ``POST /infer/{task}`` and brings the result back to a temporary file, with
 progress reports (bytes sent, waiting, bytes received), cancellation between chunks and while waiting,
 separate time limits for connecting, waiting for the inference and stalled transfers, and one exception
-class per thing that can go wrong. It never uploads to a server the user has not allowed (``ConsentStore``).
+class per thing that can go wrong. It never uploads to a server the user has not allowed (``ConsentStore``),
+and sends the server's access token (``Authorization: Bearer``) with every request, never in a message.
 Written for the Python of 3D Slicer 5 (3.9 and later).
 """
 
@@ -32,9 +33,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 from urllib.parse import quote, urlencode, urlsplit
 
 __all__ = [
-    "CHUNK_BYTES", "Cancelled", "ConsentRequired", "ConsentStore", "DenoiseResult", "FidelityResult",
-    "JsonConsentStore", "LowDoseClient", "LowDoseClientError", "ModelInfo", "NotAVolume", "Progress",
-    "ServerError", "ServerUnreachable", "Timeout", "Timeouts", "server_key", "sniff_volume",
+    "AuthenticationError", "CHUNK_BYTES", "Cancelled", "ConsentRequired", "ConsentStore", "DenoiseResult",
+    "FidelityResult", "JsonConsentStore", "LowDoseClient", "LowDoseClientError", "ModelInfo", "NotAVolume",
+    "Progress", "ServerError", "ServerUnreachable", "Timeout", "Timeouts", "TokenStore", "normalise_token",
+    "server_key", "sniff_volume",
 ]
 
 USER_AGENT = "lowdose-slicer/0.1"
@@ -62,6 +64,25 @@ class ServerError(LowDoseClientError):
         self.status = status
         self.message = message
         super().__init__(f"the server answered {status}: {message}" if status else message)
+
+
+class AuthenticationError(ServerError):
+    """The server refused the request (HTTP 401) because its access token was missing or wrong.
+
+    ``token_given`` says which; the message says where to find the token. It never holds the token.
+    """
+
+    HOW_TO_FIND = ("paste it into the module's Server token field (the server's administrator finds it with "
+                   "`lowdose serve --show-token`, or in the file that lowdose serve printed at start-up)")
+
+    def __init__(self, server: str, token_given: bool):
+        self.server = server
+        self.token_given = token_given
+        what = ("did not accept the token it was given; it needs its access token" if token_given
+                else "needs its access token")
+        self.status = 401
+        self.message = f"the server {server} {what}: {self.HOW_TO_FIND}"
+        LowDoseClientError.__init__(self, self.message)
 
 
 class Timeout(LowDoseClientError):
@@ -161,6 +182,56 @@ class JsonConsentStore(ConsentStore):
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+
+class TokenStore:
+    """The access token of each server (by ``scheme://host:port``), remembered between sessions.
+
+    Like ``ConsentStore`` it keeps one JSON text through ``load()`` / ``save(text)`` (the Slicer module: in
+    QSettings). A token is kept for its own server only, so it is never handed to another one.
+    """
+
+    def __init__(self, load: Callable[[], Optional[str]], save: Callable[[str], None]):
+        self._load = load
+        self._save = save
+        self._lock = threading.Lock()
+
+    def _tokens(self) -> Dict[str, str]:
+        try:
+            data = json.loads(self._load() or "{}")
+        except (ValueError, OSError):
+            return {}
+        tokens = data.get("tokens") if isinstance(data, dict) else None
+        return {k: v for k, v in tokens.items() if isinstance(v, str)} if isinstance(tokens, dict) else {}
+
+    def get(self, url: str) -> str:
+        """The token saved for this server, "" when none."""
+        return self._tokens().get(server_key(url), "")
+
+    def set(self, url: str, token: Optional[str]) -> None:
+        """Remember ``token`` for this server; an empty one forgets it."""
+        token = normalise_token(token)
+        with self._lock:
+            tokens = self._tokens()
+            if token:
+                tokens[server_key(url)] = token
+            else:
+                tokens.pop(server_key(url), None)
+            self._save(json.dumps({"version": 1, "tokens": tokens}, indent=2, sort_keys=True))
+
+
+def normalise_token(token: Optional[str]) -> str:
+    """The token as it goes into the header: spaces around it and a pasted "Bearer " dropped.
+
+    ValueError (without the token in its message) when it holds spaces, line breaks or non-ASCII characters.
+    """
+    token = (token or "").strip()
+    if token[:7].lower() == "bearer ":
+        token = token[7:].strip()
+    if any(not 0x21 <= ord(c) <= 0x7E for c in token):
+        raise ValueError("the server token cannot hold spaces, line breaks or accented letters: copy it again "
+                         "(one line, nothing else)")
+    return token
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -326,17 +397,20 @@ class LowDoseClient:
     """Client of one lowdose server.
 
     ``consent`` is where the user's permission to send volumes to servers is kept; without a recorded
-    permission for this server, ``denoise`` and ``fidelity`` refuse before anything is sent.
+    permission for this server, ``denoise`` and ``fidelity`` refuse before anything is sent. ``token`` is the
+    server's access token, sent as ``Authorization: Bearer <token>`` with every request (none: no header);
+    a server that refuses it raises ``AuthenticationError``. The token appears in no message and no repr.
 
     Example::
 
-        client = LowDoseClient("http://127.0.0.1:8000", JsonConsentStore("consent.json"))
+        client = LowDoseClient("http://127.0.0.1:8000", JsonConsentStore("consent.json"), token=token)
         client.consent.allow(client.url)            # after asking the user
         result = client.denoise("ct.nrrd", client.models()[0].task, dose="auto")
         print(result.path, result.summary["dose_fraction"])
     """
 
-    def __init__(self, url: str, consent: ConsentStore, timeouts: Timeouts = Timeouts(), chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, url: str, consent: ConsentStore, timeouts: Timeouts = Timeouts(), chunk_bytes: int = CHUNK_BYTES,
+                 *, token: Optional[str] = None):
         parts = _parse_url(url)
         self.url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
         self._scheme, self._host = parts.scheme, parts.hostname
@@ -345,6 +419,14 @@ class LowDoseClient:
         self.consent = consent
         self.timeouts = timeouts
         self.chunk_bytes = int(chunk_bytes)
+        self._token = normalise_token(token)
+
+    @property
+    def has_token(self) -> bool:
+        return bool(self._token)
+
+    def __repr__(self) -> str:
+        return f"LowDoseClient({self.url!r}, token={'given' if self._token else 'none'})"
 
     # -- what the server offers
 
@@ -495,6 +577,8 @@ class LowDoseClient:
             conn.putrequest(method, target, skip_accept_encoding=True)
             conn.putheader("User-Agent", USER_AGENT)
             conn.putheader("Accept", "application/json, multipart/form-data, application/octet-stream, */*")
+            if self._token:
+                conn.putheader("Authorization", f"Bearer {self._token}")
             if body is not None:
                 conn.putheader("Content-Type", body.content_type)
                 conn.putheader("Content-Length", str(body.length))
@@ -512,6 +596,8 @@ class LowDoseClient:
                 raise ServerUnreachable(f"the connection to {self.url} was lost {what} "
                                         f"({_os_reason(send_failed or exc)})") from None
             headers = {k.lower(): v for k, v in answer.getheaders()}
+            if answer.status == 401:
+                raise AuthenticationError(server_key(self.url), token_given=bool(self._token))
             if answer.status >= 400:
                 raise ServerError(answer.status, _error_message(answer.status, answer.read(MAX_ERROR_BODY), headers))
             if answer.status >= 300:

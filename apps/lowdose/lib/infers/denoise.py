@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import tempfile
 import zipfile
@@ -17,6 +18,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lowdose import save_ct
+from lowdose.bundle import bundle_kind
 from lowdose.dose import parse_dose
 
 from ..datastore import PacsDatastore
@@ -27,15 +29,20 @@ from ..options import AppOptions
 log = logging.getLogger("lowdose.app")
 
 OUTPUT_FORMATS = ("nifti", "dicom")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def discover_models(options: AppOptions) -> dict[str, Path]:
-    """Bundles in ``options.models_dir`` (those named by ``options.models`` when given): name -> folder."""
+    """Denoising bundles in ``options.models_dir`` (those named by ``options.models`` when given): name -> folder.
+
+    Other kinds of bundle (the anatomy encoder) and folders whose name a client could not send are left out.
+    """
     folder = options.models_dir
     found = {}
     if folder.is_dir():
         for bundle in sorted(folder.iterdir()):
-            if (bundle / "configs" / "metadata.json").is_file() and (bundle / "models" / "model.pt").is_file():
+            if ((bundle / "configs" / "metadata.json").is_file() and (bundle / "models" / "model.pt").is_file()
+                    and bundle_kind(bundle) == "denoiser" and MODEL_NAME.fullmatch(bundle.name)):
                 found[bundle.name] = bundle
     if options.models:
         missing = [m for m in options.models if m not in found]
@@ -87,7 +94,7 @@ class DenoiseTask(InferTask):
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {output_format!r}")
 
-        volume = read_ct(request["image"], int(self.options.max_unzipped_mb * 2**20))
+        volume = read_ct(request["image"], self.options.input_limits())
         model = denoiser(self.bundle, self.options.device, self.options.batch_size)
         result = model(volume, dose=dose)
         description = result.metadata["lowdose_description"]

@@ -62,9 +62,9 @@ class FidelityTask(InferTask):
             reference_id = str(request["reference_image"])
             if self.datastore is None or reference_id not in self.datastore.list_images():
                 raise ValueError(f"reference_image {reference_id!r} is not an image of the datastore")
-            reference = _anonymous(read_ct(self.datastore.get_image_uri(reference_id), self._unzip_limit()))
+            reference = _anonymous(read_ct(self._fetch(reference_id, request), self.options.input_limits()))
 
-        original = _anonymous(read_ct(request["image"], self._unzip_limit()))
+        original = _anonymous(read_ct(request["image"], self.options.input_limits()))
         denoised = denoiser(models[name], self.options.device, self.options.batch_size)(original, dose=dose)
         work = Path(tempfile.mkdtemp(prefix="lowdose-fidelity-", dir=request.get("result_dir")))
         segmenter = _Segmenter(fast=_true(request.get("fast", True)), device=self.options.device, progress=False)
@@ -95,8 +95,11 @@ class FidelityTask(InferTask):
             archive = moved
         return str(archive), report
 
-    def _unzip_limit(self) -> int:
-        return int(self.options.max_unzipped_mb * 2**20)
+    def _fetch(self, image_id: str, request) -> str:
+        """A datastore image's local path; a PACS series goes into this request's folder, removed with it."""
+        if hasattr(self.datastore, "download_series") and request.get("result_dir"):
+            return str(self.datastore.download_series(image_id, Path(request["result_dir"])))
+        return self.datastore.get_image_uri(image_id)
 
 
 class _Segmenter(TotalSegmentatorSegmenter):

@@ -1,20 +1,26 @@
 """Train task ``finetune``: the default model fine-tuned on the datastore's normal-dose studies.
 
 Low-dose inputs are simulated from each study on the fly (lowdose.training, simulated mode); the result is
-a new bundle ``<model>_finetuned`` beside the others (the shipped model is never overwritten), which the
-server offers as ``denoise_<model>_finetuned`` as soon as it is written.
+a new bundle ``<model>_finetuned`` (or the request's ``output_model``) beside the others, marked as made by
+fine-tuning; a shipped model, or any model fine-tuning did not make, is never overwritten. The server
+offers it as ``denoise_<name>`` as soon as it is written. The HTTP route checks the request first
+(lowdose.training.finetune); the checks are repeated here, where the files are written.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lowdose.atomic import write_text_atomically
 from lowdose.errors import LowdoseError
 from lowdose.training import TrainConfig, train
+from lowdose.training.finetune import FINETUNE_MARK, checked_finetune_request
 
 from ..options import AppOptions
 
@@ -44,15 +50,25 @@ class FineTuneTask(TrainTask):
         return {"total_epochs": len(epochs), "last": epochs[-1] if epochs else {}}
 
     def __call__(self, request, datastore):
-        settings = {**self.config(), **{k: v for k, v in request.items() if k in self.config()}}
-        output_model = str(settings["output_model"])
-        if not output_model or "/" in output_model or output_model.startswith(".") or output_model == self.model_name:
-            raise LowdoseError(f"output_model {output_model!r}: give a new model name (the source model is kept)")
+        asked = {k: v for k, v in request.items() if k in self.config() or k == "overwrite"}
+        checked = checked_finetune_request(asked, self.options.models_dir, self.model_name)
+        settings = {**self.config(), **checked}
+        output_model = checked["output_model"]
         images = [i for i in datastore.list_images()
                   if not (hasattr(datastore, "is_lowdose_series") and datastore.is_lowdose_series(i))]
         if not images:
             raise LowdoseError("the datastore holds no CT study to train on")
-        paths = [datastore.get_image_uri(i) for i in images]
+        scratch = Path(tempfile.mkdtemp(prefix="finetune-"))  # PACS series fetched for this run only
+        try:
+            if hasattr(datastore, "download_series"):
+                paths = [str(datastore.download_series(i, scratch)) for i in images]
+            else:
+                paths = [datastore.get_image_uri(i) for i in images]
+            return self._train(settings, output_model, paths)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _train(self, settings: dict, output_model: str, paths: list[str]) -> dict:
         meta = json.loads((self.bundle / "configs" / "metadata.json").read_text())
         estimator = meta.get("dose_estimator") or None
         config = TrainConfig.from_dict({
@@ -71,6 +87,11 @@ class FineTuneTask(TrainTask):
                       "learning_rate": float(settings["learning_rate"])},
         }, source="finetune request")
         log.info("fine-tuning %s on %d studies -> %s", self.model_name, len(paths), output_model)
-        history = train(config, progress=False, bundle_dir=self.options.models_dir / output_model)
+        bundle = self.options.models_dir / output_model
+        history = train(config, progress=False, bundle_dir=bundle)
+        metadata_path = bundle / "configs" / "metadata.json"
+        metadata = json.loads(metadata_path.read_text())
+        metadata["lowdose_created_by"] = FINETUNE_MARK  # only such a bundle may be overwritten by a later request
+        write_text_atomically(metadata_path, json.dumps(metadata, indent=2))
         return {"model": output_model, "source_model": self.model_name, "studies": len(paths),
                 "epochs": history.get("epochs", [])}

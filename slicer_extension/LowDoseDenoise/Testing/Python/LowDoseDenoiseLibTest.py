@@ -117,6 +117,42 @@ class LowDoseDenoiseLibTest(unittest.TestCase):
         backed.allow("http://localhost:8000")
         self.assertEqual(backed.allowed_servers(), ["http://localhost:8000"])
 
+    def test_token_store_keeps_one_token_per_server(self):
+        memory = {}
+        store = lib.TokenStore(lambda: memory.get("text"), lambda text: memory.__setitem__("text", text))
+        self.assertEqual(store.get("http://127.0.0.1:8000"), "")
+        store.set("http://127.0.0.1:8000/", "  Bearer abc.DEF-123_~+/=  ")  # pasted with the header's word
+        self.assertEqual(store.get("http://127.0.0.1:8000"), "abc.DEF-123_~+/=")
+        self.assertEqual(store.get("http://127.0.0.1:8001"), "")  # another port is another server
+        self.assertEqual(store.get("https://127.0.0.1:8000"), "")
+        store.set("http://127.0.0.1:8000", "")  # an empty token forgets it
+        self.assertEqual(store.get("http://127.0.0.1:8000"), "")
+        self.assertNotIn("abc.DEF", memory["text"])
+        memory["text"] = "{not json"
+        self.assertEqual(store.get("http://127.0.0.1:8000"), "")  # damaged settings: no token, no crash
+
+    def test_a_token_that_cannot_be_sent_is_refused_without_showing_it(self):
+        for bad in ("two words", "line\nbreak", "accent\u00e9"):
+            with self.assertRaises(ValueError) as caught:
+                lib.LowDoseClient("http://127.0.0.1:8000", lib.JsonConsentStore(self.folder / "c.json"), token=bad)
+            self.assertNotIn(bad, str(caught.exception))
+            self.assertIn("copy it again", str(caught.exception))
+
+    def test_the_token_is_in_no_repr_and_no_error_message(self):
+        token = "s3cret-token-value"
+        client = lib.LowDoseClient("http://127.0.0.1:8000", lib.JsonConsentStore(self.folder / "c.json"), token=token)
+        self.assertTrue(client.has_token)
+        self.assertNotIn(token, repr(client))
+        self.assertIn("token=given", repr(client))
+        self.assertIn("token=none", repr(lib.LowDoseClient("http://127.0.0.1:8000", client.consent)))
+        for given in (True, False):
+            error = lib.AuthenticationError("http://127.0.0.1:8000", token_given=given)
+            self.assertIsInstance(error, lib.ServerError)
+            self.assertEqual(error.status, 401)
+            self.assertIn("Server token field", str(error))
+            self.assertIn("lowdose serve --show-token", str(error))
+            self.assertEqual("did not accept" in str(error), given)
+
     def test_refused_before_connecting_without_consent(self):
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
