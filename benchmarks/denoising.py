@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from lowdose import load_ct, sample_ct_path, simulate_low_dose  # noqa: E402
 from lowdose.bundle import DEFAULT_MODEL, available_models  # noqa: E402
-from lowdose.figures import body_zoom, side_by_side_png  # noqa: E402
 from lowdose.denoise import Denoiser  # noqa: E402
+from lowdose.figures import body_zoom, side_by_side_png  # noqa: E402
 from lowdose.metrics import psnr, rmse_hu, ssim  # noqa: E402
 from lowdose.volume import CTVolume  # noqa: E402
 
@@ -86,9 +86,13 @@ def evaluate(method, normal: CTVolume, low: CTVolume, centre: list[int]) -> tupl
     out, computed = method(low, centre)
     seconds = (time.perf_counter() - started) / computed
     ref = normal.hu[centre]
-    figures = {"psnr_abdomen": psnr(ref, out, "abdomen"), "ssim_abdomen": ssim(ref, out, "abdomen"),
-               "psnr_chest": psnr(ref, out, "chest"), "ssim_chest": ssim(ref, out, "chest"),
-               "rmse_hu": rmse_hu(ref, out)}
+    figures = {
+        "psnr_abdomen": psnr(ref, out, "abdomen"),
+        "ssim_abdomen": ssim(ref, out, "abdomen"),
+        "psnr_chest": psnr(ref, out, "chest"),
+        "ssim_chest": ssim(ref, out, "chest"),
+        "rmse_hu": rmse_hu(ref, out),
+    }
     return figures, seconds, out
 
 
@@ -109,7 +113,7 @@ def model_method(denoiser: Denoiser, dose=None, estimates: dict | None = None):
         slices, computed = [], 0
         for k in centre:
             sub = low.slices(k - half, k + half + 1)
-            slices.append(denoiser(sub, dose=d).hu[half])
+            slices.append(denoiser(sub, dose=d).volume.hu[half])
             computed += sub.shape[0]
         return np.stack(slices), computed
 
@@ -121,25 +125,39 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=6, help="held-out slices to score (default 6)")
     parser.add_argument("--no-bm3d", action="store_true", help="skip BM3D (slow on a CPU)")
     parser.add_argument("--skip-volume", action="store_true", help="skip the 100/300-slice timing and memory runs")
-    parser.add_argument("--volume-models", nargs="*", default=[DEFAULT_MODEL],
-                        help=f"models timed on whole volumes (default {DEFAULT_MODEL}; RED-CNN needs ~15 min per 100 slices)")
-    parser.add_argument("--extra-model", nargs="*", default=[],
-                        help="bundle folders scored besides the shipped models (e.g. an equal-budget run)")
-    parser.add_argument("--only", nargs="*", default=None,
-                        help="score only these methods (e.g. a new model) and merge them into the existing results, "
-                             "whose other rows are kept; no volume runs, the PNG is kept")
+    parser.add_argument(
+        "--volume-models",
+        nargs="*",
+        default=[DEFAULT_MODEL],
+        help=f"models timed on whole volumes (default {DEFAULT_MODEL}; RED-CNN needs ~15 min per 100 slices)",
+    )
+    parser.add_argument(
+        "--extra-model",
+        nargs="*",
+        default=[],
+        help="bundle folders scored besides the shipped models (e.g. an equal-budget run)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="score only these methods (e.g. a new model) and merge them into the existing results, "
+        "whose other rows are kept; no volume runs, the PNG is kept",
+    )
     args = parser.parse_args()
     if args.only is not None:
         args.skip_volume = True
-
 
     from lowdose.networks import count_gflops
     from lowdose.training.loop import forward_example
 
     normal = load_ct(sample_ct_path())
     centre = [int(k) for k in np.linspace(2, normal.shape[0] - 3, args.slices).round()]
-    methods = {"low-dose input": (classic(lambda hu: hu), None), "Gaussian (sigma 1 px)": (classic(gaussian), None),
-               "NLM (scikit-image)": (classic(nlm), None)}
+    methods = {
+        "low-dose input": (classic(lambda hu: hu), None),
+        "Gaussian (sigma 1 px)": (classic(gaussian), None),
+        "NLM (scikit-image)": (classic(nlm), None),
+    }
     if not args.no_bm3d:
         methods["BM3D"] = (classic(bm3d_filter), None)
         methods["BM3D (oracle sigma)"] = ("oracle sigma", None)
@@ -147,8 +165,9 @@ def main() -> None:
     for name in [*available_models(), *args.extra_model]:
         denoiser = Denoiser(name, device="cpu")
         model = denoiser.model
-        gflops = count_gflops(model.network, (1, model.in_channels, 512, 512),
-                              **forward_example(model.metadata["network"]["kwargs"]))
+        gflops = count_gflops(
+            model.network, (1, model.in_channels, 512, 512), **forward_example(model.metadata["network"]["kwargs"])
+        )
         name = denoiser.name  # a bundle folder given by path is shown by its name
         methods[name] = (model_method(denoiser, estimates=estimates), gflops)
         if model.dose_conditioning:
@@ -164,9 +183,16 @@ def main() -> None:
         for name, denoiser in estimators.items():  # the dose of the whole stack, as users get it
             started = time.perf_counter()
             estimates[name] = denoiser.estimate_dose(low)
-            dose_rows.append({"model": name, "dose": dose_name, "true": dose, "estimated": estimates[name],
-                              "relative_error": abs(estimates[name] - dose) / dose,
-                              "seconds": time.perf_counter() - started})
+            dose_rows.append(
+                {
+                    "model": name,
+                    "dose": dose_name,
+                    "true": dose,
+                    "estimated": estimates[name],
+                    "relative_error": abs(estimates[name] - dose) / dose,
+                    "seconds": time.perf_counter() - started,
+                }
+            )
         for method_name, (method, gflops, *extra) in methods.items():
             if method == "true dose":
                 method = model_method(extra[0], dose)
@@ -174,20 +200,34 @@ def main() -> None:
                 sigmas = oracle_sigmas(low, normal, centre)
                 method = classic(lambda hu, s=sigmas: bm3d_filter(hu, s))
             figures, seconds, out = evaluate(method, normal, low, centre)
-            rows.append({"dose": dose_name, "method": method_name, **figures, "seconds_per_slice": seconds,
-                         "gflops_per_slice": gflops})
-            print(f"{dose_name:>13} {method_name:<32} PSNR abd {figures['psnr_abdomen']:6.2f} "
-                  f"SSIM abd {figures['ssim_abdomen']:.4f} RMSE {figures['rmse_hu']:6.1f} HU  {seconds:6.2f} s/slice",
-                  flush=True)
+            rows.append(
+                {
+                    "dose": dose_name,
+                    "method": method_name,
+                    **figures,
+                    "seconds_per_slice": seconds,
+                    "gflops_per_slice": gflops,
+                }
+            )
+            print(
+                f"{dose_name:>13} {method_name:<32} PSNR abd {figures['psnr_abdomen']:6.2f} "
+                f"SSIM abd {figures['ssim_abdomen']:.4f} RMSE {figures['rmse_hu']:6.1f} HU  {seconds:6.2f} s/slice",
+                flush=True,
+            )
             if dose_name == "1/4" and "true dose" not in method_name:
                 examples[method_name] = out[len(centre) // 2]
     examples["normal dose"] = normal.hu[centre[len(centre) // 2]]
 
     if args.only is not None:  # merge into the results of the last full run
         previous = json.loads((RESULTS / "denoising.json").read_text())
-        rows = [r for r in previous["rows"] if (r["dose"], r["method"]) not in {(n["dose"], n["method"]) for n in rows}] + rows
-        dose_rows = [r for r in previous["dose_estimation"]
-                     if (r["model"], r["dose"]) not in {(n["model"], n["dose"]) for n in dose_rows}] + dose_rows
+        rows = [
+            r for r in previous["rows"] if (r["dose"], r["method"]) not in {(n["dose"], n["method"]) for n in rows}
+        ] + rows
+        dose_rows = [
+            r
+            for r in previous["dose_estimation"]
+            if (r["model"], r["dose"]) not in {(n["model"], n["dose"]) for n in dose_rows}
+        ] + dose_rows
         order = list(DOSES)
         rows.sort(key=lambda r: order.index(r["dose"]))
         write_results(rows, dose_rows, previous["volumes"], None, args, normal.spacing_mm)
@@ -221,6 +261,7 @@ def volume_runs(models: list[str]) -> list[dict]:
 
 def targets(rows, dose_rows, volume_rows) -> list[str]:
     """The issue's targets, each with the measured figure and whether it is met."""
+
     def psnr_of(dose, method):
         found = [r["psnr_abdomen"] for r in rows if r["dose"] == dose and r["method"] == method]
         return found[0] if found else None
@@ -232,66 +273,107 @@ def targets(rows, dose_rows, volume_rows) -> list[str]:
             bm3d = psnr_of(dose, variant)
             if ours is not None and bm3d is not None:
                 gain = ours - bm3d
-                out.append(f"- {DEFAULT_MODEL} vs {variant} at {dose}: {gain:+.2f} dB PSNR abdomen "
-                           f"(target >= +{margin:.1f}): {'met' if gain >= margin else 'NOT met'}")
+                out.append(
+                    f"- {DEFAULT_MODEL} vs {variant} at {dose}: {gain:+.2f} dB PSNR abdomen "
+                    f"(target >= +{margin:.1f}): {'met' if gain >= margin else 'NOT met'}"
+                )
         budget = psnr_of(dose, EQUAL_BUDGET_MODEL)
         for other in ("redcnn", "esaunet"):
             theirs = psnr_of(dose, other)
             if ours is not None and theirs is not None:
                 out.append(f"- {DEFAULT_MODEL} vs {other} at {dose}: {ours - theirs:+.2f} dB")
             if budget is not None and theirs is not None:
-                out.append(f"- same budget: {EQUAL_BUDGET_MODEL} (the default network trained with 28 CPU-minutes) vs "
-                           f"{other} (40-46 CPU-minutes) at {dose}: {budget - theirs:+.2f} dB "
-                           f"(target >= 0): {'met' if budget >= theirs else 'NOT met'}")
+                out.append(
+                    f"- same budget: {EQUAL_BUDGET_MODEL} (the default network trained with 28 CPU-minutes) vs "
+                    f"{other} (40-46 CPU-minutes) at {dose}: {budget - theirs:+.2f} dB "
+                    f"(target >= 0): {'met' if budget >= theirs else 'NOT met'}"
+                )
     for r in volume_rows:
         if r["slices"] == 100:
-            out.append(f"- {r['model']}, 512x512x100 in {r['seconds']:.1f} s (target <= 30 s): "
-                       f"{'met' if r['seconds'] <= 30 else 'NOT met'}")
+            out.append(
+                f"- {r['model']}, 512x512x100 in {r['seconds']:.1f} s (target <= 30 s): "
+                f"{'met' if r['seconds'] <= 30 else 'NOT met'}"
+            )
         if r["slices"] == 300:
-            out.append(f"- {r['model']}, peak memory for 512x512x300 {r['peak_memory_gb']:.2f} GB (target <= 3 GB): "
-                       f"{'met' if r['peak_memory_gb'] <= 3 else 'NOT met'}")
+            out.append(
+                f"- {r['model']}, peak memory for 512x512x300 {r['peak_memory_gb']:.2f} GB (target <= 3 GB): "
+                f"{'met' if r['peak_memory_gb'] <= 3 else 'NOT met'}"
+            )
     errors = [r["relative_error"] for r in dose_rows if r["model"] == DEFAULT_MODEL]
     if errors:
         median = float(np.median(errors))
-        out.append(f"- dose estimator median relative error {median:.1%} over seen and unseen doses (target <= 20 %): "
-                   f"{'met' if median <= 0.2 else 'NOT met'}")
+        out.append(
+            f"- dose estimator median relative error {median:.1%} over seen and unseen doses (target <= 20 %): "
+            f"{'met' if median <= 0.2 else 'NOT met'}"
+        )
     return out
+
+
+def _only_note(only) -> str:
+    """What the command line's --only means for the table (Python 3.11 f-strings cannot nest this)."""
+    if not only:
+        return ""
+    return (
+        f" (rows of {', '.join(only)} added by this command to the last full run; timings of rows added while "
+        "other jobs ran are not comparable)"
+    )
 
 
 def write_results(rows, dose_rows, volume_rows, examples, args, spacing_mm) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "denoising.json").write_text(json.dumps({"rows": rows, "dose_estimation": dose_rows,
-                                                        "volumes": volume_rows}, indent=2))
-    lines = ["# Denoising benchmark", "",
-             f"Command: `.venv/bin/python benchmarks/denoising.py --slices {args.slices}{' --no-bm3d' if args.no_bm3d else ''}"
-             f"{' --extra-model ' + ' '.join(args.extra_model) if args.extra_model else ''}"
-             f"{' --only ' + ' '.join(args.only) if args.only else ''}`"
-             f"{' (rows of ' + ', '.join(args.only) + ' added by this command to the last full run; timings of rows '
-                'added while other jobs ran are not comparable)' if args.only else ''} "
-             f"on {platform.machine()} with {__import__('os').cpu_count()} cores, CPU only, "
-             f"{time.strftime('%Y-%m-%d')}.", "",
-             f"Held-out data: the bundled sample (abdomen, 512x512, never trained on), {args.slices} slices; "
-             "low-dose versions made by `lowdose.simulate` with seed 2024. PSNR/SSIM on windowed images in "
-             "[0, 1] (abdomen C50/W400, chest C-600/W1500); RMSE in HU over the field of view.", ""]
+    (RESULTS / "denoising.json").write_text(
+        json.dumps({"rows": rows, "dose_estimation": dose_rows, "volumes": volume_rows}, indent=2)
+    )
+    lines = [
+        "# Denoising benchmark",
+        "",
+        f"Command: `.venv/bin/python benchmarks/denoising.py --slices {args.slices}{' --no-bm3d' if args.no_bm3d else ''}"
+        f"{' --extra-model ' + ' '.join(args.extra_model) if args.extra_model else ''}"
+        f"{' --only ' + ' '.join(args.only) if args.only else ''}`"
+        f"{_only_note(args.only)} "
+        f"on {platform.machine()} with {__import__('os').cpu_count()} cores, CPU only, "
+        f"{time.strftime('%Y-%m-%d')}.",
+        "",
+        f"Held-out data: the bundled sample (abdomen, 512x512, never trained on), {args.slices} slices; "
+        "low-dose versions made by `lowdose.simulate` with seed 2024. PSNR/SSIM on windowed images in "
+        "[0, 1] (abdomen C50/W400, chest C-600/W1500); RMSE in HU over the field of view.",
+        "",
+    ]
     header = "| dose | method | PSNR abd (dB) | SSIM abd | PSNR chest (dB) | SSIM chest | RMSE (HU) | s/slice | GFLOPs/slice |"
     lines += [header, "|" + "---|" * 9]
     for r in rows:
         gflops = "" if r["gflops_per_slice"] is None else f"{r['gflops_per_slice']:.1f}"
-        lines.append(f"| {r['dose']} | {r['method']} | {r['psnr_abdomen']:.2f} | {r['ssim_abdomen']:.4f} | "
-                     f"{r['psnr_chest']:.2f} | {r['ssim_chest']:.4f} | {r['rmse_hu']:.1f} | "
-                     f"{r['seconds_per_slice']:.2f} | {gflops} |")
+        lines.append(
+            f"| {r['dose']} | {r['method']} | {r['psnr_abdomen']:.2f} | {r['ssim_abdomen']:.4f} | "
+            f"{r['psnr_chest']:.2f} | {r['ssim_chest']:.4f} | {r['rmse_hu']:.1f} | "
+            f"{r['seconds_per_slice']:.2f} | {gflops} |"
+        )
     if dose_rows:
-        lines += ["", "## Dose estimator (whole low-dose stack, median of 8 slices)", "",
-                  "| model | dose | estimated | relative error | seconds |", "|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['dose']} | {r['estimated']:.3f} | {r['relative_error']:.1%} | {r['seconds']:.2f} |"
-                  for r in dose_rows]
+        lines += [
+            "",
+            "## Dose estimator (whole low-dose stack, median of 8 slices)",
+            "",
+            "| model | dose | estimated | relative error | seconds |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['model']} | {r['dose']} | {r['estimated']:.3f} | {r['relative_error']:.1%} | {r['seconds']:.2f} |"
+            for r in dose_rows
+        ]
         for model in sorted({r["model"] for r in dose_rows}):
             errors = [r["relative_error"] for r in dose_rows if r["model"] == model]
             lines.append(f"\n{model}: median relative error {np.median(errors):.1%} over the {len(errors)} doses.")
     if volume_rows:
-        lines += ["", "## Whole volumes (sample slices tiled; fresh process each)", "",
-                  "| model | slices | seconds | peak memory (GB) |", "|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['slices']} | {r['seconds']:.1f} | {r['peak_memory_gb']:.2f} |" for r in volume_rows]
+        lines += [
+            "",
+            "## Whole volumes (sample slices tiled; fresh process each)",
+            "",
+            "| model | slices | seconds | peak memory (GB) |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['model']} | {r['slices']} | {r['seconds']:.1f} | {r['peak_memory_gb']:.2f} |" for r in volume_rows
+        ]
     lines += ["", "## Against the targets", ""] + targets(rows, dose_rows, volume_rows)
     (RESULTS / "denoising.md").write_text("\n".join(lines) + "\n")
 
@@ -299,9 +381,14 @@ def write_results(rows, dose_rows, volume_rows, examples, args, spacing_mm) -> N
         print(f"wrote {RESULTS / 'denoising.md'} (merged; {RESULTS / 'denoising.png'} kept)")
         return
     shown = {name: image for name, image in examples.items() if name not in ("Gaussian (sigma 1 px)",)}
-    side_by_side_png(RESULTS / "denoising.png", shown, window="abdomen",
-                     title="1/4 dose (simulated), held-out slice of the bundled sample",
-                     spacing_mm=(spacing_mm[1], spacing_mm[0]), zoom=body_zoom(examples["normal dose"]))
+    side_by_side_png(
+        RESULTS / "denoising.png",
+        shown,
+        window="abdomen",
+        title="1/4 dose (simulated), held-out slice of the bundled sample",
+        spacing_mm=(spacing_mm[1], spacing_mm[0]),
+        zoom=body_zoom(examples["normal dose"]),
+    )
     print(f"wrote {RESULTS / 'denoising.md'} and {RESULTS / 'denoising.png'}")
 
 

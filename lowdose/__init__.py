@@ -1,49 +1,67 @@
 """lowdose: low-dose CT denoising that proves, structure by structure, that it kept the anatomy.
 
-The public functions are importable from here: ``load_ct``, ``save_ct``, ``simulate_low_dose``,
-``denoise`` and ``check_fidelity``.
+The data's road, one public function per step::
+
+    from lowdose import check_fidelity, denoise, load_ct, save_ct, simulate_low_dose
+
+    normal = load_ct("ct.nii.gz")                       # CTVolume: HU with its geometry
+    low = simulate_low_dose(normal, 0.25, seed=0)       # a quarter-dose scan of it
+    result = denoise(low)                               # DenoiseResult: volume, dose used, model, timings
+    save_ct(result.volume, "denoised/", description=result.description)
+    report = check_fidelity(low, result.volume, out_dir="fidelity")   # FidelityReport
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
+from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .errors import CTInputError, CTOutputError, LowdoseError
-from .io import load_ct, save_ct
+from .resources import sample_ct_path
 from .volume import CTVolume
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from .denoise import DenoiseResult, denoise
+    from .fidelity import FidelityReport, check_fidelity
+    from .io import load_ct, save_ct
+    from .simulate import simulate_low_dose
 
-_SAMPLE = Path(__file__).resolve().parent.parent / "sample" / "abdomen_ct_dicom"
-
-
-def sample_ct_path() -> Path:
-    """The bundled sample CT (20-slice abdomen DICOM series, see sample/README.md)."""
-    if not _SAMPLE.is_dir():
-        raise LowdoseError(f"{_SAMPLE}: the bundled sample CT is missing (run lowdose from its repository)")
-    return _SAMPLE
-
-
-def simulate_low_dose(volume, dose_fraction, seed=None, **kwargs):
-    """See ``lowdose.simulate.simulate_low_dose`` (imported lazily: it loads torch)."""
-    from .simulate import simulate_low_dose as _simulate
-
-    return _simulate(volume, dose_fraction, seed=seed, **kwargs)
-
-
-def denoise(volume, model="dose_unet", dose="auto", device="auto", progress=False):
-    """See ``lowdose.denoise.denoise`` (imported lazily: it loads torch)."""
-    from .denoise import denoise as _denoise
-
-    return _denoise(volume, model=model, dose=dose, device=device, progress=progress)
+# Public names -> the module that defines them, imported on first use: the readers (SimpleITK, pydicom), torch
+# and the fidelity check take seconds to import, which `import lowdose.<module>` should not pay for.
+_LAZY = {
+    "load_ct": "io",
+    "save_ct": "io",
+    "simulate_low_dose": "simulate",
+    "denoise": "denoise",
+    "DenoiseResult": "denoise",
+    "check_fidelity": "fidelity",
+    "FidelityReport": "fidelity",
+}
 
 
-def check_fidelity(original, denoised, reference=None, out_dir=None, **kwargs):
-    """See ``lowdose.fidelity.check_fidelity`` (imported lazily: it loads TotalSegmentator)."""
-    from .fidelity import check_fidelity as _check
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
 
-    return _check(original, denoised, reference=reference, out_dir=out_dir, **kwargs)
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
 
 
-__all__ = ["CTVolume", "CTInputError", "CTOutputError", "LowdoseError", "load_ct", "save_ct",
-           "simulate_low_dose", "denoise", "check_fidelity", "sample_ct_path"]
+__all__ = [
+    "CTInputError",
+    "CTOutputError",
+    "CTVolume",
+    "DenoiseResult",
+    "FidelityReport",
+    "LowdoseError",
+    "__version__",
+    "check_fidelity",
+    "denoise",
+    "load_ct",
+    "sample_ct_path",
+    "save_ct",
+    "simulate_low_dose",
+]

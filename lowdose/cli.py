@@ -8,18 +8,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import traceback
 from pathlib import Path
 
-from .bundle import DEFAULT_MODEL
+import yaml
+
+from .bundle import DEFAULT_MODEL, Bundle, available_models
+from .dose import parse_dose
 from .errors import LowdoseError
+from .fidelity.command import add_parser as add_fidelity_parser
+from .figures import body_zoom, side_by_side_png
+from .io import check_output_folder, check_output_path, load_ct, save_ct
+from .metrics import compare
+from .resources import sample_ct_path
+from .server import add_parser as add_serve_parser
 
 
 def _parse_dose(text: str) -> float:
     """A dose fraction as 0.25, 1/4 or 25% (argparse type)."""
-    from .dose import parse_dose
-
     if text.strip().lower() == "auto":
         raise argparse.ArgumentTypeError("a dose fraction is needed here (0.25, 1/4 or 25%), not auto")
     try:
@@ -35,8 +43,7 @@ def _print_figures(title: str, figures: dict[str, float]) -> None:
 
 
 def cmd_simulate(args) -> None:
-    from . import load_ct, save_ct, simulate_low_dose
-    from .io import check_output_path
+    from .simulate import simulate_low_dose  # torch (4 s): only the commands that compute load it
 
     check_output_path(args.output, inputs=(args.input,))
     volume = load_ct(args.input, series_uid=args.series)
@@ -47,9 +54,6 @@ def cmd_simulate(args) -> None:
 
 
 def cmd_metrics(args) -> None:
-    from . import load_ct
-    from .metrics import compare
-
     reference = load_ct(args.reference)
     test = load_ct(args.test)
     if reference.shape != test.shape:
@@ -63,13 +67,8 @@ def cmd_metrics(args) -> None:
 
 def cmd_demo(args) -> None:
     """Simulate a low-dose scan of the bundled sample, denoise it, print before/after, write a PNG."""
-    import shutil
-
-    from . import load_ct, sample_ct_path, save_ct, simulate_low_dose
-    from .denoise import get_denoiser
-    from .figures import body_zoom, side_by_side_png
-    from .io import check_output_folder
-    from .metrics import compare
+    from .denoise import get_denoiser  # torch (4 s): only the commands that compute load it
+    from .simulate import simulate_low_dose  # torch, as above
 
     out = check_output_folder(args.out, inputs=(sample_ct_path(),))
     normal = load_ct(sample_ct_path())
@@ -77,16 +76,19 @@ def cmd_demo(args) -> None:
     denoiser = get_denoiser(args.model, args.device)  # before the slow part: a missing model fails at once
     low = simulate_low_dose(normal, args.dose, seed=args.seed, progress=True)
     denoised = denoiser(low, dose="auto", progress=True)
-    folders = {"low": out / f"simulated_{round(args.dose * 100)}pct_dose", "denoised": out / f"denoised_{denoiser.name}"}
-    for key, volume in (("low", low), ("denoised", denoised)):
+    folders = {
+        "low": out / f"simulated_{round(args.dose * 100)}pct_dose",
+        "denoised": out / f"denoised_{denoiser.name}",
+    }
+    outputs = {"low": (low, low.metadata["lowdose_description"]), "denoised": (denoised.volume, denoised.description)}
+    for key, (volume, description) in outputs.items():
         if folders[key].exists():
             shutil.rmtree(folders[key])  # the demo's own output folder from an earlier run
-        save_ct(volume, folders[key], description=volume.metadata["lowdose_description"])
+        save_ct(volume, folders[key], description=description)
         print(f"wrote {folders[key]} (DICOM series)")
-    estimated = denoised.metadata["lowdose_dose_fraction"]
-    if estimated is not None:
-        print(f"dose: simulated {args.dose:g}, estimated from the image {estimated:.3g}")
-    before, after = compare(normal, low), compare(normal, denoised)
+    if denoised.dose_fraction is not None:
+        print(f"dose: simulated {args.dose:g}, estimated from the image {denoised.dose_fraction:.3g}")
+    before, after = compare(normal, low), compare(normal, denoised.volume)
     print(f"{'against the normal-dose sample':<30} {'low dose':>10} {'denoised':>10}")
     for name in before:
         print(f"  {name:<28} {before[name]:10.3f} {after.get(name, float('nan')):10.3f}")
@@ -94,10 +96,16 @@ def cmd_demo(args) -> None:
     row_mm, col_mm = normal.spacing_mm[1], normal.spacing_mm[0]  # spacing is (x, y, z)
     png = side_by_side_png(
         out / "side_by_side.png",
-        {f"low dose ({args.dose:g}, simulated)": low.hu[k], f"denoised ({denoiser.name})": denoised.hu[k],
-         "normal dose": normal.hu[k]},
-        window="abdomen", title=f"bundled sample, slice {k + 1}/{normal.shape[0]}", spacing_mm=(row_mm, col_mm),
-        zoom=body_zoom(normal.hu[k]))
+        {
+            f"low dose ({args.dose:g}, simulated)": low.hu[k],
+            f"denoised ({denoiser.name})": denoised.volume.hu[k],
+            "normal dose": normal.hu[k],
+        },
+        window="abdomen",
+        title=f"bundled sample, slice {k + 1}/{normal.shape[0]}",
+        spacing_mm=(row_mm, col_mm),
+        zoom=body_zoom(normal.hu[k]),
+    )
     print(f"wrote {png} (low dose | denoised | normal dose, abdomen window)")
 
 
@@ -106,51 +114,55 @@ def _parse_dose_or_auto(text: str):
 
 
 def cmd_denoise(args) -> None:
-    from . import load_ct, save_ct
-    from .denoise import get_denoiser
-    from .io import check_output_path
+    from .denoise import get_denoiser  # torch (4 s): only the commands that compute load it
 
     check_output_path(args.output, inputs=(args.input,))
     volume = load_ct(args.input, series_uid=args.series)
     denoiser = get_denoiser(args.model, args.device)
     result = denoiser(volume, dose=args.dose, progress=not args.quiet)
-    save_ct(result, args.output, description=result.metadata["lowdose_description"])
+    save_ct(result.volume, args.output, description=result.description)
     if not args.quiet:
-        dose = result.metadata["lowdose_dose_fraction"]
-        dose_text = "n/a" if dose is None else f"{dose:.3g} ({result.metadata['lowdose_dose_source']})"
-        print(f"wrote {args.output}: model {denoiser.name}, dose {dose_text}, "
-              f"{result.metadata['lowdose_seconds']:.1f} s for {volume.shape[0]} slices")
+        dose = "n/a" if result.dose_fraction is None else f"{result.dose_fraction:.3g} ({result.dose_source})"
+        print(
+            f"wrote {args.output}: model {result.model}, dose {dose}, "
+            f"{result.seconds:.1f} s for {volume.shape[0]} slices"
+        )
 
 
 def cmd_train(args) -> None:
     import logging
 
-    from .training import TrainConfig, train
+    from .training import AnatomyEncoderConfig, TrainConfig, train, train_anatomy_encoder
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     command = " ".join(["lowdose", *sys.argv[1:]])
     if _config_task(args.config) == "anatomy_encoder":
-        from .anatomy.training import AnatomyEncoderConfig, train_anatomy_encoder
-
         config = AnatomyEncoderConfig.from_yaml(args.config)
         if args.epochs:
             config.epochs = args.epochs
-        _check_training_outputs(config.output_dir, args.bundle, [*config.images, *config.labels,
-                                                                 *config.validation_images, *config.validation_labels])
+        _check_training_outputs(
+            config.output_dir,
+            args.bundle,
+            [*config.images, *config.labels, *config.validation_images, *config.validation_labels],
+        )
         train_anatomy_encoder(config, bundle_dir=args.bundle, progress=not args.quiet, command=command)
         return
     config = TrainConfig.from_yaml(args.config)
     if args.epochs:
         config.optim.epochs = args.epochs
     _check_training_outputs(config.output_dir, args.bundle, [*config.data.train, *config.data.validation])
-    train(config, resume=args.resume, progress=not args.quiet, bundle_dir=args.bundle,
-          command=command, estimator_only=args.estimator_only)
+    train(
+        config,
+        resume=args.resume,
+        progress=not args.quiet,
+        bundle_dir=args.bundle,
+        command=command,
+        estimator_only=args.estimator_only,
+    )
 
 
 def _check_training_outputs(output_dir, bundle, data: list) -> None:
     """The run folder and the bundle folder can be made and are not training data (before any data is read)."""
-    from .io import check_output_folder
-
     check_output_folder(output_dir, inputs=tuple(data))
     if bundle:
         check_output_folder(bundle, inputs=tuple(data))
@@ -158,8 +170,6 @@ def _check_training_outputs(output_dir, bundle, data: list) -> None:
 
 def _config_task(path: str) -> str:
     """``task`` of a training YAML: ``denoising`` (the default) or ``anatomy_encoder``."""
-    import yaml
-
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
@@ -174,37 +184,48 @@ def _config_task(path: str) -> str:
 
 def cmd_models(args) -> None:
     """The shipped models: name, network, dose handling and validation figures."""
-    from .bundle import available_models, find_bundle
-
     names = available_models()
     if not names:
-        raise LowdoseError("no trained model found under models/ (train one: lowdose train CONFIG --bundle models/NAME)")
+        raise LowdoseError(
+            "no trained model found (in LOWDOSE_MODELS or the shipped models; train one: "
+            "lowdose train CONFIG --bundle models/NAME)"
+        )
     print(f"{'model':<22} {'network':<10} {'dose':<22} validation PSNR abdomen (low-dose input)")
     for name in names:
-        meta = json.loads((find_bundle(name) / "configs" / "metadata.json").read_text())
-        validation = meta.get("validation", {})
-        figure = ""
-        if "val_psnr_abdomen" in validation:
-            figure = f"{validation.get('val_psnr_abdomen_auto', validation['val_psnr_abdomen']):.2f} dB"
-            if "val_input_psnr_abdomen" in validation:
-                figure += f" ({validation['val_input_psnr_abdomen']:.2f} dB)"
-        conditioned = meta["network"].get("kwargs", {}).get("dose_conditioning", False)
-        dose = ("conditioned, estimated" if meta.get("dose_estimator") else "conditioned") if conditioned else "one model, any dose"
-        marker = " (default)" if name == DEFAULT_MODEL else ""
-        anatomy = ", ".join((meta.get("anatomy_aware_training") or {}).get("enabled", []))
-        print(f"{name + marker:<22} {meta['network']['name']:<10} {dose:<22} {figure}"
-              + (f"  [anatomy-aware: {anatomy}]" if anatomy else ""))
+        print(_denoiser_row(name, Bundle.find(name)))
     for name in available_models("anatomy_encoder"):
-        meta = json.loads((find_bundle(name) / "configs" / "metadata.json").read_text())
-        dice = meta.get("validation", {}).get("val_mean_dice")
-        print(f"{name:<22} anatomy encoder (for anatomy-aware training), {len(meta.get('groups', {}))} groups"
-              + (f", validation mean Dice {dice:.2f}" if dice is not None else ""))
+        bundle = Bundle.find(name)
+        dice = bundle.validation.get("val_mean_dice")
+        print(
+            f"{name:<22} anatomy encoder (for anatomy-aware training), {len(bundle.groups)} groups"
+            + (f", validation mean Dice {dice:.2f}" if dice is not None else "")
+        )
     for name in available_models("damaged"):
         print(f"{name:<22} damaged bundle, not usable (unreadable configs/metadata.json or no models/model.pt)")
 
 
+def _denoiser_row(name: str, bundle: Bundle) -> str:
+    validation = bundle.validation
+    figure = ""
+    if "val_psnr_abdomen" in validation:
+        figure = f"{validation.get('val_psnr_abdomen_auto', validation['val_psnr_abdomen']):.2f} dB"
+        if "val_input_psnr_abdomen" in validation:
+            figure += f" ({validation['val_input_psnr_abdomen']:.2f} dB)"
+    if bundle.dose_conditioning:
+        dose = "conditioned, estimated" if bundle.dose_estimator else "conditioned"
+    else:
+        dose = "one model, any dose"
+    marker = " (default)" if name == DEFAULT_MODEL else ""
+    anatomy = ", ".join(bundle.anatomy_aware_training)
+    return f"{name + marker:<22} {bundle.network_name:<10} {dose:<22} {figure}" + (
+        f"  [anatomy-aware: {anatomy}]" if anatomy else ""
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowdose", description="Low-dose CT: simulate, denoise, measure, and check that the anatomy was kept.")
+    parser = argparse.ArgumentParser(
+        prog="lowdose", description="Low-dose CT: simulate, denoise, measure, and check that the anatomy was kept."
+    )
     parser.add_argument("--debug", action="store_true", help="on an error, print the full traceback (for a bug report)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -220,10 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("denoise", help="denoise a low-dose CT with a trained model")
     p.add_argument("input", help="low-dose CT: NIfTI/NRRD/MHA file or DICOM series folder")
     p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha) or new folder (DICOM series)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"model name under models/ or a bundle folder (default {DEFAULT_MODEL})")
-    p.add_argument("--dose", type=_parse_dose_or_auto, default="auto",
-                   help="dose fraction of the input (0.25, 1/4, 25%%) or auto to estimate it (default)")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model name under models/ or a bundle folder (default {DEFAULT_MODEL})"
+    )
+    p.add_argument(
+        "--dose",
+        type=_parse_dose_or_auto,
+        default="auto",
+        help="dose fraction of the input (0.25, 1/4, 25%%) or auto to estimate it (default)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: GPU when there is one")
     p.add_argument("--series", help="SeriesInstanceUID when the folder holds several series")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -232,8 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a denoiser from a YAML config")
     p.add_argument("config", help="training config (YAML)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
-    p.add_argument("--estimator-only", action="store_true",
-                   help="run only the dose estimator's whole-slice stage (optim.estimator_epochs) on a finished run")
+    p.add_argument(
+        "--estimator-only",
+        action="store_true",
+        help="run only the dose estimator's whole-slice stage (optim.estimator_epochs) on a finished run",
+    )
     p.add_argument("--bundle", help="write the best checkpoint as a MONAI bundle into this folder at the end")
     p.add_argument("--epochs", type=int, help="override optim.epochs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -241,13 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the installed models")
     p.set_defaults(func=cmd_models)
-
-    from .fidelity.command import add_parser as add_fidelity_parser
-
     add_fidelity_parser(sub)
-
-    from .server import add_parser as add_serve_parser
-
     add_serve_parser(sub)
 
     p = sub.add_parser("metrics", help="image-quality figures of a CT against a reference on the same grid")
@@ -283,8 +306,10 @@ def _one_line(exc: BaseException, command: str) -> str:
         return f"{where}{exc.strerror}"
     detail = " ".join(str(exc).split())
     detail = detail[:300] + ("..." if len(detail) > 300 else "")
-    return (f"internal error ({type(exc).__name__}{': ' + detail if detail else ''}); "
-            f"`lowdose --debug {command} ...` prints the traceback")
+    return (
+        f"internal error ({type(exc).__name__}{': ' + detail if detail else ''}); "
+        f"`lowdose --debug {command} ...` prints the traceback"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

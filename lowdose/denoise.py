@@ -1,27 +1,79 @@
 """The inference engine: a trained model applied to a whole CTVolume, slab by slab, in bounded memory.
 
 ``Denoiser`` loads a bundle once and is reused for many volumes (as nnU-Net's predictor is); ``denoise``
-is the one-call form. HU, geometry and metadata go through unchanged; voxels the network must not
-touch (padding outside the field of view, values beyond its HU range such as metal) keep their values.
+is the one-call form. Both return a ``DenoiseResult``: the denoised volume with the dose used and how it
+was obtained, the model, the time taken and the device. HU, geometry and metadata go through unchanged;
+voxels the network must not touch (padding outside the field of view, values beyond its HU range such as
+metal) keep their values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+import sys
 import time
+import types
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .bundle import DEFAULT_MODEL, hu_to_input, load_bundle, output_to_hu
+from .device import pick_device
 from .errors import LowdoseError
-from .training.data import body_slices, slab
-from .training.loop import pick_device
+from .slabs import body_slices, slab
 from .volume import CTVolume
 
 # Slices used to estimate a volume's dose: evenly spread over the body, median of their estimates.
 DOSE_ESTIMATE_SLICES = 8
+# How the dose fraction of a result was obtained.
+ESTIMATED, GIVEN, GIVEN_NOT_USED, NOT_USED = "estimated", "given", "given (model is not dose-conditioned)", "not used"
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiseResult:
+    """A denoised CT and how it was made.
+
+    Attributes:
+        volume: the denoised CT (HU; the input's geometry and metadata).
+        model: the name of the model that denoised it.
+        dose_fraction: the dose fraction of the input the model was given or estimated (None when the model
+            takes no dose and none was given).
+        dose_source: ``estimated`` (read from the image by the model's dose estimator), ``given``,
+            ``given (model is not dose-conditioned)`` or ``not used``.
+        seconds: wall time of denoising, dose estimate included.
+        device: the torch device it ran on (``cpu``, ``cuda:0``, ...).
+    """
+
+    volume: CTVolume
+    model: str
+    dose_fraction: float | None
+    dose_source: str
+    seconds: float
+    device: str
+
+    @property
+    def dose_estimated(self) -> bool:
+        return self.dose_source == ESTIMATED
+
+    @property
+    def description(self) -> str:
+        """The series description of the derived series, e.g. ``lowdose denoised (dose_unet, dose 0.25 given)``."""
+        dose_text = "" if self.dose_fraction is None else f", dose {self.dose_fraction:.3g} {self.dose_source}"
+        return f"lowdose denoised ({self.model}{dose_text})"
+
+    def summary(self) -> dict:
+        """The plain fields (JSON-ready): model, dose_fraction, dose_source, description, seconds, device."""
+        return {
+            "model": self.model,
+            "dose_fraction": self.dose_fraction,
+            "dose_source": self.dose_source,
+            "description": self.description,
+            "seconds": self.seconds,
+            "device": self.device,
+        }
 
 
 class Denoiser:
@@ -58,29 +110,32 @@ class Denoiser:
         if self.model.dose_estimator is None:
             raise LowdoseError(f"model {self.name} has no dose estimator; give the dose (--dose 0.25)")
         candidates = body_slices(volume, 0.2) or list(range(volume.shape[0]))
-        picks = sorted({candidates[int(i)] for i in np.linspace(0, len(candidates) - 1,
-                                                                   min(DOSE_ESTIMATE_SLICES, len(candidates))).round()})
+        picks = sorted(
+            {
+                candidates[int(i)]
+                for i in np.linspace(0, len(candidates) - 1, min(DOSE_ESTIMATE_SLICES, len(candidates))).round()
+            }
+        )
         # One batch: 2.4x faster per slice than one slice at a time (measured, CPU).
         estimates = self.model.dose_estimator.predict_dose_fraction(self._input(volume.hu, picks))
         return float(np.median(estimates.float().cpu().numpy()))
 
-    @torch.inference_mode()
-    def __call__(self, volume: CTVolume, dose: float | str = "auto", progress: bool = False) -> CTVolume:
-        """The denoised volume (HU, same geometry); ``dose`` is a fraction or ``auto`` (estimated)."""
-        from tqdm.auto import tqdm
-
-        started = time.time()
-        dose_source = "not used"
-        dose_value = None
+    def _dose(self, volume: CTVolume, dose: float | str) -> tuple[float | None, str]:
+        """The dose fraction to use and how it was obtained (see ``DenoiseResult.dose_source``)."""
+        value, source = None, NOT_USED
         if self.model.dose_conditioning or (dose == "auto" and self.model.dose_estimator is not None):
-            if dose == "auto":
-                dose_value, dose_source = self.estimate_dose(volume), "estimated"
-            else:
-                dose_value, dose_source = float(dose), "given"
+            value, source = (self.estimate_dose(volume), ESTIMATED) if dose == "auto" else (float(dose), GIVEN)
         elif dose != "auto":
-            dose_value, dose_source = float(dose), "given (model is not dose-conditioned)"
-        if dose_value is not None and not 0 < dose_value <= 1:
-            raise LowdoseError(f"dose fraction must be in (0, 1]; got {dose_value}")
+            value, source = float(dose), GIVEN_NOT_USED
+        if value is not None and not 0 < value <= 1:
+            raise LowdoseError(f"dose fraction must be in (0, 1]; got {value}")
+        return value, source
+
+    @torch.inference_mode()
+    def __call__(self, volume: CTVolume, dose: float | str = "auto", progress: bool = False) -> DenoiseResult:
+        """The denoised volume (HU, same geometry) and how it was made; ``dose`` is a fraction or ``auto``."""
+        started = time.time()
+        dose_value, dose_source = self._dose(volume, dose)
         hu = volume.hu
         out = np.empty_like(hu)
         network = self.model.network
@@ -91,21 +146,20 @@ class Denoiser:
             x = self._input(hu, indices)
             extra = {}
             if self.model.anatomy_encoder is not None:  # BioAtt: the organs of the slices steer the attention
-                centre = torch.from_numpy(hu[indices.start:indices.stop, None]).to(self.device)
+                centre = torch.from_numpy(hu[indices.start : indices.stop, None]).to(self.device)
                 extra["organ_probabilities"] = self.model.organ_probabilities(centre)
             y = network(x, dose_tensor, **extra) if dose_tensor is not None or extra else network(x)
-            out[start:start + len(indices)] = output_to_hu(y[:, 0].float().cpu().numpy(), self.model.normalisation)
+            out[start : start + len(indices)] = output_to_hu(y[:, 0].float().cpu().numpy(), self.model.normalisation)
         # Keep what the network never saw: padding outside the field of view and HU beyond its range.
         untouched = ~volume.field_of_view_mask() | (hu > self.model.normalisation["hu_max"])
         out[untouched] = hu[untouched]
-        dose_text = "" if dose_value is None else f", dose {dose_value:.3g} {dose_source}"
-        return volume.with_hu(
-            out,
-            lowdose_model=self.name,
-            lowdose_dose_fraction=dose_value,
-            lowdose_dose_source=dose_source,
-            lowdose_seconds=round(time.time() - started, 2),
-            lowdose_description=f"lowdose denoised ({self.name}{dose_text})",
+        return DenoiseResult(
+            volume=volume.with_hu(out),
+            model=self.name,
+            dose_fraction=dose_value,
+            dose_source=dose_source,
+            seconds=round(time.time() - started, 2),
+            device=str(self.device),
         )
 
 
@@ -115,7 +169,26 @@ def get_denoiser(model: str = DEFAULT_MODEL, device: str = "auto", batch_size: i
     return Denoiser(model, device, batch_size)
 
 
-def denoise(volume: CTVolume, model: str = DEFAULT_MODEL, dose: float | str = "auto", device: str = "auto",
-            progress: bool = False) -> CTVolume:
-    """Denoise a low-dose CT volume with a shipped model (``dose``: fraction or ``auto``)."""
+def denoise(
+    volume: CTVolume,
+    model: str = DEFAULT_MODEL,
+    dose: float | str = "auto",
+    device: str = "auto",
+    progress: bool = False,
+) -> DenoiseResult:
+    """Denoise a low-dose CT volume with a shipped model (``dose``: fraction or ``auto``).
+
+    Example: ``result = denoise(load_ct("low.nii.gz")); save_ct(result.volume, "out", description=result.description)``
+    """
     return get_denoiser(str(model), device)(volume, dose=dose, progress=progress)
+
+
+class _CallableModule(types.ModuleType):
+    """``lowdose.denoise`` names both this module and the one-call function: once the module is imported, the
+    package's attribute of that name is the module, so calling the module denoises (``lowdose.denoise(volume)``)."""
+
+    def __call__(self, *args, **kwargs) -> DenoiseResult:
+        return denoise(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -7,36 +7,49 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import WINDOWS, apply_window
+from .metrics import apply_window
+from .windows import window as window_of
 
 
-def side_by_side_png(path: str | Path, panels: dict[str, np.ndarray], window: str = "abdomen",
-                     title: str = "", spacing_mm: tuple[float, float] = (1.0, 1.0),
-                     zoom: tuple[slice, slice] | None = None) -> Path:
+def side_by_side_png(
+    path: str | Path,
+    panels: dict[str, np.ndarray],
+    window: str = "abdomen",
+    title: str = "",
+    spacing_mm: tuple[float, float] = (1.0, 1.0),
+    zoom: tuple[slice, slice] | None = None,
+) -> Path:
     """Write ``panels`` (caption -> 2-D HU slice) in a row, all in the same display window.
 
     With ``zoom`` (rows, columns of the slice) a second row shows that region enlarged, where noise
     texture and small structures are judged. Pixels are drawn square in millimetres (``spacing_mm`` is
     row, column spacing). Written to a temporary file and renamed, so a reader never sees half a PNG.
     """
-    import matplotlib
+    import matplotlib  # 0.5 s to import, for pictures only: the CLI imports this module for --help
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the file-only backend (no display on a server)
 
     rows = 2 if zoom is not None else 1
     fig, axes = plt.subplots(rows, len(panels), figsize=(3.2 * len(panels), 3.4 * rows), squeeze=False)
     aspect = spacing_mm[0] / spacing_mm[1]
-    centre, width = WINDOWS[window]
+    centre, width = window_of(window)
     for column, (caption, image) in enumerate(panels.items()):
         shown = apply_window(image, window)
         axes[0, column].imshow(shown, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="none")
         axes[0, column].set_title(caption, fontsize=9)
         if zoom is not None:
             rows_, cols_ = zoom
-            axes[0, column].add_patch(matplotlib.patches.Rectangle(
-                (cols_.start, rows_.start), cols_.stop - cols_.start, rows_.stop - rows_.start,
-                fill=False, edgecolor="#e0a000", linewidth=0.8))
+            axes[0, column].add_patch(
+                matplotlib.patches.Rectangle(
+                    (cols_.start, rows_.start),
+                    cols_.stop - cols_.start,
+                    rows_.stop - rows_.start,
+                    fill=False,
+                    edgecolor="#e0a000",
+                    linewidth=0.8,
+                )
+            )
             axes[1, column].imshow(shown[zoom], cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="none")
         for ax in axes[:, column]:
             ax.set_xticks([])

@@ -7,6 +7,7 @@ A DICOM series out is a derived series of the one read (new UIDs, patient and st
 
 from __future__ import annotations
 
+import bz2
 import copy
 import dataclasses
 import datetime
@@ -15,10 +16,16 @@ import os
 import shutil
 import struct
 import tempfile
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import generate_uid
 
 from .atomic import atomic_output, default_mode
 from .errors import CTInputError, CTOutputError
@@ -33,8 +40,25 @@ SLICE_SPACING_TOLERANCE_MM = 0.01
 # A step this close (fraction of the series' usual step) to a whole multiple k >= 2 of it is k - 1 missing slices.
 MISSING_SLICE_TOLERANCE = 0.1
 # Suffixes that name a file format save_ct cannot write (any other suffix-less path is a DICOM series folder).
-UNWRITABLE_SUFFIXES = (".nhdr", ".mhd", ".hdr", ".img", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gz",
-                       ".zip", ".npy", ".npz", ".txt", ".json", ".pt")
+UNWRITABLE_SUFFIXES = (
+    ".nhdr",
+    ".mhd",
+    ".hdr",
+    ".img",
+    ".dcm",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".tif",
+    ".tiff",
+    ".gz",
+    ".zip",
+    ".npy",
+    ".npz",
+    ".txt",
+    ".json",
+    ".pt",
+)
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -71,21 +95,25 @@ def _grid_suffix(path: Path) -> str | None:
 
 
 def _load_grid_file(path: Path, limits: InputLimits) -> CTVolume:
-    import SimpleITK as sitk
-
     _check_grid_data(path, limits)  # SimpleITK allocates what the header says and zero-fills what is missing
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise CTInputError(path, f"not a readable {_grid_suffix(path)} image ({_first_line(exc)})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise CTInputError(path, f"a colour/vector image with {image.GetNumberOfComponentsPerPixel()} "
-                                 "components per voxel, not a CT volume")
+        raise CTInputError(
+            path,
+            f"a colour/vector image with {image.GetNumberOfComponentsPerPixel()} "
+            "components per voxel, not a CT volume",
+        )
     size = image.GetSize()
     if image.GetDimension() == 4:
         if size[3] != 1:
-            raise CTInputError(path, f"a 4-D image ({'x'.join(map(str, size))}); lowdose needs one 3-D "
-                                     "CT volume (split the time points or phases first)")
+            raise CTInputError(
+                path,
+                f"a 4-D image ({'x'.join(map(str, size))}); lowdose needs one 3-D "
+                "CT volume (split the time points or phases first)",
+            )
         image = image[:, :, :, 0]
     elif image.GetDimension() == 2:
         image = sitk.JoinSeries(image)
@@ -94,15 +122,17 @@ def _load_grid_file(path: Path, limits: InputLimits) -> CTVolume:
     pixel_type = image.GetPixelIDTypeAsString()
     hu = sitk.GetArrayFromImage(image)
     if hu.dtype in (np.uint8, np.int8, np.bool_):
-        raise CTInputError(path, f"stored as {pixel_type}: an 8-bit image cannot hold Hounsfield units "
-                                 "(was it exported for display or as a label map?)")
+        raise CTInputError(
+            path,
+            f"stored as {pixel_type}: an 8-bit image cannot hold Hounsfield units "
+            "(was it exported for display or as a label map?)",
+        )
     return CTVolume(
         hu=hu.astype(np.float32),
         spacing_mm=image.GetSpacing(),
         origin_mm=image.GetOrigin(),
         direction=np.array(image.GetDirection()).reshape(3, 3),
-        metadata={"format": _grid_suffix(path).lstrip("."), "path": str(path),
-                  "source_dtype": str(hu.dtype)},
+        metadata={"format": _grid_suffix(path).lstrip("."), "path": str(path), "source_dtype": str(hu.dtype)},
     )
 
 
@@ -142,14 +172,20 @@ def _check_grid_data(path: Path, limits: InputLimits) -> None:
     described = f"the header describes {layout.shape_text} voxels ({nbytes:,} bytes)"
     if layout.encoding == "raw":
         if stored < layout.skip + nbytes:
-            raise CTInputError(path, f"truncated: {described} but {_where(path, data)} holds only "
-                                     f"{max(stored - layout.skip, 0):,} bytes of voxel data")
+            raise CTInputError(
+                path,
+                f"truncated: {described} but {_where(path, data)} holds only "
+                f"{max(stored - layout.skip, 0):,} bytes of voxel data",
+            )
         return
     if layout.encoding in ("ascii", "hex"):  # text: at least one digit and a separator per value
         needed = 2 * nbytes if layout.encoding == "hex" else 2 * layout.voxels - 1
         if stored < needed:
-            raise CTInputError(path, f"truncated: {described} but {_where(path, data)} holds only {stored:,} "
-                                     f"bytes of {layout.encoding} text, fewer than {needed:,}")
+            raise CTInputError(
+                path,
+                f"truncated: {described} but {_where(path, data)} holds only {stored:,} "
+                f"bytes of {layout.encoding} text, fewer than {needed:,}",
+            )
         return
     expanded = layout.skip + nbytes
     what = f"its {layout.encoding}-compressed data ({layout.shape_text} voxels)"
@@ -159,8 +195,11 @@ def _check_grid_data(path: Path, limits: InputLimits) -> None:
     limit = min(expanded, int(stored * limits.max_compression_ratio) + 1)
     decoded = _decoded_length(path, data, layout.data_offset, layout.encoding, limit)
     if decoded < limit:
-        raise CTInputError(path, f"truncated or damaged: {described} but {_where(path, data)} decompresses to only "
-                                 f"{max(decoded - layout.skip, 0):,} bytes of voxel data")
+        raise CTInputError(
+            path,
+            f"truncated or damaged: {described} but {_where(path, data)} decompresses to only "
+            f"{max(decoded - layout.skip, 0):,} bytes of voxel data",
+        )
     limits.check_expansion(path, expanded, stored, what)
 
 
@@ -171,8 +210,6 @@ def _where(path: Path, data: Path) -> str:
 def _decoded_length(path: Path, data: Path, offset: int, encoding: str, limit: int) -> int:
     """How many bytes the compressed stream at ``offset`` of ``data`` decodes to, counting no further than
     ``limit``; decoded a megabyte at a time and thrown away, so memory stays small whatever the stream holds."""
-    import bz2
-    import zlib
 
     def new_decoder():
         # wbits 47: a gzip or a zlib stream (NRRD and .nii.gz are gzip, MetaImage zlib)
@@ -196,15 +233,15 @@ def _decoded_length(path: Path, data: Path, offset: int, encoding: str, limit: i
                 if decoder.eof:  # a gzip file may hold several members one after the other
                     pending, decoder = decoder.unused_data.lstrip(b"\0"), new_decoder()
     except (zlib.error, OSError, EOFError, ValueError) as exc:
-        raise CTInputError(path, f"not a readable {_grid_suffix(path)} image (compressed data truncated or damaged: "
-                                 f"{_first_line(exc)})") from None
+        raise CTInputError(
+            path,
+            f"not a readable {_grid_suffix(path)} image (compressed data truncated or damaged: " f"{_first_line(exc)})",
+        ) from None
     return min(decoded, limit)
 
 
 def _decoded_prefix(path: Path, size: int) -> bytes:
     """The first ``size`` decoded bytes of a gzip file (a .nii.gz header), read in small pieces."""
-    import zlib
-
     decoder, out = zlib.decompressobj(47), b""
     try:
         with open(path, "rb") as stream:
@@ -218,8 +255,18 @@ def _decoded_prefix(path: Path, size: int) -> bytes:
     return out
 
 
-_NIFTI_TYPES = {2: "uint8", 4: "int16", 8: "int32", 16: "float32", 64: "float64", 256: "int8", 512: "uint16",
-                768: "uint32", 1024: "int64", 1280: "uint64"}
+_NIFTI_TYPES = {
+    2: "uint8",
+    4: "int16",
+    8: "int32",
+    16: "float32",
+    64: "float64",
+    256: "int8",
+    512: "uint16",
+    768: "uint32",
+    1024: "int64",
+    1280: "uint64",
+}
 
 
 def _nifti_layout(path: Path) -> _DataLayout:
@@ -232,8 +279,9 @@ def _nifti_layout(path: Path) -> _DataLayout:
             head = stream.read(540)
     endian = next((e for e in "<>" if len(head) >= 4 and struct.unpack(e + "i", head[:4])[0] in (348, 540)), None)
     if endian is None:
-        raise CTInputError(path, f"not a readable {_grid_suffix(path)} image (no NIfTI header: it starts with neither "
-                                 "348 nor 540)")
+        raise CTInputError(
+            path, f"not a readable {_grid_suffix(path)} image (no NIfTI header: it starts with neither " "348 nor 540)"
+        )
     header_size = struct.unpack(endian + "i", head[:4])[0]
     if len(head) < header_size:
         raise CTInputError(path, f"truncated: the file ends inside its {header_size}-byte NIfTI header")
@@ -243,8 +291,9 @@ def _nifti_layout(path: Path) -> _DataLayout:
         vox_offset = struct.unpack(endian + "f", head[108:112])[0]
         magic = head[344:348]
         if magic != b"n+1\0":
-            raise CTInputError(path, f"not a single-file NIfTI-1 image (magic {magic!r}; a .hdr/.img pair or an "
-                                     "ANALYZE file?)")
+            raise CTInputError(
+                path, f"not a single-file NIfTI-1 image (magic {magic!r}; a .hdr/.img pair or an " "ANALYZE file?)"
+            )
     else:
         datatype, bitpix = struct.unpack(endian + "hh", head[12:16])
         dim = struct.unpack(endian + "8q", head[16:80])
@@ -252,22 +301,26 @@ def _nifti_layout(path: Path) -> _DataLayout:
         if head[4:12] != b"n+2\0\r\n\x1a\n":
             raise CTInputError(path, "not a single-file NIfTI-2 image (bad magic)")
     ndim = dim[0]
-    if not 1 <= ndim <= 7 or any(d < 1 for d in dim[1:ndim + 1]):
+    if not 1 <= ndim <= 7 or any(d < 1 for d in dim[1 : ndim + 1]):
         raise CTInputError(path, f"damaged NIfTI header: dimensions {list(dim)}")
     if bitpix < 8 or bitpix % 8 or not math.isfinite(vox_offset) or vox_offset < 0:
         raise CTInputError(path, f"damaged NIfTI header: {bitpix} bits per voxel, data offset {vox_offset}")
-    shape = [int(d) for d in dim[1:ndim + 1]]
+    shape = [int(d) for d in dim[1 : ndim + 1]]
     offset = max(int(vox_offset), header_size)
     type_name = _NIFTI_TYPES.get(datatype, f"{bitpix}-bit")
-    return _DataLayout(shape_text="x".join(map(str, shape)) + f" {type_name}", voxels=math.prod(shape),
-                       voxel_bytes=bitpix // 8, data_path=path, data_offset=0 if gz else offset,
-                       encoding="gzip" if gz else "raw", skip=offset if gz else 0)
+    return _DataLayout(
+        shape_text="x".join(map(str, shape)) + f" {type_name}",
+        voxels=math.prod(shape),
+        voxel_bytes=bitpix // 8,
+        data_path=path,
+        data_offset=0 if gz else offset,
+        encoding="gzip" if gz else "raw",
+        skip=offset if gz else 0,
+    )
 
 
 def _itk_header(path: Path) -> tuple[list[int], int, int, str]:
     """Size, components per voxel, bytes per component and pixel type (int16, ...), from the header alone."""
-    import SimpleITK as sitk
-
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -289,13 +342,19 @@ def _text_header(path: Path, limit: int = 1 << 20) -> bytes:
 def _detached(path: Path, name: str) -> Path:
     """A detached data file named in ``path``'s header; only beside the header (or below it) is read."""
     if name.upper() == "LIST" or "%" in name:
-        raise CTInputError(path, f"its voxels are spread over several data files ({name!r}); lowdose reads one "
-                                 "data file per volume (resave it as a single .nrrd, .mha or .nii.gz file)")
+        raise CTInputError(
+            path,
+            f"its voxels are spread over several data files ({name!r}); lowdose reads one "
+            "data file per volume (resave it as a single .nrrd, .mha or .nii.gz file)",
+        )
     folder = path.parent.resolve()
     data = (folder / name).resolve()
     if folder not in data.parents:
-        raise CTInputError(path, f"its data file {name!r} lies outside the header's folder; lowdose reads detached "
-                                 "data only from the header's own folder")
+        raise CTInputError(
+            path,
+            f"its data file {name!r} lies outside the header's folder; lowdose reads detached "
+            "data only from the header's own folder",
+        )
     return data
 
 
@@ -320,8 +379,17 @@ def _nrrd_layout(path: Path) -> _DataLayout:
             continue
         key, value = line.split(":", 1)
         fields[key.strip().lower()] = value.strip()
-    encoding = {"raw": "raw", "gzip": "gzip", "gz": "gzip", "bzip2": "bzip2", "bz2": "bzip2", "ascii": "ascii",
-                "text": "ascii", "txt": "ascii", "hex": "hex"}.get(fields.get("encoding", "raw").lower())
+    encoding = {
+        "raw": "raw",
+        "gzip": "gzip",
+        "gz": "gzip",
+        "bzip2": "bzip2",
+        "bz2": "bzip2",
+        "ascii": "ascii",
+        "text": "ascii",
+        "txt": "ascii",
+        "hex": "hex",
+    }.get(fields.get("encoding", "raw").lower())
     if encoding is None:
         raise CTInputError(path, f"NRRD encoding {fields.get('encoding')!r} is not supported")
     name = fields.get("data file", fields.get("datafile"))
@@ -335,9 +403,15 @@ def _nrrd_layout(path: Path) -> _DataLayout:
     voxels = math.prod(size) * components
     if skip == -1 and encoding == "raw":  # the voxels are the last bytes of the data file
         offset, skip = max(data.stat().st_size - voxels * component_bytes, offset), 0
-    return _DataLayout(shape_text="x".join(map(str, size)) + f" {pixel_type}", voxels=voxels,
-                       voxel_bytes=component_bytes, data_path=data, data_offset=offset, encoding=encoding,
-                       skip=max(skip, 0))
+    return _DataLayout(
+        shape_text="x".join(map(str, size)) + f" {pixel_type}",
+        voxels=voxels,
+        voxel_bytes=component_bytes,
+        data_path=data,
+        data_offset=offset,
+        encoding=encoding,
+        skip=max(skip, 0),
+    )
 
 
 def _metaimage_layout(path: Path) -> _DataLayout:
@@ -362,9 +436,15 @@ def _metaimage_layout(path: Path) -> _DataLayout:
     skip = _header_int(path, fields, "headersize")
     if skip == -1 and encoding == "raw":  # the voxels are the last bytes of the data file
         offset, skip = max(data.stat().st_size - voxels * component_bytes, offset), 0
-    return _DataLayout(shape_text="x".join(map(str, size)) + f" {pixel_type}", voxels=voxels,
-                       voxel_bytes=component_bytes, data_path=data, data_offset=offset, encoding=encoding,
-                       skip=max(skip, 0) if encoding == "raw" else 0)
+    return _DataLayout(
+        shape_text="x".join(map(str, size)) + f" {pixel_type}",
+        voxels=voxels,
+        voxel_bytes=component_bytes,
+        data_path=data,
+        data_offset=offset,
+        encoding=encoding,
+        skip=max(skip, 0) if encoding == "raw" else 0,
+    )
 
 
 def _load_dicom_folder(folder: Path, series_uid: str | None, limits: InputLimits) -> CTVolume:
@@ -375,9 +455,6 @@ def _load_dicom_folder(folder: Path, series_uid: str | None, limits: InputLimits
 
 
 def _load_dicom_files(source: Path, files: list[Path], series_uid: str | None, limits: InputLimits) -> CTVolume:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     single_file = source.is_file()
     series: dict[str, list] = defaultdict(list)
     for f in files:
@@ -400,12 +477,16 @@ def _load_dicom_files(source: Path, files: list[Path], series_uid: str | None, l
         raise CTInputError(source, "holds no DICOM images")
     if series_uid is not None:
         if series_uid not in series:
-            raise CTInputError(source, f"no series with SeriesInstanceUID {series_uid}; "
-                                       f"it holds: {_list_series(series)}")
+            raise CTInputError(
+                source, f"no series with SeriesInstanceUID {series_uid}; " f"it holds: {_list_series(series)}"
+            )
         chosen = series[series_uid]
     elif len(series) > 1:
-        raise CTInputError(source, f"holds {len(series)} series; choose one by its SeriesInstanceUID "
-                                   f"(series_uid= / --series): {_list_series(series)}")
+        raise CTInputError(
+            source,
+            f"holds {len(series)} series; choose one by its SeriesInstanceUID "
+            f"(series_uid= / --series): {_list_series(series)}",
+        )
     else:
         chosen = next(iter(series.values()))
     return _assemble_series(source, chosen, limits)
@@ -415,14 +496,11 @@ def _list_series(series: dict[str, list]) -> str:
     parts = []
     for uid, items in series.items():
         ds = items[0][1]
-        parts.append(f"{uid} ({ds.get('Modality', '?')}, '{ds.get('SeriesDescription', '')}', "
-                     f"{len(items)} files)")
+        parts.append(f"{uid} ({ds.get('Modality', '?')}, '{ds.get('SeriesDescription', '')}', " f"{len(items)} files)")
     return "; ".join(parts)
 
 
 def _assemble_series(source: Path, items: list, limits: InputLimits) -> CTVolume:
-    import pydicom
-
     first_file, first = items[0]
     modality = first.get("Modality")
     if modality not in (None, "", "CT"):
@@ -441,67 +519,22 @@ def _assemble_series(source: Path, items: list, limits: InputLimits) -> CTVolume
     pixel_spacing = [float(v) for v in first.get("PixelSpacing", [1.0, 1.0])]
     limits.check_voxels(source, rows * cols * len(items), f"{len(items)} slices of {cols}x{rows}")
     storage = _pixel_storage(first)
-    positions = []
-    for f, ds in items:
-        if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
-            raise CTInputError(f, f"slice is {ds.Columns}x{ds.Rows} but the series starts at {cols}x{rows} "
-                                  "(mixed series?)")
-        spacing = [float(v) for v in ds.get("PixelSpacing", pixel_spacing)]
-        if not np.allclose(spacing, pixel_spacing, rtol=1e-4, atol=1e-5):
-            raise CTInputError(f, f"pixel spacing {spacing[0]:g} x {spacing[1]:g} mm but the series starts at "
-                                  f"{pixel_spacing[0]:g} x {pixel_spacing[1]:g} mm (mixed series?)")
-        if _pixel_storage(ds) != storage:
-            raise CTInputError(f, f"pixels stored as {_storage_text(_pixel_storage(ds))} but the series starts with "
-                                  f"{_storage_text(storage)} (mixed series?)")
-        iop = np.array(ds.get("ImageOrientationPatient", orientation), dtype=np.float64)
-        if not np.allclose(iop, orientation, atol=1e-4):
-            raise CTInputError(f, "slice orientation differs from the rest of the series (mixed series?)")
-        if ds.get("Modality") != modality:
-            raise CTInputError(f, f"modality {ds.get('Modality')} in a {modality} series (mixed series?)")
-        if len(items) > 1 and "ImagePositionPatient" not in ds:
-            raise CTInputError(f, "no ImagePositionPatient: slices cannot be put in order")
-        positions.append(np.array(ds.get("ImagePositionPatient", [0, 0, 0]), dtype=np.float64))
-    positions = np.array(positions)
-    along_normal = positions @ normal
-    order = np.argsort(along_normal, kind="stable")
-    items = [items[i] for i in order]
-    positions, along_normal = positions[order], along_normal[order]
-    if len(items) > 1 and np.min(np.diff(along_normal)) < 1e-3:
-        k = int(np.argmin(np.diff(along_normal)))
-        raise CTInputError(source, f"two slices share the position {along_normal[k]:.2f} mm "
-                                   f"({items[k][0].name}, {items[k + 1][0].name}): overlapping acquisitions "
-                                   "or a mixed series; split it before loading")
-    missing = _missing_slices(items, along_normal)
-    if missing:
-        raise CTInputError(source, missing)
+    positions = np.array(
+        [_checked_slice_position(f, ds, first, pixel_spacing, storage, len(items) > 1) for f, ds in items]
+    )
+    items, positions, along_normal = _sorted_along(source, items, positions, normal)
+    hu, headers, padding_hu = _read_slices(items, rows, cols, storage)
 
-    hu = np.empty((len(items), rows, cols), dtype=np.float32)
-    headers, padding_hu = [], None
-    for k, (f, _) in enumerate(items):
-        try:
-            ds = pydicom.dcmread(f)
-        except Exception as exc:
-            raise CTInputError(f, f"damaged DICOM file ({_first_line(exc)})") from None
-        _check_pixel_data_length(f, ds, rows, cols, storage)
-        try:
-            stored = ds.pixel_array
-        except Exception as exc:
-            raise CTInputError(f, f"cannot decode the pixel data ({_first_line(exc)}); compressed DICOM "
-                                  "needs pylibjpeg with its openjpeg/libjpeg plug-ins (installed by setup)") from None
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        hu[k] = stored.astype(np.float32) * slope + intercept
-        if "PixelPaddingValue" in ds:
-            padding_hu = float(ds.PixelPaddingValue) * slope + intercept
-        del ds.PixelData
-        headers.append(ds)
-
-    spacing_z = float(np.median(np.diff(along_normal))) if len(items) > 1 else float(
-        first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
+    spacing_z = (
+        float(np.median(np.diff(along_normal)))
+        if len(items) > 1
+        else float(first.get("SpacingBetweenSlices", first.get("SliceThickness", 1.0)) or 1.0)
+    )
     # A regular grid needs equal steps along the normal and no in-plane shift (gantry tilt shifts it).
     expected = positions[0] + np.outer(along_normal - along_normal[0], normal)
     regular = bool(np.all(np.abs(positions - expected) < SLICE_SPACING_TOLERANCE_MM * 10)) and (
-        len(items) < 3 or float(np.ptp(np.diff(along_normal))) < SLICE_SPACING_TOLERANCE_MM)
+        len(items) < 3 or float(np.ptp(np.diff(along_normal))) < SLICE_SPACING_TOLERANCE_MM
+    )
     metadata = {
         "format": "dicom",
         "path": str(source),
@@ -524,17 +557,107 @@ def _assemble_series(source: Path, items: list, limits: InputLimits) -> CTVolume
     )
 
 
+def _checked_slice_position(
+    f: Path, ds, first, pixel_spacing: list[float], storage: tuple[int, int, int, int], several: bool
+) -> np.ndarray:
+    """The slice's ImagePositionPatient, after checking that it belongs to the series that ``first`` starts."""
+    rows, cols = int(first.Rows), int(first.Columns)
+    if (int(ds.Rows), int(ds.Columns)) != (rows, cols):
+        raise CTInputError(
+            f, f"slice is {ds.Columns}x{ds.Rows} but the series starts at {cols}x{rows} " "(mixed series?)"
+        )
+    spacing = [float(v) for v in ds.get("PixelSpacing", pixel_spacing)]
+    if not np.allclose(spacing, pixel_spacing, rtol=1e-4, atol=1e-5):
+        raise CTInputError(
+            f,
+            f"pixel spacing {spacing[0]:g} x {spacing[1]:g} mm but the series starts at "
+            f"{pixel_spacing[0]:g} x {pixel_spacing[1]:g} mm (mixed series?)",
+        )
+    if _pixel_storage(ds) != storage:
+        raise CTInputError(
+            f,
+            f"pixels stored as {_storage_text(_pixel_storage(ds))} but the series starts with "
+            f"{_storage_text(storage)} (mixed series?)",
+        )
+    orientation = np.array(first.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=np.float64)
+    iop = np.array(ds.get("ImageOrientationPatient", orientation), dtype=np.float64)
+    if not np.allclose(iop, orientation, atol=1e-4):
+        raise CTInputError(f, "slice orientation differs from the rest of the series (mixed series?)")
+    if ds.get("Modality") != first.get("Modality"):
+        raise CTInputError(f, f"modality {ds.get('Modality')} in a {first.get('Modality')} series (mixed series?)")
+    if several and "ImagePositionPatient" not in ds:
+        raise CTInputError(f, "no ImagePositionPatient: slices cannot be put in order")
+    return np.array(ds.get("ImagePositionPatient", [0, 0, 0]), dtype=np.float64)
+
+
+def _sorted_along(
+    source: Path, items: list, positions: np.ndarray, normal: np.ndarray
+) -> tuple[list, np.ndarray, np.ndarray]:
+    """Slices, positions and distances along the normal in order, after refusing overlaps and missing slices."""
+    along_normal = positions @ normal
+    order = np.argsort(along_normal, kind="stable")
+    items = [items[i] for i in order]
+    positions, along_normal = positions[order], along_normal[order]
+    if len(items) > 1 and np.min(np.diff(along_normal)) < 1e-3:
+        k = int(np.argmin(np.diff(along_normal)))
+        raise CTInputError(
+            source,
+            f"two slices share the position {along_normal[k]:.2f} mm "
+            f"({items[k][0].name}, {items[k + 1][0].name}): overlapping acquisitions "
+            "or a mixed series; split it before loading",
+        )
+    missing = _missing_slices(items, along_normal)
+    if missing:
+        raise CTInputError(source, missing)
+    return items, positions, along_normal
+
+
+def _read_slices(
+    items: list, rows: int, cols: int, storage: tuple[int, int, int, int]
+) -> tuple[np.ndarray, list, float | None]:
+    """The slices' HU ``[z, y, x]``, their headers (without pixel data) and the padding value in HU, if any."""
+    hu = np.empty((len(items), rows, cols), dtype=np.float32)
+    headers, padding_hu = [], None
+    for k, (f, _) in enumerate(items):
+        try:
+            ds = pydicom.dcmread(f)
+        except Exception as exc:
+            raise CTInputError(f, f"damaged DICOM file ({_first_line(exc)})") from None
+        _check_pixel_data_length(f, ds, rows, cols, storage)
+        try:
+            stored = ds.pixel_array
+        except Exception as exc:
+            raise CTInputError(
+                f,
+                f"cannot decode the pixel data ({_first_line(exc)}); compressed DICOM "
+                "needs pylibjpeg with its openjpeg/libjpeg plug-ins (installed by setup)",
+            ) from None
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        hu[k] = stored.astype(np.float32) * slope + intercept
+        if "PixelPaddingValue" in ds:
+            padding_hu = float(ds.PixelPaddingValue) * slope + intercept
+        del ds.PixelData
+        headers.append(ds)
+    return hu, headers, padding_hu
+
+
 def _pixel_storage(ds) -> tuple[int, int, int, int]:
     """(BitsAllocated, BitsStored, PixelRepresentation, SamplesPerPixel): how a slice's pixels are stored."""
     bits = int(ds.get("BitsAllocated", 16) or 16)
-    return bits, int(ds.get("BitsStored", bits) or bits), int(ds.get("PixelRepresentation", 0) or 0), int(
-        ds.get("SamplesPerPixel", 1) or 1)
+    return (
+        bits,
+        int(ds.get("BitsStored", bits) or bits),
+        int(ds.get("PixelRepresentation", 0) or 0),
+        int(ds.get("SamplesPerPixel", 1) or 1),
+    )
 
 
 def _storage_text(storage: tuple[int, int, int, int]) -> str:
     allocated, stored, signed, samples = storage
-    return (f"{stored} of {allocated} bits, {'signed' if signed else 'unsigned'}"
-            + (f", {samples} samples" if samples != 1 else ""))
+    return f"{stored} of {allocated} bits, {'signed' if signed else 'unsigned'}" + (
+        f", {samples} samples" if samples != 1 else ""
+    )
 
 
 def _check_pixel_data_length(f: Path, ds, rows: int, cols: int, storage: tuple[int, int, int, int]) -> None:
@@ -547,8 +670,11 @@ def _check_pixel_data_length(f: Path, ds, rows: int, cols: int, storage: tuple[i
     allocated, _, _, samples = storage
     needed = rows * cols * samples * allocated // 8
     if len(ds.PixelData) < needed:
-        raise CTInputError(f, f"pixel data holds {len(ds.PixelData):,} bytes but {rows} rows x {cols} columns x "
-                              f"{samples} sample(s) x {allocated // 8} bytes need {needed:,}: a truncated slice")
+        raise CTInputError(
+            f,
+            f"pixel data holds {len(ds.PixelData):,} bytes but {rows} rows x {cols} columns x "
+            f"{samples} sample(s) x {allocated // 8} bytes need {needed:,}: a truncated slice",
+        )
 
 
 def _missing_slices(items: list, along_normal: np.ndarray) -> str | None:
@@ -589,13 +715,18 @@ def _missing_slices(items: list, along_normal: np.ndarray) -> str | None:
         if geometric or by_number:
             missing += k - 1
             numbers_text = f", instance numbers {numbers[i]} and {numbers[i + 1]}" if numbers is not None else ""
-            gaps.append(f"{step:.2f} mm between {items[i][0].name} and {items[i + 1][0].name} "
-                        f"(at {along_normal[i]:.2f} and {along_normal[i + 1]:.2f} mm{numbers_text})")
+            gaps.append(
+                f"{step:.2f} mm between {items[i][0].name} and {items[i + 1][0].name} "
+                f"(at {along_normal[i]:.2f} and {along_normal[i + 1]:.2f} mm{numbers_text})"
+            )
     if not gaps:
         return None
-    return (f"{missing} slice(s) missing from the series: it steps {usual:.2f} mm but has a gap of "
-            + "; a gap of ".join(gaps[:3]) + (f" and {len(gaps) - 3} more gaps" if len(gaps) > 3 else "")
-            + "; export the complete series (lowdose does not fill missing slices)")
+    return (
+        f"{missing} slice(s) missing from the series: it steps {usual:.2f} mm but has a gap of "
+        + "; a gap of ".join(gaps[:3])
+        + (f" and {len(gaps) - 3} more gaps" if len(gaps) > 3 else "")
+        + "; export the complete series (lowdose does not fill missing slices)"
+    )
 
 
 def _instance_numbers(items: list) -> np.ndarray | None:
@@ -624,8 +755,10 @@ def _irregularity(positions, along_normal, normal) -> str:
 
 
 def _assemble_multiframe(path: Path) -> CTVolume:
-    raise CTInputError(path, "multi-frame (enhanced) CT is not supported yet; export the study as "
-                             "single-frame CT Image Storage files")
+    raise CTInputError(
+        path,
+        "multi-frame (enhanced) CT is not supported yet; export the study as " "single-frame CT Image Storage files",
+    )
 
 
 def _check_hounsfield(hu: np.ndarray, path: Path) -> None:
@@ -643,15 +776,17 @@ def _check_hounsfield(hu: np.ndarray, path: Path) -> None:
         raise CTInputError(path, f"values {lo:g}..{hi:g} are outside any Hounsfield range")
     inside = hu[hu > PADDING_THRESHOLD_HU]
     if lo >= 0.0 and inside.size and float(np.median(inside)) > 600.0:
-        raise CTInputError(path, f"values {lo:g}..{hi:g} with air near 0 look like stored pixel values "
-                                 "without the rescale intercept (about -1024), not Hounsfield units")
+        raise CTInputError(
+            path,
+            f"values {lo:g}..{hi:g} with air near 0 look like stored pixel values "
+            "without the rescale intercept (about -1024), not Hounsfield units",
+        )
 
 
 # ----------------------------------------------------------------------------------------- writing
 
 
-def save_ct(volume: CTVolume, path: str | os.PathLike, *, description: str | None = None,
-            dtype: str = "int16") -> Path:
+def save_ct(volume: CTVolume, path: str | os.PathLike, *, description: str | None = None, dtype: str = "int16") -> Path:
     """Write ``volume`` to ``path`` atomically and return the path written.
 
     A path ending in .nii, .nii.gz, .nrrd or .mha gives that file; any other path is a folder that
@@ -674,8 +809,10 @@ def save_ct(volume: CTVolume, path: str | os.PathLike, *, description: str | Non
     if _grid_suffix(path):
         _save_grid_file(volume, path, dtype)
     elif path.suffix.lower() in UNWRITABLE_SUFFIXES:
-        raise CTOutputError(path, f"cannot write {path.suffix} files; use .nii.gz, .nii, .nrrd, .mha, or a "
-                                  "folder name for a DICOM series")
+        raise CTOutputError(
+            path,
+            f"cannot write {path.suffix} files; use .nii.gz, .nii, .nrrd, .mha, or a " "folder name for a DICOM series",
+        )
     else:
         _save_dicom_series(volume, path, description or "lowdose derived series")
     return path
@@ -691,15 +828,20 @@ def check_output_path(path: str | os.PathLike, inputs: tuple = ()) -> Path:
     path = Path(path)
     suffix = _grid_suffix(path)
     if not suffix and path.suffix.lower() in UNWRITABLE_SUFFIXES:
-        raise CTOutputError(path, f"cannot write {path.suffix} files; use .nii.gz, .nii, .nrrd, .mha, or a folder "
-                                  "name for a DICOM series")
+        raise CTOutputError(
+            path,
+            f"cannot write {path.suffix} files; use .nii.gz, .nii, .nrrd, .mha, or a folder " "name for a DICOM series",
+        )
     _check_output_parent(path)
     _check_not_an_input(path, inputs)
     if suffix and path.is_dir():
         raise CTOutputError(path, f"is a folder; a {suffix} output is a file")
     if not suffix and path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise CTOutputError(path, "already exists and is not an empty folder; a DICOM series is written into a new "
-                                  "folder (lowdose never overwrites files it did not make)")
+        raise CTOutputError(
+            path,
+            "already exists and is not an empty folder; a DICOM series is written into a new "
+            "folder (lowdose never overwrites files it did not make)",
+        )
     return path
 
 
@@ -751,12 +893,13 @@ def _refuse_overwriting_input(volume: CTVolume, path: Path) -> None:
 
 
 def _save_grid_file(volume: CTVolume, path: Path, dtype: str) -> None:
-    import SimpleITK as sitk
-
     if not volume.is_regular_grid:
-        raise CTOutputError(path, f"the slices are not on a regular grid "
-                                  f"({volume.metadata.get('irregular_reason', 'irregular positions')}): "
-                                  "write a DICOM series instead (an output path without a file suffix)")
+        raise CTOutputError(
+            path,
+            f"the slices are not on a regular grid "
+            f"({volume.metadata.get('irregular_reason', 'irregular positions')}): "
+            "write a DICOM series instead (an output path without a file suffix)",
+        )
     image = sitk.GetImageFromArray(_to_stored(volume.hu, dtype))
     image.SetSpacing(volume.spacing_mm)
     image.SetOrigin(volume.origin_mm)
@@ -774,8 +917,11 @@ def _to_stored(hu: np.ndarray, dtype: str) -> np.ndarray:
 
 def _save_dicom_series(volume: CTVolume, folder: Path, description: str) -> None:
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise CTOutputError(folder, "already exists and is not an empty folder; a DICOM series is written "
-                                    "into a new folder (lowdose never overwrites files it did not make)")
+        raise CTOutputError(
+            folder,
+            "already exists and is not an empty folder; a DICOM series is written "
+            "into a new folder (lowdose never overwrites files it did not make)",
+        )
     datasets = _derived_datasets(volume, description)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
@@ -795,19 +941,18 @@ def _save_dicom_series(volume: CTVolume, folder: Path, description: str) -> None
 
 def _derived_datasets(volume: CTVolume, description: str) -> list:
     """One DICOM dataset per slice: a DERIVED\\SECONDARY CT series of the source, same geometry, int16 HU."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import generate_uid
-
     nz, ny, nx = volume.shape
     sources = volume.metadata.get("dicom_headers")
-    if not sources or len(sources) != nz or any(
-            (int(h.Rows), int(h.Columns)) != (ny, nx) for h in sources):
+    if not sources or len(sources) != nz or any((int(h.Rows), int(h.Columns)) != (ny, nx) for h in sources):
         sources = None
     template = _new_study_header() if sources is None else None
     series_uid = generate_uid()
     # Anonymised exports sometimes blank the study and frame UIDs; a PACS refuses a series without them.
-    missing_uids = {keyword: generate_uid() for keyword in ("StudyInstanceUID", "FrameOfReferenceUID")
-                    if sources is not None and not str(sources[0].get(keyword, "") or "")}
+    missing_uids = {
+        keyword: generate_uid()
+        for keyword in ("StudyInstanceUID", "FrameOfReferenceUID")
+        if sources is not None and not str(sources[0].get(keyword, "") or "")
+    }
     now = datetime.datetime.now()
     row_dir, col_dir = volume.direction[:, 0], volume.direction[:, 1]
     sx, sy, sz = volume.spacing_mm
@@ -819,9 +964,17 @@ def _derived_datasets(volume: CTVolume, description: str) -> list:
     for k in range(nz):
         source = sources[k] if sources is not None else None
         ds = copy.deepcopy(source if source is not None else template)
-        for keyword in ("SmallestImagePixelValue", "LargestImagePixelValue", "PixelPaddingRangeLimit",
-                        "SmallestPixelValueInSeries", "LargestPixelValueInSeries", "PixelData",
-                        "LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+        for keyword in (
+            "SmallestImagePixelValue",
+            "LargestImagePixelValue",
+            "PixelPaddingRangeLimit",
+            "SmallestPixelValueInSeries",
+            "LargestPixelValueInSeries",
+            "PixelData",
+            "LossyImageCompression",
+            "LossyImageCompressionRatio",
+            "LossyImageCompressionMethod",
+        ):
             if keyword in ds:
                 delattr(ds, keyword)
         for keyword, uid in missing_uids.items():
@@ -873,9 +1026,6 @@ def _derived_datasets(volume: CTVolume, description: str) -> list:
 
 def _new_study_header():
     """Header for a series whose source was not DICOM: a new anonymous patient and study."""
-    from pydicom.dataset import Dataset
-    from pydicom.uid import generate_uid
-
     ds = Dataset()
     ds.PatientName = "Anonymous"
     ds.PatientID = "LOWDOSE-" + generate_uid()[-12:]
@@ -906,4 +1056,3 @@ def _ds_float(value: float) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-

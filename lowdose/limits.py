@@ -37,7 +37,7 @@ class InputLimits:
                 raise LowdoseError(f"InputLimits.{name} must be a positive number, not {value!r}")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "InputLimits":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> InputLimits:
         """The defaults, overridden by LOWDOSE_MAX_VOXELS, LOWDOSE_MAX_EXPANDED_MB (MiB) and
         LOWDOSE_MAX_COMPRESSION_RATIO when set; a value that is not a positive number is refused by name."""
         environ = os.environ if environ is None else environ
@@ -54,22 +54,32 @@ class InputLimits:
     def check_voxels(self, path: str | os.PathLike, voxels: int, shape_text: str) -> None:
         """Refuse a volume of more than ``max_voxels`` voxels (``shape_text`` as the header gives it)."""
         if voxels > self.max_voxels:
-            raise CTInputError(path, f"the header describes {shape_text} = {voxels:,} voxels, more than the limit of "
-                                     f"{self.max_voxels:,} ({ENV_MAX_VOXELS})")
+            raise CTInputError(
+                path,
+                f"the header describes {shape_text} = {voxels:,} voxels, more than the limit of "
+                f"{self.max_voxels:,} ({ENV_MAX_VOXELS})",
+            )
 
-    def check_expansion(self, path: str | os.PathLike, expanded_bytes: int, compressed_bytes: int,
-                        what: str = "the compressed data") -> None:
+    def check_expansion(
+        self, path: str | os.PathLike, expanded_bytes: int, compressed_bytes: int, what: str = "the compressed data"
+    ) -> None:
         """Refuse compressed data that would expand beyond ``max_expanded_bytes`` or by more than
         ``max_compression_ratio`` times its stored size."""
         if expanded_bytes > self.max_expanded_bytes:
-            raise CTInputError(path, f"{what} would expand to {_size(expanded_bytes)}, more than the limit of "
-                                     f"{_size(self.max_expanded_bytes)} ({ENV_MAX_EXPANDED_MB})")
+            raise CTInputError(
+                path,
+                f"{what} would expand to {_size(expanded_bytes)}, more than the limit of "
+                f"{_size(self.max_expanded_bytes)} ({ENV_MAX_EXPANDED_MB})",
+            )
         ratio = expanded_bytes / max(compressed_bytes, 1)
         if ratio > self.max_compression_ratio:
-            raise CTInputError(path, f"{what} would expand {ratio:,.0f} times ({_size(compressed_bytes)} to "
-                                     f"{_size(expanded_bytes)}), more than the limit of {self.max_compression_ratio:g} "
-                                     f"({ENV_MAX_COMPRESSION_RATIO}; CT compresses about 3:1): a decompression "
-                                     "bomb or a damaged file")
+            raise CTInputError(
+                path,
+                f"{what} would expand {ratio:,.0f} times ({_size(compressed_bytes)} to "
+                f"{_size(expanded_bytes)}), more than the limit of {self.max_compression_ratio:g} "
+                f"({ENV_MAX_COMPRESSION_RATIO}; CT compresses about 3:1): a decompression "
+                "bomb or a damaged file",
+            )
 
 
 def _positive(environ: Mapping[str, str], name: str, integer: bool = False) -> float | None:

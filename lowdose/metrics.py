@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from skimage.metrics import structural_similarity
 
 from .volume import PADDING_THRESHOLD_HU, CTVolume
+from .windows import WINDOWS
+from .windows import window as window_of
 
-# (centre, width) in HU.
-WINDOWS: dict[str, tuple[float, float]] = {
-    "chest": (-600.0, 1500.0),
-    "abdomen": (50.0, 400.0),
-    "head": (40.0, 80.0),
-}
+__all__ = [
+    "WINDOWS",
+    "apply_window",
+    "compare",
+    "edge_sharpness_ratio",
+    "field_of_view",
+    "noise_std",
+    "nps_mean_frequency",
+    "psnr",
+    "rmse_hu",
+    "soft_tissue_mask",
+    "ssim",
+]
 
 
 def _hu(image) -> np.ndarray:
@@ -26,7 +36,7 @@ def _hu(image) -> np.ndarray:
 
 def apply_window(hu, window: str | tuple[float, float]) -> np.ndarray:
     """HU mapped to [0, 1] through a display window given by name or as (centre, width)."""
-    centre, width = WINDOWS[window] if isinstance(window, str) else window
+    centre, width = window_of(window)
     return np.clip((_hu(hu) - (centre - width / 2.0)) / width, 0.0, 1.0)
 
 
@@ -53,8 +63,6 @@ def ssim(reference, test, window: str | tuple[float, float] = "abdomen") -> floa
     Slices are 2-D images in CT reading; a 3-D SSIM window would mix slices 3-5 mm apart.
     Padding outside the field of view is set to the window's floor in both images first.
     """
-    from skimage.metrics import structural_similarity
-
     mask = field_of_view(reference, test)
     ref = np.where(mask, apply_window(reference, window), 0.0)
     tst = np.where(mask, apply_window(test, window), 0.0)
@@ -67,11 +75,16 @@ def rmse_hu(reference, test, mask=None) -> float:
     """Root-mean-square difference in HU over ``mask`` (default: the common field of view)."""
     mask = field_of_view(reference, test) if mask is None else mask
     diff = _hu(test)[mask].astype(np.float64) - _hu(reference)[mask]
-    return float(np.sqrt(np.mean(diff ** 2)))
+    return float(np.sqrt(np.mean(diff**2)))
 
 
-def soft_tissue_mask(hu, low: float = -50.0, high: float = 150.0, erode_mm: float = 3.0,
-                     spacing_mm: tuple[float, float, float] | None = None) -> np.ndarray:
+def soft_tissue_mask(
+    hu,
+    low: float = -50.0,
+    high: float = 150.0,
+    erode_mm: float = 3.0,
+    spacing_mm: tuple[float, float, float] | None = None,
+) -> np.ndarray:
     """Homogeneous soft tissue (muscle, liver, spleen...): HU in [low, high], eroded in-plane.
 
     Erosion keeps edges (where structure, not noise, dominates the difference) out of noise figures.
@@ -86,8 +99,8 @@ def soft_tissue_mask(hu, low: float = -50.0, high: float = 150.0, erode_mm: floa
     pixel = float(spacing_mm[0]) if spacing_mm else 1.0
     radius = max(1, int(round(erode_mm / pixel)))
     structure = np.zeros((1, 2 * radius + 1, 2 * radius + 1), dtype=bool)
-    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
-    structure[0] = yy ** 2 + xx ** 2 <= radius ** 2
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    structure[0] = yy**2 + xx**2 <= radius**2
     return ndimage.binary_erosion(mask, structure=structure) if values.ndim == 3 else mask
 
 
@@ -161,7 +174,7 @@ def nps_mean_frequency(hu, mask, pixel_mm: float = 1.0, roi: int = 24) -> float:
             for c in range(roi // 2, values.shape[2] - roi // 2, roi // 2):
                 if not inside[z, r, c]:
                     continue
-                patch = values[z, r - roi // 2:r + roi // 2, c - roi // 2:c + roi // 2].astype(np.float64)
+                patch = values[z, r - roi // 2 : r + roi // 2, c - roi // 2 : c + roi // 2].astype(np.float64)
                 coefficients, *_ = np.linalg.lstsq(design, patch.ravel(), rcond=None)
                 detrended = patch - (design @ coefficients).reshape(roi, roi)
                 spectra.append(np.abs(np.fft.fft2(detrended)) ** 2)

@@ -25,11 +25,11 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .volume import CTVolume
 
-__all__ = ["ScannerGeometry", "simulate_low_dose", "MU_WATER_PER_MM", "FULL_DOSE_PHOTONS",
-           "ELECTRONIC_NOISE_PHOTONS"]
+__all__ = ["ScannerGeometry", "simulate_low_dose", "MU_WATER_PER_MM", "FULL_DOSE_PHOTONS", "ELECTRONIC_NOISE_PHOTONS"]
 
 # Linear attenuation of water at ~70 keV, the effective energy of a filtered 120 kVp beam
 # (NIST XCOM: 0.193 cm^2/g at 70 keV). It converts HU to attenuation and back; the added noise in
@@ -74,8 +74,10 @@ class ScannerGeometry:
 
     def __post_init__(self):
         if self.views_per_rotation % 8:
-            raise ValueError("views_per_rotation must be a multiple of 8 (every 2nd view is simulated "
-                             "and the back projection uses the mirror symmetry of the view set)")
+            raise ValueError(
+                "views_per_rotation must be a multiple of 8 (every 2nd view is simulated "
+                "and the back projection uses the mirror symmetry of the view set)"
+            )
         if self.source_to_detector_mm <= self.source_to_isocentre_mm:
             raise ValueError("the detector must lie beyond the isocentre")
 
@@ -92,13 +94,18 @@ class ScannerGeometry:
         return self.source_to_isocentre_mm * self.channel_angle_rad
 
 
-def simulate_low_dose(volume: CTVolume, dose_fraction: float, seed: int | None = None, *,
-                      progress: bool = False,
-                      geometry: ScannerGeometry | None = None,
-                      full_dose_photons: float = FULL_DOSE_PHOTONS,
-                      electronic_noise_photons: float = ELECTRONIC_NOISE_PHOTONS,
-                      slice_thickness_mm: float | None = None,
-                      slices_per_batch: int = 16) -> CTVolume:
+def simulate_low_dose(
+    volume: CTVolume,
+    dose_fraction: float,
+    seed: int | None = None,
+    *,
+    progress: bool = False,
+    geometry: ScannerGeometry | None = None,
+    full_dose_photons: float = FULL_DOSE_PHOTONS,
+    electronic_noise_photons: float = ELECTRONIC_NOISE_PHOTONS,
+    slice_thickness_mm: float | None = None,
+    slices_per_batch: int = 16,
+) -> CTVolume:
     """The CT as it would look at ``dose_fraction`` of its dose (0.25 = quarter dose), in HU.
 
     ``seed`` makes the noise reproducible (the same seed gives the same volume; ``None`` draws fresh
@@ -111,28 +118,24 @@ def simulate_low_dose(volume: CTVolume, dose_fraction: float, seed: int | None =
 
     Example: ``low = simulate_low_dose(load_ct("ct.nii.gz"), 0.25, seed=0)``
     """
-    try:
-        d = float(dose_fraction)
-    except (TypeError, ValueError):
-        raise ValueError(f"dose_fraction must be a number in (0, 1], e.g. 0.25 for a quarter dose; "
-                         f"got {dose_fraction!r}") from None
-    if not 0.0 < d <= 1.0:
-        raise ValueError(f"dose_fraction must be in (0, 1] (1 = the normal dose, 0.25 = a quarter); "
-                         f"got {dose_fraction!r}")
+    d = _checked_dose_fraction(dose_fraction)
     if seed is not None and not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an integer or None; got {seed!r}")
     geometry = geometry or ScannerGeometry()
     if slice_thickness_mm is None:
         slice_thickness_mm = _slice_thickness_mm(volume)
     if not slice_thickness_mm > 0 or not full_dose_photons > 0 or not electronic_noise_photons >= 0:
-        raise ValueError("slice_thickness_mm and full_dose_photons must be positive, "
-                         "electronic_noise_photons non-negative")
+        raise ValueError(
+            "slice_thickness_mm and full_dose_photons must be positive, " "electronic_noise_photons non-negative"
+        )
     if slices_per_batch < 1:
         raise ValueError(f"slices_per_batch must be at least 1; got {slices_per_batch}")
-    description = (f"lowdose simulated {_percent(d)} dose "
-                   f"({'seed ' + str(seed) if seed is not None else 'unseeded'})")
-    metadata = dict(lowdose_dose_fraction=d, lowdose_seed=None if seed is None else int(seed),
-                    lowdose_description=description)
+    description = (
+        f"lowdose simulated {_percent(d)} dose " f"({'seed ' + str(seed) if seed is not None else 'unseeded'})"
+    )
+    metadata = dict(
+        lowdose_dose_fraction=d, lowdose_seed=None if seed is None else int(seed), lowdose_description=description
+    )
     if d == 1.0:
         return volume.with_hu(volume.hu.copy(), **metadata)
 
@@ -151,29 +154,48 @@ def simulate_low_dose(volume: CTVolume, dose_fraction: float, seed: int | None =
     slice_seeds = [int(c.generate_state(1, dtype=np.uint64)[0]) >> 1 for c in children]
 
     out = volume.hu.copy()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=nz, desc=f"simulating {_percent(d)} dose", unit="slice")
-    try:
+    with tqdm(total=nz, desc=f"simulating {_percent(d)} dose", unit="slice", disable=not progress) as bar:
         for z0 in range(0, nz, slices_per_batch):
             z1 = min(nz, z0 + slices_per_batch)
-            hu = torch.from_numpy(np.ascontiguousarray(volume.hu[z0:z1]))
             inside = torch.from_numpy(np.ascontiguousarray(fov[z0:z1]))
-            mu = torch.where(inside, (hu / 1000.0 + 1.0) * MU_WATER_PER_MM, 0.0).clamp_(min=0.0)
-            line = plan.forward_project(mu)
-            counts = (photons * _tube_current_modulation(line, plan.channels))[..., None] * torch.exp(-line)
-            delta_p = _log_noise(counts, d, electronic_std, slice_seeds[z0:z1])
-            delta_hu = plan.reconstruct(delta_p) * (1000.0 / MU_WATER_PER_MM)
+            delta_hu = _extra_noise_hu(plan, volume.hu[z0:z1], inside, photons, d, electronic_std, slice_seeds[z0:z1])
             keep = inside & plan.scan_fov
             block = out[z0:z1]
             block[keep.numpy()] += delta_hu[keep].numpy()
-            if bar is not None:
-                bar.update(z1 - z0)
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update(z1 - z0)
     return volume.with_hu(out, **metadata)
+
+
+def _checked_dose_fraction(dose_fraction) -> float:
+    try:
+        d = float(dose_fraction)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"dose_fraction must be a number in (0, 1], e.g. 0.25 for a quarter dose; " f"got {dose_fraction!r}"
+        ) from None
+    if not 0.0 < d <= 1.0:
+        raise ValueError(
+            f"dose_fraction must be in (0, 1] (1 = the normal dose, 0.25 = a quarter); " f"got {dose_fraction!r}"
+        )
+    return d
+
+
+def _extra_noise_hu(
+    plan: _Plan,
+    hu_slices: np.ndarray,
+    inside: torch.Tensor,
+    photons: float,
+    dose: float,
+    electronic_std: float,
+    seeds: list[int],
+) -> torch.Tensor:
+    """The noise (HU) that ``dose`` adds to a batch of slices: projected, drawn per ray, reconstructed."""
+    hu = torch.from_numpy(np.ascontiguousarray(hu_slices))
+    mu = torch.where(inside, (hu / 1000.0 + 1.0) * MU_WATER_PER_MM, 0.0).clamp_(min=0.0)
+    line = plan.forward_project(mu)
+    counts = (photons * _tube_current_modulation(line, plan.channels))[..., None] * torch.exp(-line)
+    delta_p = _log_noise(counts, dose, electronic_std, seeds)
+    return plan.reconstruct(delta_p) * (1000.0 / MU_WATER_PER_MM)
 
 
 # ------------------------------------------------------------------------------------------ noise
@@ -230,8 +252,7 @@ class _Plan:
     # Elements per block of temporary tensors, to bound memory.
     BLOCK = 1 << 22
 
-    def __init__(self, geometry: ScannerGeometry, nx: int, ny: int, sx: float, sy: float,
-                 body_radius_mm: float):
+    def __init__(self, geometry: ScannerGeometry, nx: int, ny: int, sx: float, sy: float, body_radius_mm: float):
         g = self.geometry = geometry
         self.nx, self.ny, self.sx, self.sy = nx, ny, sx, sy
         radius = g.source_to_isocentre_mm
@@ -250,7 +271,7 @@ class _Plan:
         x = (torch.arange(nx, dtype=torch.float64) - (nx - 1) / 2) * sx
         y = (torch.arange(ny, dtype=torch.float64) - (ny - 1) / 2) * sy
         yy, xx = torch.meshgrid(y, x, indexing="ij")
-        self.scan_fov = (xx ** 2 + yy ** 2) <= self.fov_radius_mm ** 2
+        self.scan_fov = (xx**2 + yy**2) <= self.fov_radius_mm**2
         flat = torch.full((ny, nx), -1, dtype=torch.long)
         flat[self.scan_fov] = torch.arange(int(self.scan_fov.sum()))
         self.pixel_x = xx[self.scan_fov].float()
@@ -269,8 +290,7 @@ class _Plan:
         px, py = (-self.nx) % kx, (-self.ny) % ky
         pooled = mu
         if kx > 1 or ky > 1:
-            pooled = F.avg_pool2d(F.pad(mu[:, None], (px // 2, px - px // 2, py // 2, py - py // 2)),
-                                  (ky, kx))[:, 0]
+            pooled = F.avg_pool2d(F.pad(mu[:, None], (px // 2, px - px // 2, py // 2, py - py // 2)), (ky, kx))[:, 0]
         hp, wp = pooled.shape[-2:]
         step = min(kx * self.sx, ky * self.sy)
 
@@ -282,7 +302,7 @@ class _Plan:
         reach = self.fov_radius_mm + step
         samples = max(2, int(math.ceil(2 * reach / step)))
         # Every ray is sampled along its chord of the circle of radius `reach` (outside it is air).
-        half_chord = torch.sqrt((reach ** 2 - (radius * torch.sin(gammas)) ** 2).clamp(min=0.0))
+        half_chord = torch.sqrt((reach**2 - (radius * torch.sin(gammas)) ** 2).clamp(min=0.0))
         t0 = radius * torch.cos(gammas) - half_chord
         dt = 2 * half_chord / samples
         ts = t0[:, None] + dt[:, None] * (torch.arange(samples, dtype=torch.float64) + 0.5)  # [C', S]
@@ -296,19 +316,21 @@ class _Plan:
         rays_per_block = max(1, 4 * self.BLOCK // (samples * len(gammas) * max(b, 1)))
         source = pooled[None]
         for v0 in range(0, len(betas), rays_per_block):
-            beta = betas[v0:v0 + rays_per_block, None, None]
+            beta = betas[v0 : v0 + rays_per_block, None, None]
             gam = gammas[None, :, None]
             # Source at radius*(cos b, sin b); ray direction rotated by gamma from the central ray.
             dx = -torch.cos(beta + gam)
             dy = -torch.sin(beta + gam)
             x = radius * torch.cos(beta) + ts[None] * dx
             y = radius * torch.sin(beta) + ts[None] * dy
-            grid = torch.stack([to_grid(x, self.sx, self.nx, kx, px // 2, wp),
-                                to_grid(y, self.sy, self.ny, ky, py // 2, hp)], -1).float()
+            grid = torch.stack(
+                [to_grid(x, self.sx, self.nx, kx, px // 2, wp), to_grid(y, self.sy, self.ny, ky, py // 2, hp)], -1
+            ).float()
             n_views = grid.shape[0]
-            values = F.grid_sample(source, grid.reshape(1, -1, samples, 2), mode="bilinear",
-                                   padding_mode="zeros", align_corners=True)[0]
-            line[:, v0:v0 + n_views] = (values.sum(-1) * dt.float().repeat(n_views)).reshape(b, n_views, -1)
+            values = F.grid_sample(
+                source, grid.reshape(1, -1, samples, 2), mode="bilinear", padding_mode="zeros", align_corners=True
+            )[0]
+            line[:, v0 : v0 + n_views] = (values.sum(-1) * dt.float().repeat(n_views)).reshape(b, n_views, -1)
 
         # Back to every view (periodic) and every channel.
         position = torch.arange(self.views, dtype=torch.float64) / self.PROJECTION_VIEW_STEP
@@ -334,9 +356,9 @@ class _Plan:
         k = torch.arange(length, dtype=torch.float64)
         k = torch.where(k < length // 2, k, k - length)  # circular lags
         ramp = torch.zeros(length, dtype=torch.float64)
-        ramp[k == 0] = 1.0 / (4 * dgamma ** 2)
+        ramp[k == 0] = 1.0 / (4 * dgamma**2)
         odd = (k.abs() % 2) == 1
-        ramp[odd] = -1.0 / (math.pi ** 2 * k[odd] ** 2 * dgamma ** 2)
+        ramp[odd] = -1.0 / (math.pi**2 * k[odd] ** 2 * dgamma**2)
         freq = torch.fft.fftfreq(length, dtype=torch.float64).abs()  # cycles per channel
         pixel_mm = max(self.sx, self.sy)
         cutoff_lp_mm = min(1.4 / (2 * pixel_mm), 1.0 / (2 * g.channel_spacing_at_isocentre_mm))
@@ -345,7 +367,7 @@ class _Plan:
         kernel = torch.fft.ifft(torch.fft.fft(ramp) * window).real
         angle = k * dgamma
         fan = torch.where(k == 0, torch.ones_like(angle), angle / torch.sin(torch.where(k == 0, 1.0, angle)))
-        kernel = 0.5 * fan ** 2 * kernel
+        kernel = 0.5 * fan**2 * kernel
         return torch.fft.rfft(kernel).to(torch.complex64), length
 
     def reconstruct(self, sinogram: torch.Tensor) -> torch.Tensor:
@@ -357,10 +379,11 @@ class _Plan:
         views, channels = self.views, self.channels
         cos_gamma = torch.cos(self.gammas).float()
         weighted = sinogram * (radius * cos_gamma)
-        filtered = torch.fft.irfft(torch.fft.rfft(weighted, n=self.filter_length) * self.filter_fft,
-                                   n=self.filter_length)[..., :channels]
+        filtered = torch.fft.irfft(
+            torch.fft.rfft(weighted, n=self.filter_length) * self.filter_fft, n=self.filter_length
+        )[..., :channels]
         # 1/L^2 = cos^2(gamma)/U^2: the cos^2 goes with the channel, 1/U^2 with the pixel.
-        filtered = filtered * (cos_gamma ** 2 * (dgamma * 2 * math.pi / views))
+        filtered = filtered * (cos_gamma**2 * (dgamma * 2 * math.pi / views))
 
         # One table for the sparse product below: rows (base view, channel), columns (symmetry,
         # slice); the rows of differences to the next channel sit under the values, for interpolation.
@@ -385,8 +408,9 @@ class _Plan:
             cb, sb = torch.cos(beta), torch.sin(beta)
             # Distance from the source along the central ray (u) and across it (s), for all pixels.
             # (Channel angles grow counter-clockwise seen from the source, as in forward_project.)
-            coefficients = torch.cat([torch.stack([-cb, -sb, torch.full_like(cb, radius)]),
-                                      torch.stack([sb, -cb, torch.zeros_like(cb)])], 1).float()
+            coefficients = torch.cat(
+                [torch.stack([-cb, -sb, torch.full_like(cb, radius)]), torch.stack([sb, -cb, torch.zeros_like(cb)])], 1
+            ).float()
             us = pixels @ coefficients
             u, s = us[:, :n], us[:, n:]
             position = torch.div(s, u).atan_().mul_(1.0 / dgamma).add_((channels - 1) / 2)

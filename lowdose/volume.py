@@ -67,19 +67,22 @@ class CTVolume:
             mask &= self.hu != np.float32(padding)
         return mask
 
-    def with_hu(self, hu: np.ndarray, **metadata_updates: Any) -> "CTVolume":
+    def with_hu(self, hu: np.ndarray, **metadata_updates: Any) -> CTVolume:
         """A new volume with other voxel values and the same geometry (for processing results)."""
         hu = np.asarray(hu)
         if hu.shape != self.hu.shape:
             raise ValueError(f"new voxels {hu.shape} do not match the volume {self.hu.shape}")
         metadata = dict(self.metadata)
         metadata.update(metadata_updates)
-        return dataclasses.replace(self, hu=hu, metadata=metadata,
-                                   direction=self.direction.copy(),
-                                   slice_positions_mm=None if self.slice_positions_mm is None
-                                   else self.slice_positions_mm.copy())
+        return dataclasses.replace(
+            self,
+            hu=hu,
+            metadata=metadata,
+            direction=self.direction.copy(),
+            slice_positions_mm=None if self.slice_positions_mm is None else self.slice_positions_mm.copy(),
+        )
 
-    def slices(self, start: int, stop: int) -> "CTVolume":
+    def slices(self, start: int, stop: int) -> CTVolume:
         """Slices ``start:stop`` as a volume of their own, in the same place in space (origin moved)."""
         start, stop, _ = slice(start, stop).indices(self.shape[0])
         if stop <= start:
@@ -89,9 +92,14 @@ class CTVolume:
         if isinstance(metadata.get("dicom_headers"), list):  # one header per slice
             metadata["dicom_headers"] = metadata["dicom_headers"][start:stop]
         positions = None if self.slice_positions_mm is None else self.slice_positions_mm[start:stop].copy()
-        return dataclasses.replace(self, hu=self.hu[start:stop].copy(), origin_mm=tuple(positions[0]) if positions
-                                   is not None else tuple(origin), direction=self.direction.copy(),
-                                   metadata=metadata, slice_positions_mm=positions)
+        return dataclasses.replace(
+            self,
+            hu=self.hu[start:stop].copy(),
+            origin_mm=tuple(positions[0]) if positions is not None else tuple(origin),
+            direction=self.direction.copy(),
+            metadata=metadata,
+            slice_positions_mm=positions,
+        )
 
     def affine_lps(self) -> np.ndarray:
         """4x4 matrix mapping voxel index (x, y, z, 1) to LPS millimetres (regular grids only)."""
@@ -105,5 +113,7 @@ class CTVolume:
         z, y, x = self.shape
         sx, sy, sz = self.spacing_mm
         grid = "" if self.is_regular_grid else ", irregular slices"
-        return (f"{x}x{y}x{z} voxels, {sx:.3g}x{sy:.3g}x{sz:.3g} mm{grid}, "
-                f"HU {float(self.hu.min()):.0f}..{float(self.hu.max()):.0f}")
+        return (
+            f"{x}x{y}x{z} voxels, {sx:.3g}x{sy:.3g}x{sz:.3g} mm{grid}, "
+            f"HU {float(self.hu.min()):.0f}..{float(self.hu.max()):.0f}"
+        )

@@ -57,13 +57,15 @@ def _plans(dataset_name: str, spacing_mm: float, patch_size: list[int]) -> dict:
                 "use_mask_for_norm": [False],
                 "resampling_fn_data": "resample_data_or_seg_to_shape",
                 "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0,
-                                              "force_separate_z": None},
-                "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0,
-                                             "force_separate_z": None},
+                "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+                "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
                 "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                       "force_separate_z": None},
+                "resampling_fn_probabilities_kwargs": {
+                    "is_seg": False,
+                    "order": 1,
+                    "order_z": 0,
+                    "force_separate_z": None,
+                },
                 "architecture": _ARCHITECTURE,
                 "batch_dice": False,
             }
@@ -71,15 +73,28 @@ def _plans(dataset_name: str, spacing_mm: float, patch_size: list[int]) -> dict:
         "experiment_planner_used": "ExperimentPlanner",
         "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": {
-            "0": {"max": 3000.0, "mean": 40.0, "median": 40.0, "min": -1024.0,
-                  "percentile_00_5": -1000.0, "percentile_99_5": 1500.0, "std": 300.0}
+            "0": {
+                "max": 3000.0,
+                "mean": 40.0,
+                "median": 40.0,
+                "min": -1024.0,
+                "percentile_00_5": -1000.0,
+                "percentile_99_5": 1500.0,
+                "std": 300.0,
+            }
         },
     }
 
 
-def write_tiny_model(model_dir: Path, class_names: dict[int, str], spacing_mm: float, trainer: str,
-                     seed: int = 0, patch_size: tuple[int, int, int] = (16, 96, 96),
-                     background_bias: float = 4.0) -> Path:
+def write_tiny_model(
+    model_dir: Path,
+    class_names: dict[int, str],
+    spacing_mm: float,
+    trainer: str,
+    seed: int = 0,
+    patch_size: tuple[int, int, int] = (16, 96, 96),
+    background_bias: float = 4.0,
+) -> Path:
     """Write one randomly initialised nnU-Net v2 model (``len(class_names) + 1`` outputs) into ``model_dir``.
 
     The background output gets ``background_bias`` added so that, as in a real CT, most voxels come out
@@ -96,18 +111,27 @@ def write_tiny_model(model_dir: Path, class_names: dict[int, str], spacing_mm: f
     (model_dir / "dataset.json").write_text(json.dumps(dataset, indent=2))
     (model_dir / "plans.json").write_text(json.dumps(plans, indent=2))
     torch.manual_seed(seed)
-    network = get_network_from_plans(_ARCHITECTURE["network_class_name"], _ARCHITECTURE["arch_kwargs"],
-                                     _ARCHITECTURE["_kw_requires_import"], 1, len(labels),
-                                     allow_init=True, deep_supervision=False)
+    network = get_network_from_plans(
+        _ARCHITECTURE["network_class_name"],
+        _ARCHITECTURE["arch_kwargs"],
+        _ARCHITECTURE["_kw_requires_import"],
+        1,
+        len(labels),
+        allow_init=True,
+        deep_supervision=False,
+    )
     weights = network.state_dict()
     weights["decoder.seg_layers.0.bias"][0] += background_bias
-    torch.save({
-        "network_weights": weights,
-        "trainer_name": trainer,  # a real nnU-Net trainer class, as in TotalSegmentator's checkpoints
-        "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset},
-        "inference_allowed_mirroring_axes": None,
-        "current_epoch": 1,
-    }, model_dir / "fold_0" / "checkpoint_final.pth")
+    torch.save(
+        {
+            "network_weights": weights,
+            "trainer_name": trainer,  # a real nnU-Net trainer class, as in TotalSegmentator's checkpoints
+            "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset},
+            "inference_allowed_mirroring_axes": None,
+            "current_epoch": 1,
+        },
+        model_dir / "fold_0" / "checkpoint_final.pth",
+    )
     return model_dir
 
 
@@ -125,8 +149,7 @@ def write_tiny_totalsegmentator_weights(weights_dir: Path, fast: bool = True) ->
     written = []
     for k, task_id in enumerate(task_ids):
         folder = TASK_ID_WEIGHTS_CONFIGS[task_id]["foldername"]
-        names = (class_map["total"] if len(task_ids) == 1
-                 else class_map_5_parts[map_taskid_to_partname_ct[task_id]])
+        names = class_map["total"] if len(task_ids) == 1 else class_map_5_parts[map_taskid_to_partname_ct[task_id]]
         model_dir = Path(weights_dir) / folder / f"{mode['trainer']}__nnUNetPlans__3d_fullres"
         written.append(write_tiny_model(model_dir, names, float(mode["resample"]), mode["trainer"], seed=k))
     return written

@@ -51,9 +51,15 @@ def make_random_bundle(models_dir: Path, name: str = "dose_unet", seed: int = 0)
     net = build_network("dose_unet", **network_kwargs)
     torch.nn.init.normal_(net.head.weight, std=0.02)  # the noise head starts at zero: make it do something
     est = build_network("dose_estimator", in_channels=3)
-    return save_bundle(models_dir / name, name=name, network_name="dose_unet", network_kwargs=network_kwargs,
-                       network_state=net.state_dict(), estimator_kwargs={"in_channels": 3},
-                       estimator_state=est.state_dict())
+    return save_bundle(
+        models_dir / name,
+        name=name,
+        network_name="dose_unet",
+        network_kwargs=network_kwargs,
+        network_state=net.state_dict(),
+        estimator_kwargs={"in_channels": 3},
+        estimator_state=est.state_dict(),
+    )
 
 
 def crop_volume(volume, z: slice, y: slice = slice(None), x: slice = slice(None)):
@@ -62,17 +68,22 @@ def crop_volume(volume, z: slice, y: slice = slice(None), x: slice = slice(None)
 
     z0, y0, x0 = (s.start or 0 for s in (z, y, x))
     offset = volume.direction @ (np.array([x0, y0, z0], dtype=float) * np.array(volume.spacing_mm))
-    return CTVolume(hu=volume.hu[z, y, x].copy(), spacing_mm=volume.spacing_mm,
-                    origin_mm=tuple(np.array(volume.origin_mm) + offset), direction=volume.direction.copy(),
-                    metadata={"format": "nifti"})
+    return CTVolume(
+        hu=volume.hu[z, y, x].copy(),
+        spacing_mm=volume.spacing_mm,
+        origin_mm=tuple(np.array(volume.origin_mm) + offset),
+        direction=volume.direction.copy(),
+        metadata={"format": "nifti"},
+    )
 
 
 def _wait_until(check, seconds: float, process: subprocess.Popen, what: str, log_path: Path) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"{what} exited with status {process.returncode} before it was ready; its log ends:\n"
-                        + _tail(log_path))
+            pytest.fail(
+                f"{what} exited with status {process.returncode} before it was ready; its log ends:\n" + _tail(log_path)
+            )
         try:
             if check():
                 return
@@ -141,9 +152,15 @@ class LowdoseServer:
         return self.log_path.read_text(errors="replace")
 
 
-def start_lowdose_server(workdir: Path, studies: str | None, models_dir: Path | None, max_upload_mb: float = 64,
-                         extra: list[str] | None = None, env_extra: dict | None = None,
-                         token: str | None = None) -> LowdoseServer:
+def start_lowdose_server(
+    workdir: Path,
+    studies: str | None,
+    models_dir: Path | None,
+    max_upload_mb: float = 64,
+    extra: list[str] | None = None,
+    env_extra: dict | None = None,
+    token: str | None = None,
+) -> LowdoseServer:
     """``lowdose serve`` in a subprocess on a free loopback port; ``studies``/``models_dir`` None = its defaults.
 
     The server requires a bearer token, given as a user would (``LOWDOSE_TOKEN``); a fresh random one unless
@@ -163,23 +180,45 @@ def start_lowdose_server(workdir: Path, studies: str | None, models_dir: Path | 
         env["LOWDOSE_TOKEN"] = token
     env.update(env_extra or {})
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    command = [sys.executable, "-m", "lowdose.server", "--port", str(port), "--max-upload-mb", str(max_upload_mb),
-               *(["--studies", studies] if studies is not None else []),
-               *(["--models-dir", str(models_dir)] if models_dir is not None else []), *(extra or [])]
+    command = [
+        sys.executable,
+        "-m",
+        "lowdose.server",
+        "--port",
+        str(port),
+        "--max-upload-mb",
+        str(max_upload_mb),
+        *(["--studies", studies] if studies is not None else []),
+        *(["--models-dir", str(models_dir)] if models_dir is not None else []),
+        *(extra or []),
+    ]
     started = time.time()
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         # Any answer means it is up (401 when the token is the server's own, not known yet here).
-        _wait_until(lambda: requests.get(f"{url}/info/", headers=headers, timeout=5).status_code in (200, 401),
-                    SERVER_START_SECONDS, process, "lowdose serve", log_path)
+        _wait_until(
+            lambda: requests.get(f"{url}/info/", headers=headers, timeout=5).status_code in (200, 401),
+            SERVER_START_SECONDS,
+            process,
+            "lowdose serve",
+            log_path,
+        )
     except BaseException:
         _stop(process)
         raise
-    return LowdoseServer(url=url, process=process, log_path=log_path, studies=studies, models_dir=models_dir,
-                         startup_seconds=time.time() - started, token=token)
+    return LowdoseServer(
+        url=url,
+        process=process,
+        log_path=log_path,
+        studies=studies,
+        models_dir=models_dir,
+        startup_seconds=time.time() - started,
+        token=token,
+    )
 
 
 def stop_lowdose_server(server: LowdoseServer) -> None:
@@ -198,9 +237,11 @@ def start_orthanc(workdir: Path) -> Orthanc:
     """Orthanc with its DICOMweb plug-in on 127.0.0.1 only; a missing install fails (never skips) the test."""
     binary = shutil.which("Orthanc")
     if binary is None or not ORTHANC_PLUGIN.is_file():
-        pytest.fail("Orthanc with its DICOMweb plug-in is needed for the PACS tests and is missing "
-                    f"(Orthanc on PATH: {binary or 'no'}; plug-in {ORTHANC_PLUGIN}: "
-                    f"{'yes' if ORTHANC_PLUGIN.is_file() else 'no'}): run scripts/install_orthanc.sh")
+        pytest.fail(
+            "Orthanc with its DICOMweb plug-in is needed for the PACS tests and is missing "
+            f"(Orthanc on PATH: {binary or 'no'}; plug-in {ORTHANC_PLUGIN}: "
+            f"{'yes' if ORTHANC_PLUGIN.is_file() else 'no'}): run scripts/install_orthanc.sh"
+        )
     port = free_port()
     storage = workdir / "orthanc-db"
     storage.mkdir(parents=True, exist_ok=True)
@@ -219,12 +260,14 @@ def start_orthanc(workdir: Path) -> Orthanc:
     config_path.write_text(json.dumps(config, indent=2))
     log_path = workdir / "orthanc.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([binary, str(config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [binary, str(config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until(lambda: requests.get(f"{url}/system", timeout=5).status_code == 200, 60, process, "Orthanc",
-                    log_path)
+        _wait_until(
+            lambda: requests.get(f"{url}/system", timeout=5).status_code == 200, 60, process, "Orthanc", log_path
+        )
     except BaseException:
         _stop(process)
         raise

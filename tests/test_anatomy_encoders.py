@@ -68,7 +68,7 @@ def test_totalsegmentator_encoder_is_the_checkpoints_encoder(totalseg_env, slice
     assert info["mode"] == "fast" and info["network"] == "PlainConvUNet"
     # The encoder holds exactly the checkpoint's encoder weights (built by nnU-Net, then loaded).
     checkpoint = torch.load(encoder.model_folder / "fold_0" / "checkpoint_final.pth", weights_only=True)
-    expected = {k[len("encoder."):]: v for k, v in checkpoint["network_weights"].items() if k.startswith("encoder.")}
+    expected = {k[len("encoder.") :]: v for k, v in checkpoint["network_weights"].items() if k.startswith("encoder.")}
     state = encoder.encoder.state_dict()
     assert state.keys() == expected.keys()
     assert all(torch.equal(state[k], expected[k]) for k in state)
@@ -123,8 +123,10 @@ def test_totalsegmentator_full_mode_uses_the_organs_model(totalseg_env, slices):
     assert len(maps) == 2 and all(m.dim() == 4 for m in maps)
     # Its weights are those of Dataset291's checkpoint.
     checkpoint = torch.load(encoder.model_folder / "fold_0" / "checkpoint_final.pth", weights_only=True)
-    assert torch.equal(encoder.encoder.state_dict()["stages.0.0.convs.0.conv.weight"],
-                       checkpoint["network_weights"]["encoder.stages.0.0.convs.0.conv.weight"])
+    assert torch.equal(
+        encoder.encoder.state_dict()["stages.0.0.convs.0.conv.weight"],
+        checkpoint["network_weights"]["encoder.stages.0.0.convs.0.conv.weight"],
+    )
     with pytest.raises(LowdoseError, match="totalsegmentator:fast or totalsegmentator:full"):
         load_anatomy_encoder("totalsegmentator:huge")
 
@@ -136,12 +138,19 @@ def test_missing_totalsegmentator_weights_say_how_to_install_them(tmp_path, monk
         load_anatomy_encoder("totalsegmentator")
     message = str(fast.value)
     assert isinstance(fast.value, LowdoseError) and "\n" not in message
-    for part in (str(tmp_path / "weights" / "Dataset297_TotalSegmentator_total_3mm_1559subj"), "is missing",
-                 "totalseg_download_weights -t total_fast", "TOTALSEG_WEIGHTS_PATH", "lowdose never downloads",
-                 "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth"):
+    for part in (
+        str(tmp_path / "weights" / "Dataset297_TotalSegmentator_total_3mm_1559subj"),
+        "is missing",
+        "totalseg_download_weights -t total_fast",
+        "TOTALSEG_WEIGHTS_PATH",
+        "lowdose never downloads",
+        "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth",
+    ):
         assert part in message
-    with pytest.raises(TotalSegmentatorWeightsError, match=r"Dataset291_TotalSegmentator_part1_organs_1559subj.*"
-                                                           r"totalseg_download_weights -t total`"):
+    with pytest.raises(
+        TotalSegmentatorWeightsError,
+        match=r"Dataset291_TotalSegmentator_part1_organs_1559subj.*" r"totalseg_download_weights -t total`",
+    ):
         load_anatomy_encoder("totalsegmentator:full")
     # weights_dir overrides the environment, and is named as the source.
     with pytest.raises(TotalSegmentatorWeightsError, match=r"from weights_dir"):
@@ -151,8 +160,10 @@ def test_missing_totalsegmentator_weights_say_how_to_install_them(tmp_path, monk
 
 def test_damaged_totalsegmentator_checkpoint_is_named(tiny_weights, tmp_path):
     weights = tmp_path / "weights"
-    shutil.copytree(tiny_weights / "Dataset297_TotalSegmentator_total_3mm_1559subj",
-                    weights / "Dataset297_TotalSegmentator_total_3mm_1559subj")
+    shutil.copytree(
+        tiny_weights / "Dataset297_TotalSegmentator_total_3mm_1559subj",
+        weights / "Dataset297_TotalSegmentator_total_3mm_1559subj",
+    )
     [checkpoint] = weights.glob("*/*/fold_0/checkpoint_final.pth")
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
     with pytest.raises(LowdoseError, match=str(checkpoint)):
@@ -161,8 +172,10 @@ def test_damaged_totalsegmentator_checkpoint_is_named(tiny_weights, tmp_path):
 
 def _copy_fast_model(tiny_weights, tmp_path):
     weights = tmp_path / "weights"
-    shutil.copytree(tiny_weights / "Dataset297_TotalSegmentator_total_3mm_1559subj",
-                    weights / "Dataset297_TotalSegmentator_total_3mm_1559subj")
+    shutil.copytree(
+        tiny_weights / "Dataset297_TotalSegmentator_total_3mm_1559subj",
+        weights / "Dataset297_TotalSegmentator_total_3mm_1559subj",
+    )
     [checkpoint] = weights.glob("*/*/fold_0/checkpoint_final.pth")
     return weights, checkpoint
 
@@ -181,15 +194,22 @@ def test_totalsegmentator_checkpoint_as_nnunet_saves_it_loads_without_unpickling
     sum(p.sum() for p in parameters).backward()
     optimiser.step()
     dice = np.array([0.8, np.nan, 0.6])
-    checkpoint.update({
-        "optimizer_state": optimiser.state_dict(),
-        "grad_scaler_state": None,
-        "logging": {"mean_fg_dice": [np.nanmean(dice)], "ema_fg_dice": [np.float64(0.7)],
-                    "dice_per_class_or_region": [[np.float64(d) for d in dice]],
-                    "train_losses": [np.mean(np.array([0.5, 0.25], dtype=np.float32))], "lrs": [0.01],
-                    "epoch_start_timestamps": [1.0], "epoch_end_timestamps": [2.0]},
-        "_best_ema": np.float64(0.7),
-    })
+    checkpoint.update(
+        {
+            "optimizer_state": optimiser.state_dict(),
+            "grad_scaler_state": None,
+            "logging": {
+                "mean_fg_dice": [np.nanmean(dice)],
+                "ema_fg_dice": [np.float64(0.7)],
+                "dice_per_class_or_region": [[np.float64(d) for d in dice]],
+                "train_losses": [np.mean(np.array([0.5, 0.25], dtype=np.float32))],
+                "lrs": [0.01],
+                "epoch_start_timestamps": [1.0],
+                "epoch_end_timestamps": [2.0],
+            },
+            "_best_ema": np.float64(0.7),
+        }
+    )
     checkpoint["init_args"]["device"] = torch.device("cpu")
     torch.save(checkpoint, path)
     with pytest.raises(Exception, match="numpy"):  # torch alone refuses numpy scalars: the allowance is needed
@@ -197,7 +217,7 @@ def test_totalsegmentator_checkpoint_as_nnunet_saves_it_loads_without_unpickling
     with torch.serialization.safe_globals(nnunet_checkpoint_globals()):
         assert torch.load(path, weights_only=True)["_best_ema"] == 0.7
     encoder = TotalSegmentatorEncoder(weights_dir=weights)
-    expected = {k[len("encoder."):]: v for k, v in network_weights.items() if k.startswith("encoder.")}
+    expected = {k[len("encoder.") :]: v for k, v in network_weights.items() if k.startswith("encoder.")}
     assert all(torch.equal(encoder.encoder.state_dict()[k], expected[k]) for k in expected)
 
 
@@ -261,15 +281,23 @@ def test_timm_checkpoint_formats(tmp_path, small_slices):
         expected = model.forward_intermediates(_timm_input(small_slices), intermediates_only=True)
     # A timm training checkpoint: wrapped, DDP prefix, run arguments pickled alongside.
     wrapped = tmp_path / "checkpoint.pth.tar"
-    torch.save({"epoch": 3, "arch": "convnext_atto", "args": argparse.Namespace(lr=0.1),
-                "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, wrapped)
+    torch.save(
+        {
+            "epoch": 3,
+            "arch": "convnext_atto",
+            "args": argparse.Namespace(lr=0.1),
+            "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+        },
+        wrapped,
+    )
     tensors = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tensors))
     # A features_only model's own state dict (its keys are renamed: stem.0 -> stem_0), loaded by timm's
     # own pretrained-weights code from the local file.
     features = tmp_path / "features.pt"
-    feature_model = timm.create_model("convnext_atto", pretrained=True, features_only=True, in_chans=1,
-                                      pretrained_cfg_overlay={"file": str(tensors)})
+    feature_model = timm.create_model(
+        "convnext_atto", pretrained=True, features_only=True, in_chans=1, pretrained_cfg_overlay={"file": str(tensors)}
+    )
     assert "stem_0.weight" in feature_model.state_dict()
     torch.save(feature_model.state_dict(), features)
     for path in (wrapped, features, tensors):

@@ -17,17 +17,16 @@ import pytest
 import torch
 import yaml
 
-from lowdose import load_ct
 from lowdose.anatomy import ANATOMY_GROUPS, group_of, load_anatomy_encoder, to_groups
 from lowdose.bundle import available_models, load_bundle
 from lowdose.denoise import Denoiser
 from lowdose.errors import LowdoseError
-from lowdose.fidelity.labels import load_label_map
 from lowdose.fidelity.segmenter import total_class_names
+from lowdose.labels import load_label_map
 from lowdose.training import TrainConfig
 from lowdose.training.anatomy_losses import AnatomyAwareAdversary, MACLoss, SemanticContrastiveLoss, discriminator_view
 
-from .conftest import REPO, SAMPLE_DICOM, SAMPLE_SEG, shared
+from .conftest import SAMPLE_DICOM, SAMPLE_SEG, shared
 from .test_training import TINY
 
 
@@ -40,11 +39,19 @@ def encoder_bundle(tmp_path_factory):
     """A tiny anatomy encoder trained from the CLI on TotalSegmentator's example CT and label map."""
     root = tmp_path_factory.mktemp("anatomy")
     config = {
-        "task": "anatomy_encoder", "name": "tiny_anatomy", "output_dir": "run", "seed": 1, "device": "cpu",
+        "task": "anatomy_encoder",
+        "name": "tiny_anatomy",
+        "output_dir": "run",
+        "seed": 1,
+        "device": "cpu",
         "images": [str(shared("totalsegmentator/example_ct_sm.nii.gz"))],
         "labels": [str(shared("totalsegmentator/example_seg.nii.gz"))],
-        "validation_images": [str(SAMPLE_DICOM)], "validation_labels": [str(SAMPLE_SEG)],
-        "in_plane_spacing_mm": 3.0, "doses": [1.0, 0.25], "epochs": 2, "batch_size": 8,
+        "validation_images": [str(SAMPLE_DICOM)],
+        "validation_labels": [str(SAMPLE_SEG)],
+        "in_plane_spacing_mm": 3.0,
+        "doses": [1.0, 0.25],
+        "epochs": 2,
+        "batch_size": 8,
         "network_kwargs": {"features": [8, 16, 16, 16]},
     }
     (root / "anatomy.yaml").write_text(yaml.safe_dump(config))
@@ -185,8 +192,10 @@ def test_alden_discriminator_learns_to_tell_smoothed_from_normal_dose_texture():
 def test_all_anatomy_terms_train_from_the_cli_and_are_recorded(anatomy_run):
     history = json.loads((anatomy_run / "run" / "history.json").read_text())
     record = history["epochs"][0]
-    for key in ("mac_loss", "semantic_contrastive_loss", "adversarial_loss", "discriminator_loss"):
+    terms = ["mac_loss", "semantic_contrastive_loss", "adversarial_loss", "discriminator_loss"]
+    for key in terms:
         assert np.isfinite(record[key]) and record[key] > 0, key
+    assert list(record)[:7] == ["epoch", "loss", "dose_loss", *terms]  # history.json's order, as before the engine
     meta = json.loads((anatomy_run / "bundle" / "configs" / "metadata.json").read_text())
     assert len(meta["anatomy_aware_training"]["enabled"]) == 4
     assert meta["network"]["kwargs"]["organ_attention"] == len(ANATOMY_GROUPS)
@@ -212,7 +221,7 @@ def test_bioatt_bundle_denoises_with_its_shipped_encoder(anatomy_run, sample_vol
             model.network(x, 0.25)
     assert (a - b).abs().max() > 0
     volume = sample_volume.slices(0, 6)
-    out = Denoiser(str(anatomy_run / "bundle"), device="cpu")(volume, dose=0.25)
+    out = Denoiser(str(anatomy_run / "bundle"), device="cpu")(volume, dose=0.25).volume
     assert out.shape == volume.shape and out.spacing_mm == volume.spacing_mm
     assert np.array_equal(out.direction, volume.direction) and np.isfinite(out.hu).all()
     assert 20 < np.abs(out.hu).mean() < 2000  # HU out, not normalised values
@@ -245,8 +254,12 @@ def test_bioatt_fine_tunes_from_a_bundle_without_attention(encoder_bundle, tmp_p
     base["data"]["train"] = [str(shared("totalsegmentator/pulmonary_report_ct_cropped.nii.gz"))]
     base["optim"].update(epochs=1, estimator_epochs=0)
     train(TrainConfig.from_dict(base), progress=False, bundle_dir=tmp_path / "plain")
-    tuned = dict(json.loads(json.dumps(base)), output_dir=str(tmp_path / "tuned"), init_bundle=str(tmp_path / "plain"),
-                 anatomy={"encoder": str(encoder_bundle), "bioatt": True})
+    tuned = dict(
+        json.loads(json.dumps(base)),
+        output_dir=str(tmp_path / "tuned"),
+        init_bundle=str(tmp_path / "plain"),
+        anatomy={"encoder": str(encoder_bundle), "bioatt": True},
+    )
     history = train(TrainConfig.from_dict(tuned), progress=False, bundle_dir=tmp_path / "tuned_bundle")
     assert np.isfinite(history["epochs"][0]["loss"])
     card = (tmp_path / "tuned_bundle" / "docs" / "README.md").read_text()

@@ -60,10 +60,13 @@ def test_simulate_accepts_dose_spellings_and_refuses_bad_doses(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("make_input, fragment", [
-    (lambda d: d / "nope.nii.gz", "no such file"),
-    (lambda d: (d / "bad.nii.gz").write_bytes(b"junk") and d / "bad.nii.gz", "not a readable"),
-])
+@pytest.mark.parametrize(
+    "make_input, fragment",
+    [
+        (lambda d: d / "nope.nii.gz", "no such file"),
+        (lambda d: (d / "bad.nii.gz").write_bytes(b"junk") and d / "bad.nii.gz", "not a readable"),
+    ],
+)
 def test_bad_input_gives_one_line_and_exit_1(tmp_path, make_input, fragment):
     path = make_input(tmp_path)
     result = run("simulate", path, tmp_path / "out.nii.gz")
@@ -131,7 +134,7 @@ def test_demo_with_a_missing_model_fails_before_simulating(tmp_path):
 def spies(monkeypatch):
     """Record whether the input is read, a model loaded, or training started: none may happen when the
     output is refused."""
-    import lowdose
+    import lowdose.cli
     import lowdose.denoise
     import lowdose.training
 
@@ -141,9 +144,10 @@ def spies(monkeypatch):
         def called(*args, **kwargs):
             calls.append(name)
             raise AssertionError(f"{name} was called before the output was checked")
+
         return called
 
-    monkeypatch.setattr(lowdose, "load_ct", spy("load_ct"))
+    monkeypatch.setattr(lowdose.cli, "load_ct", spy("load_ct"))
     monkeypatch.setattr(lowdose.denoise, "get_denoiser", spy("get_denoiser"))
     monkeypatch.setattr(lowdose.training, "train", spy("train"))
     return calls
@@ -165,15 +169,19 @@ def _folder_with_a_file(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("make_output, fragment", [
-    (lambda d, ct: Path("/no/such/dir/out.nii.gz"), "the folder /no/such/dir does not exist"),
-    (lambda d, ct: ct, "would overwrite or write into the input"),
-    (lambda d, ct: d / "out.png", "cannot write .png files"),
-    (lambda d, ct: _folder_with_a_file(d / "taken"), "already exists and is not an empty folder"),
-])
+@pytest.mark.parametrize(
+    "make_output, fragment",
+    [
+        (lambda d, ct: Path("/no/such/dir/out.nii.gz"), "the folder /no/such/dir does not exist"),
+        (lambda d, ct: ct, "would overwrite or write into the input"),
+        (lambda d, ct: d / "out.png", "cannot write .png files"),
+        (lambda d, ct: _folder_with_a_file(d / "taken"), "already exists and is not an empty folder"),
+    ],
+)
 @pytest.mark.parametrize("command", ["denoise", "simulate"])
-def test_a_bad_output_fails_before_the_input_is_read_or_a_model_loaded(tmp_path, capsys, spies, command,
-                                                                        make_output, fragment):
+def test_a_bad_output_fails_before_the_input_is_read_or_a_model_loaded(
+    tmp_path, capsys, spies, command, make_output, fragment
+):
     ct = tmp_path / "ct.nii.gz"
     ct.write_bytes(shared("totalsegmentator/example_ct_sm.nii.gz").read_bytes())
     output = make_output(tmp_path, ct)
@@ -207,7 +215,7 @@ def test_demo_and_train_outputs_are_checked_before_any_work(tmp_path, capsys, sp
 
 DRIVER = """
 import os, signal, sys, time
-import lowdose
+import lowdose.cli
 from lowdose.cli import main
 
 def failing_load_ct(*args, **kwargs):
@@ -216,7 +224,7 @@ def failing_load_ct(*args, **kwargs):
         time.sleep(30)
     raise ZeroDivisionError("float division by zero")  # a bug lowdose did not foresee
 
-lowdose.load_ct = failing_load_ct
+lowdose.cli.load_ct = failing_load_ct
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -231,7 +239,8 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_needs_debug(tmp_path)
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines() == [
         "lowdose metrics: error: internal error (ZeroDivisionError: float division by zero); "
-        "`lowdose --debug metrics ...` prints the traceback"]
+        "`lowdose --debug metrics ...` prints the traceback"
+    ]
     for argv in (["--debug", "metrics", ct, ct], ["metrics", ct, ct, "--debug"]):
         result = _driver("bug", *argv)
         assert result.returncode == 1

@@ -18,11 +18,21 @@ import numpy as np
 import pytest
 
 from lowdose import CTInputError, CTVolume, LowdoseError, save_ct
-from lowdose.fidelity import (SCHEMA_VERSION, TotalSegmentatorSegmenter, TotalSegmentatorWeightsError,
-                              check_fidelity, load_label_map)
+from lowdose.fidelity import (
+    SCHEMA_VERSION,
+    TotalSegmentatorSegmenter,
+    TotalSegmentatorWeightsError,
+    check_fidelity,
+    load_label_map,
+)
 from lowdose.fidelity.command import FAIL_EXIT_STATUS, add_parser
-from lowdose.fidelity.segmenter import (LPS_TO_RAS, SegmenterError, ct_to_nifti, ensure_usage_statistics_off,
-                                       resolve_device)
+from lowdose.fidelity.segmenter import (
+    LPS_TO_RAS,
+    SegmenterError,
+    ct_to_nifti,
+    ensure_usage_statistics_off,
+    resolve_device,
+)
 
 from .conftest import SAMPLE_SEG
 from .fidelity_fixtures import write_tiny_totalsegmentator_weights
@@ -60,8 +70,11 @@ def scans(small_sample, tmp_path_factory):
     rng = np.random.default_rng(0)
     low = small_sample.with_hu(small_sample.hu + rng.normal(0, 30, small_sample.shape).astype(np.float32))
     denoised = low.with_hu(gaussian_filter(low.hu, (0, 0.7, 0.7)))
-    paths = {"original": folder / "low.nii.gz", "denoised": folder / "denoised.nii.gz",
-             "reference": folder / "normal.nii.gz"}
+    paths = {
+        "original": folder / "low.nii.gz",
+        "denoised": folder / "denoised.nii.gz",
+        "reference": folder / "normal.nii.gz",
+    }
     save_ct(low, paths["original"], dtype="float32")
     save_ct(denoised, paths["denoised"], dtype="float32")
     save_ct(small_sample, paths["reference"])
@@ -102,13 +115,19 @@ def test_missing_weights_say_how_to_install_them(tmp_path, monkeypatch, sample_v
         TotalSegmentatorSegmenter(fast=True, device="cpu", progress=False).segment(sample_volume)
     message = str(fast.value)
     assert "\n" not in message
-    for part in (str(tmp_path / "weights" / "Dataset297_TotalSegmentator_total_3mm_1559subj"), "is missing",
-                 "TOTALSEG_WEIGHTS_PATH", "totalseg_download_weights -t total_fast",
-                 "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth",
-                 "lowdose never downloads"):
+    for part in (
+        str(tmp_path / "weights" / "Dataset297_TotalSegmentator_total_3mm_1559subj"),
+        "is missing",
+        "TOTALSEG_WEIGHTS_PATH",
+        "totalseg_download_weights -t total_fast",
+        "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth",
+        "lowdose never downloads",
+    ):
         assert part in message
-    with pytest.raises(TotalSegmentatorWeightsError, match=r"Dataset291_TotalSegmentator_part1_organs_1559subj.*"
-                                                           r"totalseg_download_weights -t total`"):
+    with pytest.raises(
+        TotalSegmentatorWeightsError,
+        match=r"Dataset291_TotalSegmentator_part1_organs_1559subj.*" r"totalseg_download_weights -t total`",
+    ):
         TotalSegmentatorSegmenter(fast=False, device="cpu").check_weights()
     # A half-copied folder is named as incomplete, not missing.
     (tmp_path / "weights" / "Dataset297_TotalSegmentator_total_3mm_1559subj").mkdir(parents=True)
@@ -117,8 +136,19 @@ def test_missing_weights_say_how_to_install_them(tmp_path, monkeypatch, sample_v
     # Nothing was attempted: no download folder made, no model started.
     assert not (tmp_path / "home").exists()
     # The command fails the same way before reading any scan.
-    args = _parser().parse_args(["fidelity", "--original", "nowhere.nii.gz", "--denoised", "nowhere.nii.gz",
-                                 "--out", str(tmp_path / "out"), "--device", "cpu"])
+    args = _parser().parse_args(
+        [
+            "fidelity",
+            "--original",
+            "nowhere.nii.gz",
+            "--denoised",
+            "nowhere.nii.gz",
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ]
+    )
     with pytest.raises(TotalSegmentatorWeightsError):
         args.func(args)
 
@@ -155,24 +185,52 @@ def test_devices():
 
 def test_usage_statistics_are_switched_off_keeping_the_rest(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"totalseg_id": "totalseg_ABC", "send_usage_stats": True, "prediction_counter": 7,
-                                "license_number": "x" * 18}))
+    path.write_text(
+        json.dumps(
+            {
+                "totalseg_id": "totalseg_ABC",
+                "send_usage_stats": True,
+                "prediction_counter": 7,
+                "license_number": "x" * 18,
+            }
+        )
+    )
     ensure_usage_statistics_off(tmp_path)
     config = json.loads(path.read_text())
-    assert config == {"totalseg_id": "totalseg_ABC", "send_usage_stats": False, "prediction_counter": 7,
-                      "license_number": "x" * 18, "statistics_disclaimer_shown": True}
+    assert config == {
+        "totalseg_id": "totalseg_ABC",
+        "send_usage_stats": False,
+        "prediction_counter": 7,
+        "license_number": "x" * 18,
+        "statistics_disclaimer_shown": True,
+    }
     fresh = tmp_path / "fresh"
     ensure_usage_statistics_off(fresh)
     assert json.loads((fresh / "config.json").read_text())["send_usage_stats"] is False
 
 
-def test_command_runs_totalsegmentator_and_writes_the_report(tiny_totalsegmentator, scans, small_sample, tmp_path,
-                                                             no_network, capsys):
+def test_command_runs_totalsegmentator_and_writes_the_report(
+    tiny_totalsegmentator, scans, small_sample, tmp_path, no_network, capsys
+):
     out = tmp_path / "report"
-    args = _parser().parse_args([
-        "fidelity", "--original", str(scans["original"]), "--denoised", str(scans["denoised"]),
-        "--reference", str(scans["reference"]), "--reference-labels", str(SAMPLE_SEG),
-        "--out", str(out), "--fast", "--device", "cpu"])
+    args = _parser().parse_args(
+        [
+            "fidelity",
+            "--original",
+            str(scans["original"]),
+            "--denoised",
+            str(scans["denoised"]),
+            "--reference",
+            str(scans["reference"]),
+            "--reference-labels",
+            str(SAMPLE_SEG),
+            "--out",
+            str(out),
+            "--fast",
+            "--device",
+            "cpu",
+        ]
+    )
     args.func(args)
     printed = capsys.readouterr()
     assert re.search(r"^fidelity: (kept|check|changed) - ", printed.out, re.M)
@@ -181,8 +239,13 @@ def test_command_runs_totalsegmentator_and_writes_the_report(tiny_totalsegmentat
     config = json.loads((tiny_totalsegmentator / "config.json").read_text())
     assert config["send_usage_stats"] is False and config["prediction_counter"] == 2  # it ran twice
 
-    assert sorted(p.name for p in out.iterdir()) == ["fidelity.html", "fidelity.json", "labels_denoised.nii.gz",
-                                                    "labels_original.nii.gz", "labels_reference.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "fidelity.html",
+        "fidelity.json",
+        "labels_denoised.nii.gz",
+        "labels_original.nii.gz",
+        "labels_reference.nii.gz",
+    ]
     report = json.loads((out / "fidelity.json").read_text())
     assert report["schema_version"] == SCHEMA_VERSION
     assert report["segmenter"]["name"] == "TotalSegmentator" and report["segmenter"]["mode"] == "fast"
@@ -203,7 +266,8 @@ def test_command_runs_totalsegmentator_and_writes_the_report(tiny_totalsegmentat
     liver = structures["liver"]
     assert liver["images"]["reference"]["present"]  # from the real label map given for the reference
     assert liver["images"]["reference"]["hu_mean"] == pytest.approx(
-        float(small_sample.hu[load_label_map(SAMPLE_SEG, small_sample)[0] == 5].mean()), abs=1e-3)
+        float(small_sample.hu[load_label_map(SAMPLE_SEG, small_sample)[0] == 5].mean()), abs=1e-3
+    )
 
     # The label maps TotalSegmentator returned sit on the CT's grid and are saved with its geometry.
     segmented = {}
@@ -215,15 +279,17 @@ def test_command_runs_totalsegmentator_and_writes_the_report(tiny_totalsegmentat
     assert 0 in found and 3 <= len(found) <= 118 and found.max() <= 117
     assert 0.5 < np.mean(segmented["original"] == 0) < 1.0  # a tiny random model: mostly background
     voxels = np.bincount(segmented["original"].ravel(), minlength=118)
-    assert [s["images"]["original"]["voxels"] for s in sorted(report["structures"], key=lambda s: s["label"])] \
-        == voxels[1:].tolist()
+    assert [
+        s["images"]["original"]["voxels"] for s in sorted(report["structures"], key=lambda s: s["label"])
+    ] == voxels[1:].tolist()
 
     html = (out / "fidelity.html").read_text()
     assert html.count("data:image/png;base64,") == 3  # Dice bars, HU before/after, slices
     assert "<script>" in html and "table.sortable" in html
     assert not re.search(r"""(src|href)=["']?(https?:)?//|<link""", html)  # self-contained: nothing fetched
-    assert html.count("<tr class=") == sum(1 for s in report["structures"]
-                                           if any(i["present"] for i in s["images"].values()))
+    assert html.count("<tr class=") == sum(
+        1 for s in report["structures"] if any(i["present"] for i in s["images"].values())
+    )
 
 
 def test_library_call_with_precomputed_labels_needs_no_model(sample_volume, tmp_path, monkeypatch, no_network):
@@ -231,14 +297,27 @@ def test_library_call_with_precomputed_labels_needs_no_model(sample_volume, tmp_
     labels, _ = load_label_map(SAMPLE_SEG, sample_volume)
     moved = np.roll(labels, 2, axis=2)
     smoothed = sample_volume.with_hu(sample_volume.hu + 12.0)
-    result = check_fidelity(sample_volume, smoothed, labels={"original": labels, "denoised": moved},
-                            progress=False)
-    assert result.files == {} and result.report["segmenter"] is None
-    structures = {s["name"]: s for s in result.report["structures"]}
-    assert structures["liver"]["pairs"]["denoised_vs_original"]["hu_shift"] == pytest.approx(12.0, abs=0.01)
-    assert structures["liver"]["pairs"]["denoised_vs_original"]["hd95_mm"] == pytest.approx(2 * 0.9765625)
-    assert result.verdict in ("check", "changed") and "liver" in result.report["study"]["flagged"]
+    result = check_fidelity(sample_volume, smoothed, labels={"original": labels, "denoised": moved}, progress=False)
+    assert result.files == {} and result.segmenter is None and result.to_json()["segmenter"] is None
+    liver = result.structure("liver")
+    assert liver.pairs["denoised_vs_original"]["hu_shift"] == pytest.approx(12.0, abs=0.01)
+    assert liver.pairs["denoised_vs_original"]["hd95_mm"] == pytest.approx(2 * 0.9765625)
+    assert result.verdict == result.study.verdict in ("check", "changed") and "liver" in result.study.flagged
     assert np.array_equal(result.label_maps["denoised"], moved)
+    report = result.to_json()  # fidelity.json's content
+    assert list(report) == [
+        "schema_version",
+        "lowdose_version",
+        "created",
+        "inputs",
+        "segmenter",
+        "thresholds",
+        "pairs",
+        "study",
+        "structures",
+        "timings_s",
+    ]
+    assert {s["name"]: s for s in report["structures"]}["liver"] == liver.to_json()
 
 
 def test_command_with_label_maps_made_elsewhere(small_sample, scans, tmp_path, monkeypatch, capsys):
@@ -252,10 +331,25 @@ def test_command_with_label_maps_made_elsewhere(small_sample, scans, tmp_path, m
     save_label_map(eroded, small_sample, tmp_path / "eroded.nii.gz")
     thresholds = tmp_path / "thresholds.json"
     thresholds.write_text(json.dumps({"dice_kept": 0.95, "hu_shift_kept": 5}))
-    argv = ["fidelity", "--original", str(scans["reference"]), "--denoised", str(scans["reference"]),
-            "--original-labels", str(SAMPLE_SEG), "--denoised-labels", str(tmp_path / "same.nii.gz"),
-            "--out", str(tmp_path / "same"), "--quiet", "--json", "--thresholds", str(thresholds),
-            "--fail-on", "check"]
+    argv = [
+        "fidelity",
+        "--original",
+        str(scans["reference"]),
+        "--denoised",
+        str(scans["reference"]),
+        "--original-labels",
+        str(SAMPLE_SEG),
+        "--denoised-labels",
+        str(tmp_path / "same.nii.gz"),
+        "--out",
+        str(tmp_path / "same"),
+        "--quiet",
+        "--json",
+        "--thresholds",
+        str(thresholds),
+        "--fail-on",
+        "check",
+    ]
     args = _parser().parse_args(argv)
     args.func(args)  # identical label maps: kept, no failure exit
     printed = json.loads(capsys.readouterr().out)
@@ -280,12 +374,14 @@ def test_command_with_label_maps_made_elsewhere(small_sample, scans, tmp_path, m
 
 def test_scans_on_another_grid_are_refused_naming_the_file(sample_volume, tmp_path):
     other = sample_volume
-    cropped = type(sample_volume)(sample_volume.hu[:, :256, :256], sample_volume.spacing_mm, sample_volume.origin_mm,
-                                  sample_volume.direction)
+    cropped = type(sample_volume)(
+        sample_volume.hu[:, :256, :256], sample_volume.spacing_mm, sample_volume.origin_mm, sample_volume.direction
+    )
     save_ct(cropped, tmp_path / "cropped.nii.gz")
     with pytest.raises(CTInputError, match=r"cropped.nii.gz: has \(256, 256, 20\) voxels.*resample it first"):
-        check_fidelity(other, tmp_path / "cropped.nii.gz", labels={"original": np.zeros(other.shape, np.uint8)},
-                       progress=False)
+        check_fidelity(
+            other, tmp_path / "cropped.nii.gz", labels={"original": np.zeros(other.shape, np.uint8)}, progress=False
+        )
     with pytest.raises(CTInputError, match="missing.nii.gz: no such file"):
         check_fidelity(other, tmp_path / "missing.nii.gz", progress=False)
     (tmp_path / "file").write_text("")

@@ -12,8 +12,14 @@ import pytest
 from scipy import ndimage
 
 from lowdose import CTInputError
-from lowdose.fidelity import (FidelityThresholds, compare_structures, load_label_map, overlap_metrics,
-                              save_label_map, total_class_names)
+from lowdose.fidelity import (
+    FidelityThresholds,
+    compare_structures,
+    load_label_map,
+    overlap_metrics,
+    save_label_map,
+    total_class_names,
+)
 from lowdose.volume import CTVolume
 
 from .conftest import SAMPLE_SEG, shared
@@ -56,17 +62,26 @@ def _shift(labels, k, axis):
 
 
 def test_label_map_against_itself_is_perfect_and_absent_stays_absent(sample_volume, sample_labels):
-    result = compare_structures({"original": sample_labels, "denoised": sample_labels},
-                                {"original": sample_volume.hu, "denoised": sample_volume.hu},
-                                sample_volume.spacing_mm, NAMES)
+    result = compare_structures(
+        {"original": sample_labels, "denoised": sample_labels},
+        {"original": sample_volume.hu, "denoised": sample_volume.hu},
+        sample_volume.spacing_mm,
+        NAMES,
+    )
     structures = _by_name(result)
     assert len(structures) == 117
     present = [s for s in structures.values() if s["images"]["original"]["present"]]
     assert len(present) == len(np.unique(sample_labels)) - 1 >= 25
     for s in present:
         p = s["pairs"]["denoised_vs_original"]
-        assert (p["dice"], p["nsd_1mm"], p["nsd_2mm"], p["hd95_mm"], p["volume_change_pct"], p["hu_shift"]) == \
-            (1.0, 1.0, 1.0, 0.0, 0.0, 0.0), s["name"]
+        assert (p["dice"], p["nsd_1mm"], p["nsd_2mm"], p["hd95_mm"], p["volume_change_pct"], p["hu_shift"]) == (
+            1.0,
+            1.0,
+            1.0,
+            0.0,
+            0.0,
+            0.0,
+        ), s["name"]
         assert s["verdict"] == "kept"
     brain = structures["brain"]  # not in an abdomen slab
     assert brain["verdict"] == "absent" and brain["pairs"]["denoised_vs_original"]["dice"] is None
@@ -105,8 +120,9 @@ def test_eroded_copy_has_the_known_volume_change(example):
     eroded = ndimage.binary_erosion(liver)
     smaller = labels.copy()
     smaller[liver & ~eroded] = 0
-    result = _by_name(compare_structures({"original": labels, "denoised": smaller},
-                                         {"original": hu, "denoised": hu}, spacing, NAMES))
+    result = _by_name(
+        compare_structures({"original": labels, "denoised": smaller}, {"original": hu, "denoised": hu}, spacing, NAMES)
+    )
     p = result["liver"]["pairs"]["denoised_vs_original"]
     assert p["volume_change_pct"] == pytest.approx(100.0 * (eroded.sum() - liver.sum()) / liver.sum())
     assert p["dice"] == pytest.approx(2 * eroded.sum() / (eroded.sum() + liver.sum()))
@@ -120,12 +136,15 @@ def test_eroded_copy_has_the_known_volume_change(example):
 
 def _scipy_surface_distances(a, b, spacing_zyx):
     """Independent surface distances: scipy's Euclidean distance transform over the whole volume."""
+
     def edges(m):
         return m & ~ndimage.binary_erosion(m, border_value=0)
 
     ea, eb = edges(a), edges(b)
-    return (ndimage.distance_transform_edt(~eb, sampling=spacing_zyx)[ea],
-            ndimage.distance_transform_edt(~ea, sampling=spacing_zyx)[eb])
+    return (
+        ndimage.distance_transform_edt(~eb, sampling=spacing_zyx)[ea],
+        ndimage.distance_transform_edt(~ea, sampling=spacing_zyx)[eb],
+    )
 
 
 def test_surface_figures_agree_with_scipy_distance_transform_and_monai(sample_labels, sample_volume):
@@ -136,7 +155,7 @@ def test_surface_figures_agree_with_scipy_distance_transform_and_monai(sample_la
     # The part of the sample that holds these structures (keeps the whole-volume transforms quick).
     keep = np.isin(sample_labels, [ID["liver"], ID["spleen"], ID["aorta"]])
     rows, cols = np.flatnonzero(keep.any(axis=(0, 2))), np.flatnonzero(keep.any(axis=(0, 1)))
-    sample_labels = sample_labels[:, rows[0] - 8:rows[-1] + 8, cols[0] - 8:cols[-1] + 8]
+    sample_labels = sample_labels[:, rows[0] - 8 : rows[-1] + 8, cols[0] - 8 : cols[-1] + 8]
     # A perturbed copy: dilated, eroded and shifted structures, as a denoiser might leave them.
     other = sample_labels.copy()
     liver = sample_labels == ID["liver"]
@@ -198,10 +217,17 @@ def test_structure_found_in_one_scan_only_is_flagged_and_small_ones_are_judged_g
     tiny = np.zeros_like(labels)
     tiny[10, 50, 60:63] = ID["adrenal_gland_left"]  # 3 voxels = 0.08 ml
     moved_tiny = np.roll(tiny, 2, axis=2)
-    result = _by_name(compare_structures({"original": np.maximum(labels * (labels != ID["adrenal_gland_left"]), tiny),
-                                          "denoised": np.maximum(missing * (missing != ID["adrenal_gland_left"]),
-                                                                 moved_tiny)},
-                                         {}, spacing, NAMES))
+    result = _by_name(
+        compare_structures(
+            {
+                "original": np.maximum(labels * (labels != ID["adrenal_gland_left"]), tiny),
+                "denoised": np.maximum(missing * (missing != ID["adrenal_gland_left"]), moved_tiny),
+            },
+            {},
+            spacing,
+            NAMES,
+        )
+    )
     gallbladder = result["gallbladder"]
     assert gallbladder["verdict"] == "changed"
     assert gallbladder["reasons"][0].startswith("found only in the original")
@@ -217,9 +243,12 @@ def test_reference_pairs_answer_whether_denoising_came_closer(example):
     _, worse = _shift(labels, 2, 2)
     padded = np.pad(labels, [(0, 0), (0, 0), (2, 2)])
     hu_padded = np.pad(hu, [(0, 0), (0, 0), (2, 2)])
-    result = compare_structures({"original": padded, "denoised": worse, "reference": padded},
-                                {"original": hu_padded, "denoised": hu_padded, "reference": hu_padded},
-                                spacing, NAMES)
+    result = compare_structures(
+        {"original": padded, "denoised": worse, "reference": padded},
+        {"original": hu_padded, "denoised": hu_padded, "reference": hu_padded},
+        spacing,
+        NAMES,
+    )
     liver = _by_name(result)["liver"]
     assert liver["pairs"]["original_vs_reference"]["dice"] == 1.0
     assert liver["pairs"]["denoised_vs_reference"]["dice"] < 0.98
@@ -236,8 +265,14 @@ def test_thresholds_are_configurable_and_checked(example):
     labels, _, spacing = example
     base, moved = _shift(labels, 1, 2)
     default = _by_name(compare_structures({"original": base, "denoised": moved}, {}, spacing, NAMES))
-    lenient = FidelityThresholds(dice_kept=0.5, dice_changed=0.3, nsd_kept=0.0, nsd_changed=0.0,
-                                 volume_change_kept_pct=50, volume_change_changed_pct=60)
+    lenient = FidelityThresholds(
+        dice_kept=0.5,
+        dice_changed=0.3,
+        nsd_kept=0.0,
+        nsd_changed=0.0,
+        volume_change_kept_pct=50,
+        volume_change_changed_pct=60,
+    )
     relaxed = _by_name(compare_structures({"original": base, "denoised": moved}, {}, spacing, NAMES, lenient))
     assert default["liver"]["verdict"] != "kept" and relaxed["liver"]["verdict"] == "kept"
     assert FidelityThresholds(nsd_tolerance_mm=3.0).surface_tolerances_mm == (1.0, 2.0, 3.0)
@@ -267,13 +302,19 @@ def test_label_map_is_put_on_the_ct_grid(sample_volume, sample_labels, tmp_path)
     sitk.WriteImage(coarse, str(tmp_path / "coarse.nii.gz"))
     resampled, how = load_label_map(tmp_path / "coarse.nii.gz", sample_volume)
     assert how == "resampled" and resampled.shape == sample_volume.shape
-    dice = 2 * np.sum((resampled == ID["liver"]) & (sample_labels == ID["liver"])) / (
-        np.sum(resampled == ID["liver"]) + np.sum(sample_labels == ID["liver"]))
+    dice = (
+        2
+        * np.sum((resampled == ID["liver"]) & (sample_labels == ID["liver"]))
+        / (np.sum(resampled == ID["liver"]) + np.sum(sample_labels == ID["liver"]))
+    )
     assert dice > 0.95
 
     # Elsewhere in space: refused, naming the file.
-    far = CTVolume(np.zeros(sample_volume.shape, np.float32), sample_volume.spacing_mm,
-                   tuple(np.add(sample_volume.origin_mm, (0, 0, 5000))))
+    far = CTVolume(
+        np.zeros(sample_volume.shape, np.float32),
+        sample_volume.spacing_mm,
+        tuple(np.add(sample_volume.origin_mm, (0, 0, 5000))),
+    )
     with pytest.raises(CTInputError, match="coarse.nii.gz: does not overlap"):
         load_label_map(tmp_path / "coarse.nii.gz", far)
     ct_like = tmp_path / "ct.nii.gz"

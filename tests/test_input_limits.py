@@ -58,11 +58,17 @@ def _cut(path: Path, fraction: float = 2 / 3) -> Path:
 def test_limits_defaults_and_environment():
     assert InputLimits() == InputLimits(1024 * 1024 * 3000, 2 * 2**30, 100.0)
     assert InputLimits.from_env({}) == InputLimits()
-    limits = InputLimits.from_env({"LOWDOSE_MAX_VOXELS": "1000", "LOWDOSE_MAX_EXPANDED_MB": "1.5",
-                                   "LOWDOSE_MAX_COMPRESSION_RATIO": "20"})
+    limits = InputLimits.from_env(
+        {"LOWDOSE_MAX_VOXELS": "1000", "LOWDOSE_MAX_EXPANDED_MB": "1.5", "LOWDOSE_MAX_COMPRESSION_RATIO": "20"}
+    )
     assert limits == InputLimits(max_voxels=1000, max_expanded_bytes=int(1.5 * 2**20), max_compression_ratio=20.0)
-    for name, bad in (("LOWDOSE_MAX_VOXELS", "lots"), ("LOWDOSE_MAX_VOXELS", "1e6"), ("LOWDOSE_MAX_EXPANDED_MB", "-5"),
-                      ("LOWDOSE_MAX_COMPRESSION_RATIO", "0"), ("LOWDOSE_MAX_COMPRESSION_RATIO", "nan")):
+    for name, bad in (
+        ("LOWDOSE_MAX_VOXELS", "lots"),
+        ("LOWDOSE_MAX_VOXELS", "1e6"),
+        ("LOWDOSE_MAX_EXPANDED_MB", "-5"),
+        ("LOWDOSE_MAX_COMPRESSION_RATIO", "0"),
+        ("LOWDOSE_MAX_COMPRESSION_RATIO", "nan"),
+    ):
         with pytest.raises(LowdoseError, match=f"^{name}='{bad}': must be") as info:
             InputLimits.from_env({name: bad})
         assert "\n" not in str(info.value)
@@ -92,19 +98,25 @@ def test_truncated_nifti_is_refused_instead_of_zero_filled(tmp_path):
     zero_filled = sitk.GetArrayFromImage(sitk.ReadImage(str(cut)))  # the hazard, as SimpleITK has it
     assert zero_filled.shape == original.shape and np.all(zero_filled[-5:] == 0)
     assert not np.all(original.hu[-5:] == 0)
-    with pytest.raises(CTInputError, match=r"truncated: the header describes 122x101x30 int16 voxels "
-                                           r"\(739,320 bytes\) but the file holds only [\d,]+ bytes") as info:
+    with pytest.raises(
+        CTInputError,
+        match=r"truncated: the header describes 122x101x30 int16 voxels "
+        r"\(739,320 bytes\) but the file holds only [\d,]+ bytes",
+    ) as info:
         load_ct(cut)
     assert str(cut) in str(info.value)
 
 
-@pytest.mark.parametrize("name, compress, problem", [
-    ("ct.nrrd", False, "truncated: the header describes 122x101x30 int16"),
-    ("ct.nrrd", True, "truncated or damaged: the header describes 122x101x30 int16"),
-    ("ct.mha", False, "truncated: the header describes 122x101x30 int16"),
-    ("ct.mha", True, "truncated or damaged: the header describes 122x101x30 int16"),
-    ("ct.nii.gz", True, "truncated or damaged: the header describes 122x101x30 int16"),
-])
+@pytest.mark.parametrize(
+    "name, compress, problem",
+    [
+        ("ct.nrrd", False, "truncated: the header describes 122x101x30 int16"),
+        ("ct.nrrd", True, "truncated or damaged: the header describes 122x101x30 int16"),
+        ("ct.mha", False, "truncated: the header describes 122x101x30 int16"),
+        ("ct.mha", True, "truncated or damaged: the header describes 122x101x30 int16"),
+        ("ct.nii.gz", True, "truncated or damaged: the header describes 122x101x30 int16"),
+    ],
+)
 def test_truncated_nrrd_mha_and_gzip_name_the_file_and_the_sizes(tmp_path, name, compress, problem):
     path = _cut(_resave(tmp_path / name, compress))
     with pytest.raises(CTInputError, match=problem) as info:
@@ -122,8 +134,12 @@ def test_detached_data_files_are_checked_too(tmp_path):
     nrrd, mha = tmp_path / "detached.nrrd", tmp_path / "detached.mha"
     shutil.copy(tmp_path / "n.nhdr", nrrd)
     shutil.copy(tmp_path / "m.mhd", mha)
-    [nrrd_data] = [line.split(":", 1)[1].strip() for line in nrrd.read_text().splitlines() if line.startswith("data file")]
-    [mha_data] = [line.split("=", 1)[1].strip() for line in mha.read_text().splitlines() if line.startswith("ElementDataFile")]
+    [nrrd_data] = [
+        line.split(":", 1)[1].strip() for line in nrrd.read_text().splitlines() if line.startswith("data file")
+    ]
+    [mha_data] = [
+        line.split("=", 1)[1].strip() for line in mha.read_text().splitlines() if line.startswith("ElementDataFile")
+    ]
     for header in (nrrd, mha):
         np.testing.assert_array_equal(load_ct(header).hu, original.hu)
     _cut(tmp_path / nrrd_data)
@@ -167,22 +183,25 @@ def test_nifti_header_bomb_is_refused_at_once_without_allocating(tmp_path):
     bomb = _nifti_header_bomb(tmp_path / "bomb.nii.gz")
     assert bomb.stat().st_size < 1500
     # VmHWM, not getrusage: ru_maxrss keeps the high-water mark of the pytest process the child was forked from
-    script = ("import json, re, sys, time\n"
-              "import SimpleITK\n"  # imported before the clock starts: the refusal is timed, not the imports
-              "from lowdose import load_ct\n"
-              "t = time.perf_counter()\n"
-              "try:\n"
-              "    load_ct(sys.argv[1]); error = None\n"
-              "except Exception as exc:\n"
-              "    error = f'{type(exc).__name__}: {exc}'\n"
-              "seconds = time.perf_counter() - t\n"
-              "peak_kb = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
-              "print(json.dumps({'seconds': seconds, 'error': error, 'peak_mb': peak_kb / 1024}))\n")
+    script = (
+        "import json, re, sys, time\n"
+        "import SimpleITK\n"  # imported before the clock starts: the refusal is timed, not the imports
+        "from lowdose import load_ct\n"
+        "t = time.perf_counter()\n"
+        "try:\n"
+        "    load_ct(sys.argv[1]); error = None\n"
+        "except Exception as exc:\n"
+        "    error = f'{type(exc).__name__}: {exc}'\n"
+        "seconds = time.perf_counter() - t\n"
+        "peak_kb = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
+        "print(json.dumps({'seconds': seconds, 'error': error, 'peak_mb': peak_kb / 1024}))\n"
+    )
     result = subprocess.run([sys.executable, "-c", script, str(bomb)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     measured = json.loads(result.stdout.strip().splitlines()[-1])
-    assert measured["error"].startswith(f"CTInputError: {bomb}: its gzip-compressed data (2048x2048x64 int16 voxels) "
-                                        "would expand"), measured
+    assert measured["error"].startswith(
+        f"CTInputError: {bomb}: its gzip-compressed data (2048x2048x64 int16 voxels) " "would expand"
+    ), measured
     assert "LOWDOSE_MAX_COMPRESSION_RATIO" in measured["error"]
     # the voxels alone would be 512 MiB (int16) and 1 GiB more as float32
     assert measured["peak_mb"] < 400, measured
@@ -209,9 +228,11 @@ def test_compressed_nrrd_and_mha_bombs_are_refused(tmp_path, suffix):
     if suffix == ".nrrd":
         header = "NRRD0004\ntype: short\ndimension: 3\nsizes: 512 512 64\nencoding: gzip\nendian: little\n\n"
     else:
-        header = ("ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
-                  f"CompressedData = True\nCompressedDataSize = {len(zeros)}\nDimSize = 512 512 64\n"
-                  "ElementType = MET_SHORT\nElementDataFile = LOCAL\n")
+        header = (
+            "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+            f"CompressedData = True\nCompressedDataSize = {len(zeros)}\nDimSize = 512 512 64\n"
+            "ElementType = MET_SHORT\nElementDataFile = LOCAL\n"
+        )
     bomb = tmp_path / f"zeros{suffix}"
     bomb.write_bytes(header.encode() + zeros)
     started = time.perf_counter()
@@ -255,10 +276,29 @@ def _zip_of_zeros(path: Path, size: int, name: str = "ct.nii", declared_size: in
     declared = size if declared_size is None else declared_size
     encoded = name.encode()
     local = struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 8, 0, 0, crc, len(data), declared, len(encoded), 0)
-    central = struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 8, 0, 0, crc, len(data), declared, len(encoded),
-                          0, 0, 0, 0, 0o100644 << 16, 0)
-    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, len(central) + len(encoded),
-                      len(local) + len(encoded) + len(data), 0)
+    central = struct.pack(
+        "<4s6H3L5H2L",
+        b"PK\x01\x02",
+        20,
+        20,
+        0,
+        8,
+        0,
+        0,
+        crc,
+        len(data),
+        declared,
+        len(encoded),
+        0,
+        0,
+        0,
+        0,
+        0o100644 << 16,
+        0,
+    )
+    end = struct.pack(
+        "<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, len(central) + len(encoded), len(local) + len(encoded) + len(data), 0
+    )
     path.write_bytes(local + encoded + data + central + encoded + end)
     return path
 

@@ -59,7 +59,9 @@ def test_slices_are_ordered_by_position_not_by_file_name(tmp_path):
     assert volume.origin_mm[2] == pytest.approx(min(z))
     assert volume.spacing_mm[2] == pytest.approx(3.0, abs=1e-3)
     first = pydicom.dcmread(files[int(np.argmin(z))])
-    np.testing.assert_array_equal(volume.hu[0], first.pixel_array * float(first.RescaleSlope) + float(first.RescaleIntercept))
+    np.testing.assert_array_equal(
+        volume.hu[0], first.pixel_array * float(first.RescaleSlope) + float(first.RescaleIntercept)
+    )
 
 
 def test_single_slice_files_and_compressed_transfer_syntax():
@@ -154,8 +156,11 @@ def test_outputs_get_the_permissions_of_plain_files_not_of_temporary_ones(tmp_pa
     old = os.umask(0o022)
     try:
         volume = sample_volume.slices(0, 2)
-        written = [save_ct(volume, tmp_path / "v.nii.gz"), save_ct(volume, tmp_path / "v.mha"),
-                   save_ct(volume, tmp_path / "series")]
+        written = [
+            save_ct(volume, tmp_path / "v.nii.gz"),
+            save_ct(volume, tmp_path / "v.mha"),
+            save_ct(volume, tmp_path / "series"),
+        ]
         _atomic_torch_save({"weights": 1}, tmp_path / "model.pt")
     finally:
         os.umask(old)
@@ -165,8 +170,12 @@ def test_outputs_get_the_permissions_of_plain_files_not_of_temporary_ones(tmp_pa
 
 
 def test_float32_output_keeps_fractional_hu(tmp_path, sample_volume):
-    volume = CTVolume(hu=sample_volume.hu[:3] + 0.25, spacing_mm=sample_volume.spacing_mm,
-                      origin_mm=sample_volume.origin_mm, direction=sample_volume.direction)
+    volume = CTVolume(
+        hu=sample_volume.hu[:3] + 0.25,
+        spacing_mm=sample_volume.spacing_mm,
+        origin_mm=sample_volume.origin_mm,
+        direction=sample_volume.direction,
+    )
     save_ct(volume, tmp_path / "f.nii.gz", dtype="float32")
     np.testing.assert_array_equal(load_ct(tmp_path / "f.nii.gz").hu, volume.hu)
     save_ct(volume, tmp_path / "i.nii.gz")
@@ -252,23 +261,40 @@ def _write_4d_nifti(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("make, problem", [
-    (lambda d: d / "missing.nii.gz", "no such file"),
-    (lambda d: _write_bytes(d / "empty.nii.gz", b""), "empty"),
-    (lambda d: _write_bytes(d / "corrupt.nii.gz", b"\x1f\x8b garbage" * 50), "not a readable .nii.gz image"),
-    (lambda d: _write_bytes(d / "notes.txt", b"hello"), "not a DICOM, NIfTI"),
-    (lambda d: _write_bytes(d / "truncated.nii.gz", shared("totalsegmentator/example_ct_sm.nii.gz").read_bytes()[:4000]),
-     "truncated or damaged"),
-    (lambda d: (d / "emptydir").mkdir() or d / "emptydir", "folder is empty"),
-    (lambda d: _write_nifti(d / "display.nii.gz", np.full((4, 8, 8), 7, np.uint8) + np.arange(8, dtype=np.uint8)),
-     "8-bit image cannot hold Hounsfield"),
-    (lambda d: _write_nifti(d / "normalised.nii.gz", np.linspace(0, 1, 256, dtype=np.float32).reshape(4, 8, 8)),
-     "normalised to \\[0, 1\\]"),
-    (lambda d: _write_nifti(d / "raw.nii.gz", np.concatenate([np.zeros((1, 8, 8)), np.full((3, 8, 8), 1040.0)]).astype(np.int16)),
-     "without the rescale intercept"),
-    (lambda d: _write_4d_nifti(d / "four_d.nii.gz"), "4-D image"),
-    (lambda d: _write_nifti(d / "constant.nii.gz", np.full((3, 8, 8), -1000, np.int16)), "constant image"),
-])
+@pytest.mark.parametrize(
+    "make, problem",
+    [
+        (lambda d: d / "missing.nii.gz", "no such file"),
+        (lambda d: _write_bytes(d / "empty.nii.gz", b""), "empty"),
+        (lambda d: _write_bytes(d / "corrupt.nii.gz", b"\x1f\x8b garbage" * 50), "not a readable .nii.gz image"),
+        (lambda d: _write_bytes(d / "notes.txt", b"hello"), "not a DICOM, NIfTI"),
+        (
+            lambda d: _write_bytes(
+                d / "truncated.nii.gz", shared("totalsegmentator/example_ct_sm.nii.gz").read_bytes()[:4000]
+            ),
+            "truncated or damaged",
+        ),
+        (lambda d: (d / "emptydir").mkdir() or d / "emptydir", "folder is empty"),
+        (
+            lambda d: _write_nifti(
+                d / "display.nii.gz", np.full((4, 8, 8), 7, np.uint8) + np.arange(8, dtype=np.uint8)
+            ),
+            "8-bit image cannot hold Hounsfield",
+        ),
+        (
+            lambda d: _write_nifti(d / "normalised.nii.gz", np.linspace(0, 1, 256, dtype=np.float32).reshape(4, 8, 8)),
+            "normalised to \\[0, 1\\]",
+        ),
+        (
+            lambda d: _write_nifti(
+                d / "raw.nii.gz", np.concatenate([np.zeros((1, 8, 8)), np.full((3, 8, 8), 1040.0)]).astype(np.int16)
+            ),
+            "without the rescale intercept",
+        ),
+        (lambda d: _write_4d_nifti(d / "four_d.nii.gz"), "4-D image"),
+        (lambda d: _write_nifti(d / "constant.nii.gz", np.full((3, 8, 8), -1000, np.int16)), "constant image"),
+    ],
+)
 def test_bad_input_names_the_file_and_the_problem(tmp_path, make, problem):
     path = make(tmp_path)
     with pytest.raises(CTInputError, match=problem) as info:
@@ -289,8 +315,7 @@ def _copy_series(source: Path, target: Path, count: int, edit=None) -> list[Path
 
 
 def test_non_ct_modality_is_refused(tmp_path):
-    _copy_series(shared("tcia_pancreatic_ct_cbct_seg"), tmp_path / "mr", 2,
-                 lambda k, ds: setattr(ds, "Modality", "MR"))
+    _copy_series(shared("tcia_pancreatic_ct_cbct_seg"), tmp_path / "mr", 2, lambda k, ds: setattr(ds, "Modality", "MR"))
     with pytest.raises(CTInputError, match="modality is MR, not CT"):
         load_ct(tmp_path / "mr")
 
@@ -299,8 +324,7 @@ def test_folder_with_two_series_lists_them_and_series_uid_selects(tmp_path):
     source = shared("tcia_pancreatic_ct_cbct_seg")
     _copy_series(source, tmp_path / "study", 3)
     other_uid = "1.2.826.0.1.3680043.8.498.1"
-    _copy_series(source, tmp_path / "study" / "second", 2,
-                 lambda k, ds: setattr(ds, "SeriesInstanceUID", other_uid))
+    _copy_series(source, tmp_path / "study" / "second", 2, lambda k, ds: setattr(ds, "SeriesInstanceUID", other_uid))
     with pytest.raises(CTInputError, match="holds 2 series") as info:
         load_ct(tmp_path / "study")
     assert other_uid in str(info.value) and "3 files" in str(info.value)
@@ -318,7 +342,9 @@ def test_mixed_series_and_overlapping_slices_are_refused(tmp_path):
     with pytest.raises(CTInputError, match="mixed series"):
         load_ct(tmp_path / "mixed")
     _copy_series(source, tmp_path / "twice", 2)
-    _copy_series(source, tmp_path / "twice" / "again", 1, lambda k, ds: setattr(ds, "SOPInstanceUID", ds.SOPInstanceUID + ".9"))
+    _copy_series(
+        source, tmp_path / "twice" / "again", 1, lambda k, ds: setattr(ds, "SOPInstanceUID", ds.SOPInstanceUID + ".9")
+    )
     with pytest.raises(CTInputError, match="share the position"):
         load_ct(tmp_path / "twice")
 
@@ -376,8 +402,11 @@ def test_a_series_with_a_missing_slice_is_refused(tmp_path):
     source = shared("tcia_pancreatic_ct_cbct_seg")
     files = _copy_series(source, tmp_path / "gap", 8)
     files[3].unlink()
-    with pytest.raises(CTInputError, match=r"1 slice\(s\) missing from the series: it steps 3.00 mm but has a gap "
-                                           r"of 6.00 mm between .* instance numbers") as info:
+    with pytest.raises(
+        CTInputError,
+        match=r"1 slice\(s\) missing from the series: it steps 3.00 mm but has a gap "
+        r"of 6.00 mm between .* instance numbers",
+    ) as info:
         load_ct(tmp_path / "gap")
     assert str(tmp_path / "gap") in str(info.value)
     files = _copy_series(source, tmp_path / "unnumbered", 8, lambda k, ds: delattr(ds, "InstanceNumber"))
@@ -409,16 +438,24 @@ def test_a_real_change_of_spacing_is_read_slice_by_slice_not_refused(tmp_path):
     assert "slice spacing varies from 3.00 to 6.00 mm" in volume.metadata["irregular_reason"]
 
 
-@pytest.mark.parametrize("edit, problem", [
-    (lambda ds: setattr(ds, "PixelSpacing", [0.7, 0.7]), "pixel spacing 0.7 x 0.7 mm but the series starts at"),
-    (lambda ds: setattr(ds, "PixelRepresentation", 1),
-     "pixels stored as 12 of 16 bits, signed but the series starts with 12 of 16 bits, unsigned"),
-    (lambda ds: setattr(ds, "PixelData", ds.PixelData[: len(ds.PixelData) // 2]),
-     "pixel data holds 262,144 bytes but 512 rows x 512 columns x 1 sample\\(s\\) x 2 bytes need 524,288"),
-])
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda ds: setattr(ds, "PixelSpacing", [0.7, 0.7]), "pixel spacing 0.7 x 0.7 mm but the series starts at"),
+        (
+            lambda ds: setattr(ds, "PixelRepresentation", 1),
+            "pixels stored as 12 of 16 bits, signed but the series starts with 12 of 16 bits, unsigned",
+        ),
+        (
+            lambda ds: setattr(ds, "PixelData", ds.PixelData[: len(ds.PixelData) // 2]),
+            "pixel data holds 262,144 bytes but 512 rows x 512 columns x 1 sample\\(s\\) x 2 bytes need 524,288",
+        ),
+    ],
+)
 def test_mismatched_or_short_slices_name_the_slice(tmp_path, edit, problem):
-    files = _copy_series(shared("tcia_pancreatic_ct_cbct_seg"), tmp_path / "series", 4,
-                         lambda k, ds: edit(ds) if k == 2 else None)
+    files = _copy_series(
+        shared("tcia_pancreatic_ct_cbct_seg"), tmp_path / "series", 4, lambda k, ds: edit(ds) if k == 2 else None
+    )
     with pytest.raises(CTInputError, match=problem) as info:
         load_ct(tmp_path / "series")
     assert str(files[2]) in str(info.value)
@@ -429,8 +466,9 @@ def test_dicom_voxel_limit_is_checked_before_any_pixel_is_decoded(tmp_path, monk
 
     decoded = []
     real = pydicom.dataset.Dataset.pixel_array
-    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array",
-                        property(lambda ds: decoded.append(ds.filename) or real.fget(ds)))
+    monkeypatch.setattr(
+        pydicom.dataset.Dataset, "pixel_array", property(lambda ds: decoded.append(ds.filename) or real.fget(ds))
+    )
     limits = InputLimits(max_voxels=20 * 512 * 512 - 1)
     with pytest.raises(CTInputError, match=r"20 slices of 512x512 = 5,242,880 voxels, more than the limit"):
         load_ct(SAMPLE_DICOM, limits=limits)

@@ -27,7 +27,8 @@ def test_psnr_and_ssim_agree_with_scikit_image(slices, window):
     reference, noisy = slices
     ref01, noisy01 = apply_window(reference, window), apply_window(noisy, window)
     assert psnr(reference, noisy, window) == pytest.approx(
-        peak_signal_noise_ratio(ref01, noisy01, data_range=1.0), abs=1e-6)
+        peak_signal_noise_ratio(ref01, noisy01, data_range=1.0), abs=1e-6
+    )
     expected_ssim = np.mean([structural_similarity(r, t, data_range=1.0) for r, t in zip(ref01, noisy01)])
     assert ssim(reference, noisy, window) == pytest.approx(expected_ssim, abs=1e-9)
 
@@ -68,8 +69,15 @@ def test_padding_outside_the_field_of_view_is_left_out(slices):
 def test_compare_returns_every_figure(sample_volume, slices):
     reference, noisy = slices
     figures = compare(reference, noisy)
-    assert set(figures) == {"psnr_abdomen", "ssim_abdomen", "psnr_chest", "ssim_chest", "rmse_hu",
-                            "soft_tissue_noise_std_hu", "soft_tissue_mean_shift_hu"}
+    assert set(figures) == {
+        "psnr_abdomen",
+        "ssim_abdomen",
+        "psnr_chest",
+        "ssim_chest",
+        "rmse_hu",
+        "soft_tissue_noise_std_hu",
+        "soft_tissue_mean_shift_hu",
+    }
     assert figures["soft_tissue_noise_std_hu"] == pytest.approx(25.0, rel=0.03)
     assert abs(figures["soft_tissue_mean_shift_hu"]) < 1.0
     assert figures["psnr_abdomen"] < figures["psnr_chest"]  # the narrower window shows noise more
@@ -82,7 +90,7 @@ def test_over_smoothing_measures_see_blur_and_not_noise(sample_volume):
     not lowered by added noise (noise is not smoothing)."""
     from scipy.ndimage import gaussian_filter
 
-    from lowdose.fidelity.labels import load_label_map
+    from lowdose.labels import load_label_map
     from lowdose.metrics import edge_sharpness_ratio, nps_mean_frequency
 
     from .conftest import SAMPLE_SEG

@@ -36,7 +36,13 @@ def test_bundle_is_complete_small_and_documented(name):
     # on its held-out series the model is better than the low-dose input it was given
     assert meta["validation"]["val_psnr_abdomen"] > meta["validation"]["val_input_psnr_abdomen"] + 1.0
     card = (folder / "docs" / "README.md").read_text()
-    for section in ("## Intended use", "## Limits", "## How it was trained", "lowdose train", "GFLOPs per 512x512 slice"):
+    for section in (
+        "## Intended use",
+        "## Limits",
+        "## How it was trained",
+        "lowdose train",
+        "GFLOPs per 512x512 slice",
+    ):
         assert section in card, f"{name} model card lacks {section!r}"
 
 
@@ -47,18 +53,22 @@ def test_default_model_denoises_a_held_out_quarter_dose_scan_with_its_own_dose_e
     normal = normal.slices(8, 12)
     low = simulate_low_dose(normal, 0.25, seed=7)
     denoiser = Denoiser(DEFAULT_MODEL, device="cpu")
-    out = denoiser(low, dose="auto")
+    result = denoiser(low, dose="auto")
+    out = result.volume
     before, after = compare(normal, low), compare(normal, out)
     assert after["psnr_abdomen"] > before["psnr_abdomen"] + 1.0
     assert after["soft_tissue_noise_std_hu"] < 0.7 * before["soft_tissue_noise_std_hu"]
     assert abs(after["soft_tissue_mean_shift_hu"]) < 5.0  # HU kept
-    assert 0.1 < out.metadata["lowdose_dose_fraction"] < 0.6
+    assert 0.1 < result.dose_fraction < 0.6 and result.dose_source == "estimated" and result.dose_estimated
+    assert result.model == DEFAULT_MODEL and result.device == "cpu" and result.seconds > 0
+    assert result.description == f"lowdose denoised ({DEFAULT_MODEL}, dose {result.dose_fraction:.3g} estimated)"
     assert out.spacing_mm == low.spacing_mm and out.origin_mm == low.origin_mm
 
 
 def test_models_command_lists_the_shipped_models():
-    result = subprocess.run([str(Path(sys.executable).parent / "lowdose"), "models"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "lowdose"), "models"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
     assert "anatomy encoder" in lines.pop("anatomy_encoder")  # listed apart: not a denoiser
@@ -71,10 +81,10 @@ def test_anatomy_encoder_is_shipped_documented_and_segments_the_sample():
     """The anatomy encoder that anatomy-aware training and the ablation read: a complete bundle whose groups
     match TotalSegmentator's label map of the sample (in-sample: the sample is one of its two training series)."""
     from lowdose.anatomy import to_groups
-    from lowdose.anatomy.training import dice_per_group
     from lowdose.bundle import available_models as kinds
-    from lowdose.fidelity.labels import load_label_map
     from lowdose.fidelity.segmenter import AnatomyGroupSegmenter, total_class_names
+    from lowdose.labels import load_label_map
+    from lowdose.training.anatomy_encoder import dice_per_group
 
     assert kinds("anatomy_encoder") == ["anatomy_encoder"] and "anatomy_encoder" not in SHIPPED
     folder = MODELS_DIR / "anatomy_encoder"
@@ -83,8 +93,9 @@ def test_anatomy_encoder_is_shipped_documented_and_segments_the_sample():
     for section in ("## What it is for", "## Limits", "## How it was trained", "lowdose train", "| liver |"):
         assert section in card
     volume = load_ct(sample_ct_path())
-    truth = to_groups(load_label_map(MODELS_DIR.parent / "sample" / "abdomen_ct_totalseg.nii.gz", volume)[0],
-                      total_class_names())
+    truth = to_groups(
+        load_label_map(MODELS_DIR.parent / "sample" / "abdomen_ct_totalseg.nii.gz", volume)[0], total_class_names()
+    )
     dice = dice_per_group(AnatomyGroupSegmenter().segment(volume), truth)
     assert dice["liver"] > 0.5 and dice["bone"] > 0.3, dice
 
@@ -94,9 +105,13 @@ def _crop(volume, y: slice, x: slice):
     from lowdose import CTVolume
 
     offset = volume.direction @ (np.array([x.start, y.start, 0], dtype=float) * np.array(volume.spacing_mm))
-    return CTVolume(hu=volume.hu[:, y, x].copy(), spacing_mm=volume.spacing_mm,
-                    origin_mm=tuple(np.array(volume.origin_mm) + offset), direction=volume.direction.copy(),
-                    metadata={"format": "nifti"})
+    return CTVolume(
+        hu=volume.hu[:, y, x].copy(),
+        spacing_mm=volume.spacing_mm,
+        origin_mm=tuple(np.array(volume.origin_mm) + offset),
+        direction=volume.direction.copy(),
+        metadata={"format": "nifti"},
+    )
 
 
 def test_every_model_listed_as_a_denoiser_denoises():
@@ -106,8 +121,9 @@ def test_every_model_listed_as_a_denoiser_denoises():
     from lowdose.denoise import Denoiser
     from lowdose.errors import LowdoseError
 
-    result = subprocess.run([str(Path(sys.executable).parent / "lowdose"), "models"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "lowdose"), "models"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     rows = [line.split()[0] for line in result.stdout.splitlines()[1:]]
     listed = [name for name, line in zip(rows, result.stdout.splitlines()[1:]) if "anatomy encoder" not in line]
@@ -118,7 +134,7 @@ def test_every_model_listed_as_a_denoiser_denoises():
     normal, low = _crop(normal, *window), _crop(low, *window)
     low_error = float(np.sqrt(np.mean((low.hu - normal.hu) ** 2)))
     for name in listed:
-        out = Denoiser(name, device="cpu")(low, dose=0.25)
+        out = Denoiser(name, device="cpu")(low, dose=0.25).volume
         error = float(np.sqrt(np.mean((out.hu - normal.hu) ** 2)))
         assert out.shape == low.shape == (3, 64, 64) and out.origin_mm == low.origin_mm, name
         assert error < 0.9 * low_error, (name, error, low_error)  # closer to the normal dose than its input
@@ -150,3 +166,44 @@ def test_models_lists_damaged_and_non_denoising_bundles_apart(tmp_path, monkeypa
     assert rows["redcnn"].split()[1] == network and " dB" in rows["redcnn"]  # a denoiser's row
     assert "anatomy encoder" in rows["anatomy_encoder"]
     assert "damaged bundle" in rows["no_weights"] and "damaged bundle" in rows["broken"]
+
+
+def test_bundle_is_the_one_reader_of_a_models_metadata(tmp_path):
+    import shutil
+
+    from lowdose.bundle import Bundle
+    from lowdose.errors import LowdoseError
+
+    bundle = Bundle.find(DEFAULT_MODEL)
+    meta = json.loads((MODELS_DIR / DEFAULT_MODEL / "configs" / "metadata.json").read_text())
+    assert bundle.folder == MODELS_DIR / DEFAULT_MODEL and bundle.name == meta["name"] and bundle.kind == "denoiser"
+    assert bundle.network_name == meta["network"]["name"] and bundle.network_kwargs == meta["network"]["kwargs"]
+    assert bundle.dose_conditioning and bundle.dose_estimator == meta["dose_estimator"]
+    assert bundle.normalisation == meta["normalisation"] and bundle.validation == meta["validation"]
+    assert bundle.created_by is None and bundle.weights.is_file()
+    encoder = Bundle.find("anatomy_encoder")
+    assert encoder.kind == "anatomy_encoder" and len(encoder.groups) == 11
+
+    copy = Bundle.read(shutil.copytree(bundle.folder, tmp_path / "copy")).with_metadata(lowdose_created_by="finetune")
+    assert Bundle.read(tmp_path / "copy").created_by == copy.created_by == "finetune"
+    assert (
+        Bundle.all_in(tmp_path) == {"copy": Bundle.read(tmp_path / "copy")} and Bundle.all_in(tmp_path, "damaged") == {}
+    )
+    (tmp_path / "copy" / "models" / "model.pt").unlink()
+    assert Bundle.read(tmp_path / "copy").kind == "damaged" and Bundle.all_in(tmp_path) == {}
+    (tmp_path / "copy" / "configs" / "metadata.json").write_text("{not json")
+    with pytest.raises(LowdoseError, match="copy: damaged model bundle"):
+        Bundle.read(tmp_path / "copy")
+
+
+def test_the_data_road_is_offered_at_the_top_of_the_package():
+    """load_ct -> simulate_low_dose -> denoise -> save_ct from ``lowdose`` itself; ``lowdose.denoise`` stays callable
+    after the engine module of that name is imported (the package attribute then is the module)."""
+    import lowdose
+
+    normal = lowdose.load_ct(lowdose.sample_ct_path()).slices(9, 11)
+    low = lowdose.simulate_low_dose(normal, 0.25, seed=3)
+    first = lowdose.denoise(low, dose=0.25, device="cpu")
+    again = lowdose.denoise(low, dose=0.25, device="cpu")
+    assert isinstance(first, lowdose.DenoiseResult) and np.array_equal(first.volume.hu, again.volume.hu)
+    assert first.dose_source == "given" and first.description == f"lowdose denoised ({DEFAULT_MODEL}, dose 0.25 given)"

@@ -10,10 +10,10 @@ from torch import nn
 
 from lowdose.errors import LowdoseError
 from lowdose.networks import (
+    REDCNN,
     DoseAwareUNet,
     DoseEstimator,
     ESAUNet,
-    REDCNN,
     UnknownNetworkError,
     available_networks,
     build_network,
@@ -21,7 +21,7 @@ from lowdose.networks import (
     count_parameters,
     register_network,
 )
-from lowdose.networks import _REGISTRY
+from lowdose.networks.registry import _REGISTRY
 
 DENOISERS = ["redcnn", "esaunet", "dose_unet"]
 
@@ -73,7 +73,7 @@ def test_unknown_network_name_lists_the_available_ones():
 
 
 def test_register_network_round_trip_and_refuses_a_taken_name(monkeypatch):
-    monkeypatch.setattr("lowdose.networks._REGISTRY", dict(_REGISTRY))
+    monkeypatch.setattr("lowdose.networks.registry._REGISTRY", dict(_REGISTRY))
 
     @register_network("tiny_test_net")
     class Tiny(nn.Module):
@@ -151,8 +151,12 @@ def test_eval_mode_is_deterministic(name):
 
 @pytest.mark.parametrize(
     "name, kwargs",
-    [("redcnn", {}), ("esaunet", {}), ("dose_unet", {"in_channels": 3, "dose_conditioning": True}),
-     ("dose_estimator", {})],
+    [
+        ("redcnn", {}),
+        ("esaunet", {}),
+        ("dose_unet", {"in_channels": 3, "dose_conditioning": True}),
+        ("dose_estimator", {}),
+    ],
 )
 def test_gradients_reach_every_layer(name, kwargs):
     net = build_network(name, **kwargs).train()

@@ -23,8 +23,16 @@ import pytest
 import requests
 
 from .conftest import SAMPLE_DICOM, shared
-from .server_fixtures import (APP_DIR, crop_volume, make_random_bundle, start_lowdose_server, start_orthanc,
-                              stop_lowdose_server, stop_orthanc, upload_to_orthanc)
+from .server_fixtures import (
+    APP_DIR,
+    crop_volume,
+    make_random_bundle,
+    start_lowdose_server,
+    start_orthanc,
+    stop_lowdose_server,
+    stop_orthanc,
+    upload_to_orthanc,
+)
 
 MODEL = "denoise_dose_unet"
 STUDY_ID = "abdomen_small"
@@ -78,8 +86,9 @@ def totalsegmentator_env(work) -> dict:
 
 @pytest.fixture(scope="module")
 def server(work, studies, models_dir, totalsegmentator_env):
-    running = start_lowdose_server(work, str(studies), models_dir, max_upload_mb=MAX_UPLOAD_MB,
-                                   env_extra=totalsegmentator_env)
+    running = start_lowdose_server(
+        work, str(studies), models_dir, max_upload_mb=MAX_UPLOAD_MB, env_extra=totalsegmentator_env
+    )
     print(f"\nlowdose serve answered after {running.startup_seconds:.1f} s")
     yield running
     stop_lowdose_server(running)
@@ -113,7 +122,7 @@ def _assert_clean_error(response, status: int, *fragments: str, forbidden=()):
     detail = response.json()["detail"]
     for fragment in fragments:
         assert fragment in detail, detail
-    for secret in ("/tmp", "/work", "/root", "/home", str(Path.cwd()), "Traceback", "File \"", *forbidden):
+    for secret in ("/tmp", "/work", "/root", "/home", str(Path.cwd()), "Traceback", 'File "', *forbidden):
         assert secret not in text, f"response leaks {secret!r}: {text}"
 
 
@@ -123,10 +132,13 @@ def _assert_clean_error(response, status: int, *fragments: str, forbidden=()):
 def test_error_texts_lose_paths_but_keep_doses_and_urls():
     from lowdose.server import scrub
 
-    text = ("/tmp/lowdose-request-x1/upload.nii.gz: not readable (/work/main/a b.dcm); dose 1/4, "
-            "see http://127.0.0.1:8000/info/ or tmpab12cd_x.nii.gz")
-    assert scrub(text) == ("<path>: not readable (<path> b.dcm); dose 1/4, see http://127.0.0.1:8000/info/ or "
-                           "<file>")
+    text = (
+        "/tmp/lowdose-request-x1/upload.nii.gz: not readable (/work/main/a b.dcm); dose 1/4, "
+        "see http://127.0.0.1:8000/info/ or tmpab12cd_x.nii.gz"
+    )
+    assert scrub(text) == (
+        "<path>: not readable (<path> b.dcm); dose 1/4, see http://127.0.0.1:8000/info/ or " "<file>"
+    )
 
 
 def test_server_starts_on_loopback_with_the_models_of_models_dir(server):
@@ -137,13 +149,17 @@ def test_server_starts_on_loopback_with_the_models_of_models_dir(server):
     assert info["models"][MODEL]["type"] == "others"  # image to image
     assert "finetune" in info["trainers"]
     assert info["datastore"]["total"] == 1
-    listening = [c.laddr for c in psutil.Process(server.process.pid).net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN]
+    listening = [
+        c.laddr
+        for c in psutil.Process(server.process.pid).net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    ]
     assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening
 
 
-def test_denoise_upload_gives_the_library_result_with_the_input_geometry(server, sample_volume, denoiser, work,
-                                                                        tmp_path):
+def test_denoise_upload_gives_the_library_result_with_the_input_geometry(
+    server, sample_volume, denoiser, work, tmp_path
+):
     from lowdose import load_ct, save_ct
 
     source = save_ct(crop_volume(sample_volume, slice(8, 13)), tmp_path / "low_dose.nii.gz")
@@ -165,17 +181,22 @@ def test_denoise_upload_gives_the_library_result_with_the_input_geometry(server,
     result = _load_response_image(response, tmp_path / "denoised.nii.gz")
     _assert_same_geometry(result, volume)
     started = time.perf_counter()
-    expected = denoiser(volume, dose=0.25)
+    expected = denoiser(volume, dose=0.25).volume
     library_seconds = time.perf_counter() - started
     assert result.metadata["source_dtype"] == "int16"
     assert np.abs(result.hu - np.rint(expected.hu)).max() <= 1.0
     assert HU_SANE[0] <= result.hu.min() and result.hu.max() <= HU_SANE[1]
     assert not np.array_equal(result.hu, volume.hu)  # it did something
 
-    timing = {"slices": volume.shape[0], "shape_zyx": list(volume.shape), "http_seconds": round(http_seconds, 2),
-              "library_seconds": round(library_seconds, 2), "server_reported_seconds": summary["seconds"],
-              "overhead_seconds": round(http_seconds - library_seconds, 2),
-              "info_during_inference_ms": [round(1000 * t) for t in info_seconds]}
+    timing = {
+        "slices": volume.shape[0],
+        "shape_zyx": list(volume.shape),
+        "http_seconds": round(http_seconds, 2),
+        "library_seconds": round(library_seconds, 2),
+        "server_reported_seconds": summary["seconds"],
+        "overhead_seconds": round(http_seconds - library_seconds, 2),
+        "info_during_inference_ms": [round(1000 * t) for t in info_seconds],
+    }
     (work / "latency.json").write_text(json.dumps(timing, indent=2))
     print(f"\nlatency {timing}")
 
@@ -195,17 +216,23 @@ def test_readme_command_serves_the_shipped_model_and_denoises_the_sample(tmp_pat
     try:
         token_file = tmp_path / "work" / "state" / "lowdose" / "server-token"
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-        shown = subprocess.run([sys.executable, "-m", "lowdose.server", "--show-token"], capture_output=True,
-                               text=True, env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "work" / "state")},
-                               timeout=60, check=True).stdout.strip()
+        shown = subprocess.run(
+            [sys.executable, "-m", "lowdose.server", "--show-token"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "work" / "state")},
+            timeout=60,
+            check=True,
+        ).stdout.strip()
         assert shown == token_file.read_text().strip() and len(shown) >= 32
         assert running.get("/info/").status_code == 401  # the fixture did not know the token
         running.token = shown
         assert str(token_file) in running.log() and shown not in running.log()  # where, never what
         info = running.get("/info/", timeout=30).json()
         assert MODEL in info["models"] and info["datastore"]["total"] == 1
-        response = running.post(f"/infer/{MODEL}", params={"image": "abdomen_ct_sample", "output": "image"},
-                                timeout=600)
+        response = running.post(
+            f"/infer/{MODEL}", params={"image": "abdomen_ct_sample", "output": "image"}, timeout=600
+        )
     finally:
         stop_lowdose_server(running)
     assert response.status_code == 200, response.text
@@ -216,7 +243,7 @@ def test_readme_command_serves_the_shipped_model_and_denoises_the_sample(tmp_pat
     _assert_same_geometry(result, sample)
     from lowdose.denoise import Denoiser
 
-    expected = Denoiser("dose_unet", device="cpu")(sample, dose=summary["dose_fraction"])
+    expected = Denoiser("dose_unet", device="cpu")(sample, dose=summary["dose_fraction"]).volume
     assert np.abs(result.hu - np.rint(expected.hu)).max() <= 1.0
 
 
@@ -231,8 +258,10 @@ def test_denoise_datastore_image_returns_json_and_multipart(server):
 
     response = _infer(server, image=STUDY_ID, output=None, params={"dose": 0.5})
     assert response.status_code == 200, response.text
-    parts = {p.headers[b"Content-Disposition"].split(b'name="')[1].split(b'"')[0]: p
-             for p in MultipartDecoder.from_response(response).parts}
+    parts = {
+        p.headers[b"Content-Disposition"].split(b'name="')[1].split(b'"')[0]: p
+        for p in MultipartDecoder.from_response(response).parts
+    }
     assert json.loads(parts[b"params"].content)["dose_fraction"] == pytest.approx(0.5)
     assert parts[b"image"].content[:2] == b"\x1f\x8b"  # a gzipped NIfTI
 
@@ -257,7 +286,7 @@ def _consecutive_dicom_files(folder: Path, count: int, start: int = 0) -> list[P
             position[f] = float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2])
         except (pydicom.errors.InvalidDicomError, AttributeError, IsADirectoryError):
             continue  # licence and citation files beside the series
-    return sorted(position, key=position.get)[start:start + count]
+    return sorted(position, key=position.get)[start : start + count]
 
 
 def test_denoise_zipped_dicom_series_as_float32(server, denoiser, tmp_path):
@@ -271,14 +300,15 @@ def test_denoise_zipped_dicom_series_as_float32(server, denoiser, tmp_path):
         for f in files:
             archive.write(f, f"study/{f.name}")
             (series / f.name).write_bytes(f.read_bytes())
-    response = _infer(server, files={"file": ("study.zip", buffer.getvalue())},
-                      params={"dose": 0.5, "output_dtype": "float32"})
+    response = _infer(
+        server, files={"file": ("study.zip", buffer.getvalue())}, params={"dose": 0.5, "output_dtype": "float32"}
+    )
     assert response.status_code == 200, response.text
     result = _load_response_image(response, tmp_path / "denoised.nii.gz")
     volume = load_ct(series)
     _assert_same_geometry(result, volume)
     assert result.metadata["source_dtype"] == "float32"
-    np.testing.assert_allclose(result.hu, denoiser(volume, dose=0.5).hu, atol=0.05)
+    np.testing.assert_allclose(result.hu, denoiser(volume, dose=0.5).volume.hu, atol=0.05)
 
 
 def test_bad_requests_get_a_clear_4xx_without_paths_or_patient_data(server, tmp_path):
@@ -300,8 +330,12 @@ def test_bad_requests_get_a_clear_4xx_without_paths_or_patient_data(server, tmp_
         ({"file": ("series.zip", b"PK\x03\x04" + rng.bytes(5_000))}, None, 422, "damaged zip"),
         ({"file": ("display.nii.gz", eight_bit.read_bytes())}, None, 422, "8-bit"),
         ({"file": ("mr.dcm", mr_bytes.getvalue())}, None, 422, "modality is MR, not CT"),
-        ({"file": ("big.nii.gz", rng.bytes(int((MAX_UPLOAD_MB + 1) * 2**20)))}, None, 413,
-         f"limit of {MAX_UPLOAD_MB} MB"),
+        (
+            {"file": ("big.nii.gz", rng.bytes(int((MAX_UPLOAD_MB + 1) * 2**20)))},
+            None,
+            413,
+            f"limit of {MAX_UPLOAD_MB} MB",
+        ),
         ({"file": ("scan.nii.gz", b"x")}, "{not json", 400, "must be a JSON object"),
         ({"file": ("scan.nii.gz", b"x")}, '{"image": "/etc/passwd"}', 400, "params may not set image"),
         (None, None, 400, "give a CT to process"),
@@ -317,12 +351,14 @@ def test_bad_requests_get_a_clear_4xx_without_paths_or_patient_data(server, tmp_
     _assert_clean_error(_infer(server, image="no_such_study"), 404, "no image 'no_such_study'")
     _assert_clean_error(_infer(server, image="/etc/passwd"), 400, "not a valid name", forbidden=("/etc",))
     _assert_clean_error(_infer(server, image="../../etc"), 400, "not a valid name")
-    _assert_clean_error(_infer(server, image=STUDY_ID, model="denoise_nonexistent"), 404,
-                        "no model named 'denoise_nonexistent'", MODEL)
+    _assert_clean_error(
+        _infer(server, image=STUDY_ID, model="denoise_nonexistent"), 404, "no model named 'denoise_nonexistent'", MODEL
+    )
     _assert_clean_error(_infer(server, image=STUDY_ID, output="pdf"), 400, "output must be")
     # Requests a web page elsewhere could make: refused.
-    response = server.post(f"/infer/{MODEL}", params={"image": STUDY_ID}, headers={"Origin": "http://evil.example"},
-                           timeout=30)
+    response = server.post(
+        f"/infer/{MODEL}", params={"image": STUDY_ID}, headers={"Origin": "http://evil.example"}, timeout=30
+    )
     _assert_clean_error(response, 403, "cross-origin")
     response = server.get("/info/", headers={"Host": "evil.example"}, timeout=30)
     _assert_clean_error(response, 400, "Host")
@@ -361,12 +397,14 @@ def test_eight_concurrent_requests_all_succeed_while_info_answers(server, sample
         result = _load_response_image(response, path.with_name(path.name.replace("crop", "out")))
         volume = load_ct(path)
         _assert_same_geometry(result, volume)
-        assert np.abs(result.hu - np.rint(denoiser(volume, dose=dose).hu)).max() <= 1.0
+        assert np.abs(result.hu - np.rint(denoiser(volume, dose=dose).volume.hu)).max() <= 1.0
     assert len(info_seconds) >= 3, "the requests finished before /info/ could be asked during them"
     assert max(info_seconds) < 3.0, f"/info/ took up to {max(info_seconds):.1f} s during inference"
-    print(f"\n8 concurrent requests: all 200 in {wall:.1f} s (each {min(r[1] for r in results):.1f}-"
-          f"{max(r[1] for r in results):.1f} s); /info/ answered {len(info_seconds)} times during them, "
-          f"median {1000 * np.median(info_seconds):.0f} ms, max {1000 * max(info_seconds):.0f} ms")
+    print(
+        f"\n8 concurrent requests: all 200 in {wall:.1f} s (each {min(r[1] for r in results):.1f}-"
+        f"{max(r[1] for r in results):.1f} s); /info/ answered {len(info_seconds)} times during them, "
+        f"median {1000 * np.median(info_seconds):.0f} ms, max {1000 * max(info_seconds):.0f} ms"
+    )
 
 
 def test_fidelity_report_and_label_maps(server, studies):
@@ -376,11 +414,14 @@ def test_fidelity_report_and_label_maps(server, studies):
     from lowdose import load_ct
     from lowdose.fidelity import load_label_map
 
-    response = _infer(server, image=STUDY_ID, output=None, model="fidelity", params={"dose": 0.25, "labels": True},
-                      timeout=900)  # two TotalSegmentator runs: nnU-Net starts worker processes for each
+    response = _infer(
+        server, image=STUDY_ID, output=None, model="fidelity", params={"dose": 0.25, "labels": True}, timeout=900
+    )  # two TotalSegmentator runs: nnU-Net starts worker processes for each
     assert response.status_code == 200, response.text
-    parts = {p.headers[b"Content-Disposition"].split(b'name="')[1].split(b'"')[0]: p
-             for p in MultipartDecoder.from_response(response).parts}
+    parts = {
+        p.headers[b"Content-Disposition"].split(b'name="')[1].split(b'"')[0]: p
+        for p in MultipartDecoder.from_response(response).parts
+    }
     report = json.loads(parts[b"params"].content)
     assert report["study"]["verdict"] in ("kept", "check", "changed")
     assert report["denoising"]["model"] == "dose_unet" and report["denoising"]["dose_fraction"] == 0.25
@@ -391,8 +432,13 @@ def test_fidelity_report_and_label_maps(server, studies):
         assert secret not in parts[b"params"].content.decode(), secret
         assert secret not in html, secret
     names = {Path(n).name for n in archive.namelist()}
-    assert {"fidelity.json", "fidelity.html", "labels_original.nii.gz", "labels_denoised.nii.gz",
-            "denoised.nii.gz"} <= names
+    assert {
+        "fidelity.json",
+        "fidelity.html",
+        "labels_original.nii.gz",
+        "labels_denoised.nii.gz",
+        "denoised.nii.gz",
+    } <= names
     original = load_ct(studies / f"{STUDY_ID}.nii.gz")
     target = server.log_path.parent / "fidelity_labels.nii.gz"
     target.write_bytes(archive.read("fidelity/labels_denoised.nii.gz"))
@@ -443,12 +489,18 @@ def test_finetune_never_overwrites_other_models_and_stopping_needs_the_token(ser
     finally:
         shutil.rmtree(models_dir / "shipped_copy")
 
-    response = server.post("/train/finetune", json={**quick, "epochs": 50, "slices_per_epoch": 200,
-                                                    "output_model": "dose_unet_finetuned", "overwrite": True})
+    response = server.post(
+        "/train/finetune",
+        json={**quick, "epochs": 50, "slices_per_epoch": 200, "output_model": "dose_unet_finetuned", "overwrite": True},
+    )
     assert response.status_code == 200, response.text
     assert requests.delete(f"{server.url}/train/", timeout=30).status_code == 401
-    assert requests.delete(f"{server.url}/train/", headers={"Authorization": "Bearer wrong-token-0123456789"},
-                           timeout=30).status_code == 401
+    assert (
+        requests.delete(
+            f"{server.url}/train/", headers={"Authorization": "Bearer wrong-token-0123456789"}, timeout=30
+        ).status_code
+        == 401
+    )
     assert server.get("/train/", params={"check_if_running": True}).status_code == 200  # still running
     assert server.request("DELETE", "/train/").status_code == 200
     task = _wait_for_task(server, "/train/", 120)
@@ -477,15 +529,20 @@ def orthanc(work, pacs_series):
 def pacs_server(work, orthanc, models_dir):
     no_weights = work / "pacs" / "no_totalseg_weights"
     no_weights.mkdir(parents=True)
-    running = start_lowdose_server(work / "pacs", orthanc.dicomweb, models_dir, max_upload_mb=MAX_UPLOAD_MB,
-                                   env_extra={"TOTALSEG_WEIGHTS_PATH": str(no_weights),
-                                              "TOTALSEG_HOME_DIR": str(no_weights)})
+    running = start_lowdose_server(
+        work / "pacs",
+        orthanc.dicomweb,
+        models_dir,
+        max_upload_mb=MAX_UPLOAD_MB,
+        env_extra={"TOTALSEG_WEIGHTS_PATH": str(no_weights), "TOTALSEG_HOME_DIR": str(no_weights)},
+    )
     yield running
     stop_lowdose_server(running)
 
 
-def test_pacs_round_trip_stores_a_new_derived_series_in_the_same_study(orthanc, pacs_server, pacs_series,
-                                                                       denoiser, tmp_path):
+def test_pacs_round_trip_stores_a_new_derived_series_in_the_same_study(
+    orthanc, pacs_server, pacs_series, denoiser, tmp_path
+):
     import pydicom
     from dicomweb_client.api import DICOMwebClient
 
@@ -527,7 +584,7 @@ def test_pacs_round_trip_stores_a_new_derived_series_in_the_same_study(orthanc, 
         (original_folder / f.name).write_bytes(f.read_bytes())
     result, volume = load_ct(folder), load_ct(original_folder)
     _assert_same_geometry(result, volume)
-    assert np.abs(result.hu - np.rint(denoiser(volume, dose=0.25).hu)).max() <= 1.0
+    assert np.abs(result.hu - np.rint(denoiser(volume, dose=0.25).volume.hu)).max() <= 1.0
     assert HU_SANE[0] <= result.hu.min() and result.hu.max() <= HU_SANE[1]
 
     # The original series is untouched.
@@ -554,8 +611,9 @@ def test_pacs_data_lives_only_as_long_as_its_request_and_stays_out_of_the_log(or
     from lowdose.server.settings import scratch_parent
 
     first = pydicom.dcmread(pacs_series[0], stop_before_pixels=True)
-    response = _infer(pacs_server, image=str(first.SeriesInstanceUID), output="json",
-                      params={"dose": 0.5, "store_to_pacs": False})
+    response = _infer(
+        pacs_server, image=str(first.SeriesInstanceUID), output="json", params={"dose": 0.5, "store_to_pacs": False}
+    )
     assert response.status_code == 200, response.text
     assert response.json()["pacs"] == {"stored": False}
     scratch = scratch_parent() / str(pacs_server.process.pid)
@@ -587,8 +645,9 @@ def test_pacs_jpeg2000_series_is_decoded(orthanc, pacs_server, tmp_path):
         files.append(tmp_path / f"{k}.dcm")
     upload_to_orthanc(orthanc, files)
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    response = _infer(pacs_server, image=str(first.SeriesInstanceUID), output="json",
-                      params={"dose": 0.25, "store_to_pacs": False})
+    response = _infer(
+        pacs_server, image=str(first.SeriesInstanceUID), output="json", params={"dose": 0.25, "store_to_pacs": False}
+    )
     assert response.status_code == 200, response.text
     assert response.json()["shape_zyx"] == [6, 512, 512]
 
@@ -610,11 +669,18 @@ def test_dicomweb_proxy_forwards_dicomweb_only(orthanc, pacs_server, pacs_series
     assert requests.get(f"{pacs_server.url}/proxy/dicom/qido/studies", timeout=30).status_code == 401
 
     host, port = urllib.parse.urlsplit(pacs_server.url).hostname, urllib.parse.urlsplit(pacs_server.url).port
-    attacks = ["/proxy/dicom/qido/../../system", "/proxy/dicom/qido/studies/../../patients",
-               "/proxy/dicom/qido/%2e%2e/%2e%2e/patients", "/proxy/dicom/qido/studies/..%2f..%2fpatients",
-               "/proxy/dicom/wado/patients", "/proxy/dicom/wado/instances/../../tools/now",
-               f"/proxy/dicom/wado/studies/{study}/archive", "/proxy/dicom/qido/studies/1.2;x",
-               "/proxy/dicom/wado/studies/%252e%252e/system", "/proxy/dicom/qido/studies\\..\\..\\system"]
+    attacks = [
+        "/proxy/dicom/qido/../../system",
+        "/proxy/dicom/qido/studies/../../patients",
+        "/proxy/dicom/qido/%2e%2e/%2e%2e/patients",
+        "/proxy/dicom/qido/studies/..%2f..%2fpatients",
+        "/proxy/dicom/wado/patients",
+        "/proxy/dicom/wado/instances/../../tools/now",
+        f"/proxy/dicom/wado/studies/{study}/archive",
+        "/proxy/dicom/qido/studies/1.2;x",
+        "/proxy/dicom/wado/studies/%252e%252e/system",
+        "/proxy/dicom/qido/studies\\..\\..\\system",
+    ]
     for path in attacks:  # sent as they are (no client-side normalisation of '..')
         connection = http.client.HTTPConnection(host, port, timeout=30)
         connection.request("GET", path, headers=pacs_server.headers)
@@ -625,8 +691,11 @@ def test_dicomweb_proxy_forwards_dicomweb_only(orthanc, pacs_server, pacs_series
         assert "Orthanc" not in body and "PatientID" not in body and "00100020" not in body, path
     dataset = pydicom.dcmread(pacs_series[0])
     assert pacs_server.post("/proxy/dicom/qido/studies", data=b"x").status_code == 404
-    too_big = pacs_server.post("/proxy/dicom/stow/studies", data=b"\0" * int((MAX_UPLOAD_MB + 1) * 2**20),
-                               headers={"Content-Type": "application/dicom"})
+    too_big = pacs_server.post(
+        "/proxy/dicom/stow/studies",
+        data=b"\0" * int((MAX_UPLOAD_MB + 1) * 2**20),
+        headers={"Content-Type": "application/dicom"},
+    )
     assert too_big.status_code == 413
     assert dataset.SeriesInstanceUID  # the PACS still holds only what the tests stored
     listed = pacs_server.get(f"/proxy/dicom/qido/studies/{study}/series").json()

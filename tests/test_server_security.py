@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .server_fixtures import (REPO, crop_volume, free_port, make_random_bundle, start_lowdose_server,
-                              stop_lowdose_server)
+from .server_fixtures import REPO, crop_volume, free_port, make_random_bundle, start_lowdose_server, stop_lowdose_server
 
 MODEL = "denoise_dose_unet"
 STUDY_ID = "abdomen_small"
@@ -74,8 +73,9 @@ def studies(work, sample_volume, outside) -> Path:
 @pytest.fixture(scope="module")
 def server(work, studies, models_dir):
     """One inference at a time, three more may wait."""
-    running = start_lowdose_server(work, str(studies), models_dir, max_upload_mb=MAX_UPLOAD_MB,
-                                   extra=["--conf", "infer_queue", "3"])
+    running = start_lowdose_server(
+        work, str(studies), models_dir, max_upload_mb=MAX_UPLOAD_MB, extra=["--conf", "infer_queue", "3"]
+    )
     yield running
     stop_lowdose_server(running)
 
@@ -106,19 +106,35 @@ def _raw(server, method: str, path: str, headers: dict | None = None, body: byte
 
 # ----------------------------------------------------------------------------------------- authentication
 
-ROUTES = [("GET", "/info/"), ("POST", f"/infer/{MODEL}?image={STUDY_ID}"), ("POST", "/train/finetune"),
-          ("GET", "/train/"), ("DELETE", "/train/"), ("GET", "/proxy/dicom/qido/studies"),
-          ("PUT", "/datastore/image?image=x"), ("DELETE", "/datastore/?id=x"), ("GET", "/docs"), ("GET", "/"),
-          ("POST", "/infer/wsi/x"), ("GET", "/logs/")]
+ROUTES = [
+    ("GET", "/info/"),
+    ("POST", f"/infer/{MODEL}?image={STUDY_ID}"),
+    ("POST", "/train/finetune"),
+    ("GET", "/train/"),
+    ("DELETE", "/train/"),
+    ("GET", "/proxy/dicom/qido/studies"),
+    ("PUT", "/datastore/image?image=x"),
+    ("DELETE", "/datastore/?id=x"),
+    ("GET", "/docs"),
+    ("GET", "/"),
+    ("POST", "/infer/wsi/x"),
+    ("GET", "/logs/"),
+]
 
 
 def test_every_route_needs_the_token(server):
     """No token, a wrong token (same length or not), another scheme: 401 with a one-line JSON reason, and
     nothing runs (a fine-tuning request without the token starts no training)."""
     wrong = server.token[:-1] + ("A" if server.token[-1] != "A" else "B")
-    attempts = [{}, {"Authorization": f"Bearer {wrong}"}, {"Authorization": "Bearer short"},
-                {"Authorization": f"Basic {server.token}"}, {"Authorization": server.token},
-                {"Authorization": f"Bearer {server.token} extra"}, {"X-Token": server.token}]
+    attempts = [
+        {},
+        {"Authorization": f"Bearer {wrong}"},
+        {"Authorization": "Bearer short"},
+        {"Authorization": f"Basic {server.token}"},
+        {"Authorization": server.token},
+        {"Authorization": f"Bearer {server.token} extra"},
+        {"X-Token": server.token},
+    ]
     for method, path in ROUTES:
         for headers in attempts:
             status, body, answer_headers = _raw(server, method, path, headers, b"{}" if method == "POST" else None)
@@ -135,13 +151,22 @@ def test_every_route_needs_the_token(server):
 
 def test_no_auth_is_refused_unless_on_loopback(tmp_path):
     for host in ("0.0.0.0", "192.168.1.20", "::"):
-        result = subprocess.run([sys.executable, "-m", "lowdose.server", "--no-auth", "--host", host, "--dry-run"],
-                                capture_output=True, text=True, timeout=60,
-                                env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
+        result = subprocess.run(
+            [sys.executable, "-m", "lowdose.server", "--no-auth", "--host", host, "--dry-run"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "XDG_STATE_HOME": str(tmp_path)},
+        )
         assert result.returncode == 1, result.stderr
         assert "--no-auth" in result.stderr and "loopback" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "lowdose.server", "--no-auth", "--dry-run"], capture_output=True,
-                            text=True, timeout=60, env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
+    result = subprocess.run(
+        [sys.executable, "-m", "lowdose.server", "--no-auth", "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "XDG_STATE_HOME": str(tmp_path)},
+    )
     assert result.returncode == 0 and "start_server" in result.stdout
 
 
@@ -165,13 +190,21 @@ def test_guard_without_auth_answers_loopback_connections_only():
         async def send(message):
             sent.append(message)
 
-        scope = {"type": "http", "method": "GET", "path": "/info/", "headers": [(b"host", b"x")],
-                 "server": (server_address, 8000), "client": ("10.0.0.9", 5000)}
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/info/",
+            "headers": [(b"host", b"x")],
+            "server": (server_address, 8000),
+            "client": ("10.0.0.9", 5000),
+        }
         asyncio.run(Guard(app, None, 1024)(scope, receive, send))
         return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 
-    assert call("10.0.0.5") == (403, json.dumps(
-        {"detail": "this server runs without authentication and answers on loopback only"}).encode())
+    assert call("10.0.0.5") == (
+        403,
+        json.dumps({"detail": "this server runs without authentication and answers on loopback only"}).encode(),
+    )
     status, body = call("127.0.0.1")
     assert status == 400  # Host "x" is not loopback (DNS rebinding guard); the app was not reached
     assert body != b"ran"
@@ -214,19 +247,35 @@ def test_routes_nobody_uses_are_404_and_traversal_changes_nothing(server, studie
         ("DELETE", f"/datastore/?id={STUDY_ID}", None),
         ("GET", f"/datastore/image?image={STUDY_ID}", None),
         ("GET", "/datastore/?output=all", None),
-        ("POST", "/infer/wsi/x?image=/etc/passwd", None), ("POST", "/infer/wsi_v2/x?image=/etc/passwd", None),
-        ("POST", f"/batch/infer/{MODEL}", None), ("GET", "/logs/", None), ("GET", "/logs/gpu", None),
-        ("POST", "/session/", upload), ("POST", "/activelearning/random", None), ("POST", "/scoring/x", None),
-        ("GET", "/ohif/", None), ("GET", "/docs", None), ("GET", "/openapi.json", None), ("GET", "/", None),
-        ("POST", "/train/", None), ("POST", "/train/finetune_other", None), ("POST", "/model/x", None),
+        ("POST", "/infer/wsi/x?image=/etc/passwd", None),
+        ("POST", "/infer/wsi_v2/x?image=/etc/passwd", None),
+        ("POST", f"/batch/infer/{MODEL}", None),
+        ("GET", "/logs/", None),
+        ("GET", "/logs/gpu", None),
+        ("POST", "/session/", upload),
+        ("POST", "/activelearning/random", None),
+        ("POST", "/scoring/x", None),
+        ("GET", "/ohif/", None),
+        ("GET", "/docs", None),
+        ("GET", "/openapi.json", None),
+        ("GET", "/", None),
+        ("POST", "/train/", None),
+        ("POST", "/train/finetune_other", None),
+        ("POST", "/model/x", None),
         ("GET", "/proxy/dicom/qido/studies", None),  # a local datastore has no PACS to proxy
     ]
     for method, path, files in attacks:
         response = server.request(method, path, files=files)
         assert response.status_code == 404, f"{method} {path}: {response.status_code} {response.text[:200]}"
-    for path in (f"/infer/{MODEL}?image=..%2Foutside%2Fsecret", f"/infer/{MODEL}?image=%2Fetc%2Fpasswd",
-                 f"/infer/{MODEL}?image=a%2Fb", f"/infer/{MODEL}?image=..", f"/infer/{MODEL}?image=abd%00omen",
-                 f"/infer/{MODEL}?image={'a' * 300}", "/infer/..%2F..%2Fx?image=abdomen_small"):
+    for path in (
+        f"/infer/{MODEL}?image=..%2Foutside%2Fsecret",
+        f"/infer/{MODEL}?image=%2Fetc%2Fpasswd",
+        f"/infer/{MODEL}?image=a%2Fb",
+        f"/infer/{MODEL}?image=..",
+        f"/infer/{MODEL}?image=abd%00omen",
+        f"/infer/{MODEL}?image={'a' * 300}",
+        "/infer/..%2F..%2Fx?image=abdomen_small",
+    ):
         status, body, _ = _raw(server, "POST", path, server.headers)
         assert status in (400, 404), f"{path}: {status} {body[:200]}"
         assert "/work" not in body and "/tmp" not in body
@@ -240,25 +289,40 @@ def test_only_denoisers_are_listed_and_each_answers(server):
     denoisers = sorted(m for m in info["models"] if m.startswith("denoise_"))
     assert denoisers == [MODEL]  # not denoise_anatomy_encoder
     for model in denoisers:
-        response = server.post(f"/infer/{model}", params={"image": STUDY_ID, "output": "json"},
-                               files={"params": (None, '{"dose": 0.5}')}, timeout=300)
+        response = server.post(
+            f"/infer/{model}",
+            params={"image": STUDY_ID, "output": "json"},
+            files={"params": (None, '{"dose": 0.5}')},
+            timeout=300,
+        )
         assert response.status_code == 200, response.text
     assert server.post("/infer/denoise_anatomy_encoder", params={"image": STUDY_ID}).status_code == 404
 
 
-@pytest.mark.parametrize("body, status, fragment", [
-    ({"epochs": 0}, 422, "out of range"), ({"epochs": 10**6}, 422, "out of range"),
-    ({"epochs": "2"}, 422, "must be a number"), ({"epochs": True}, 422, "must be a number"),
-    ({"epochs": 1.5}, 422, "whole number"), ({"learning_rate": 1.0}, 422, "out of range"),
-    ({"learning_rate": -1e-4}, 422, "out of range"), ({"batch_size": 10**9}, 422, "out of range"),
-    ({"patch_size": 50}, 422, "multiple of 16"), ({"slices": 5}, 422, "unknown setting"),
-    ({"output_model": "../../outside"}, 422, "not a valid name"), ({"output_model": "/tmp/x"}, 422, "valid name"),
-    ({"output_model": "a/b"}, 422, "valid name"), ({"output_model": 7}, 422, "valid name"),
-    ({"overwrite": "yes"}, 422, "true or false"), ([1, 2], 422, "JSON object"),
-    ({"output_model": "dose_unet"}, 409, "source model"),
-    ({"output_model": "anatomy_encoder"}, 409, "exists"),
-    ({"output_model": "anatomy_encoder", "overwrite": True}, 409, "not made by fine-tuning"),
-])
+@pytest.mark.parametrize(
+    "body, status, fragment",
+    [
+        ({"epochs": 0}, 422, "out of range"),
+        ({"epochs": 10**6}, 422, "out of range"),
+        ({"epochs": "2"}, 422, "must be a number"),
+        ({"epochs": True}, 422, "must be a number"),
+        ({"epochs": 1.5}, 422, "whole number"),
+        ({"learning_rate": 1.0}, 422, "out of range"),
+        ({"learning_rate": -1e-4}, 422, "out of range"),
+        ({"batch_size": 10**9}, 422, "out of range"),
+        ({"patch_size": 50}, 422, "multiple of 16"),
+        ({"slices": 5}, 422, "unknown setting"),
+        ({"output_model": "../../outside"}, 422, "not a valid name"),
+        ({"output_model": "/tmp/x"}, 422, "valid name"),
+        ({"output_model": "a/b"}, 422, "valid name"),
+        ({"output_model": 7}, 422, "valid name"),
+        ({"overwrite": "yes"}, 422, "true or false"),
+        ([1, 2], 422, "JSON object"),
+        ({"output_model": "dose_unet"}, 409, "source model"),
+        ({"output_model": "anatomy_encoder"}, 409, "exists"),
+        ({"output_model": "anatomy_encoder", "overwrite": True}, 409, "not made by fine-tuning"),
+    ],
+)
 def test_finetune_requests_are_checked_before_anything_runs(server, models_dir, body, status, fragment):
     before = _tree_digest(models_dir)
     response = server.post("/train/finetune", json=body, timeout=30)
@@ -309,9 +373,11 @@ def test_truncated_bombs_and_lying_headers_are_refused_fast(server, sample_volum
 
     bomb = _zip_bomb()
     assert len(bomb) < 4 * 2**20
-    cases = [("truncated.nii", _truncated_nifti(tmp_path, sample_volume), "truncated"),
-             ("header_bomb.nii.gz", _nifti_header_bomb(), ""),
-             ("bomb.zip", bomb, "")]
+    cases = [
+        ("truncated.nii", _truncated_nifti(tmp_path, sample_volume), "truncated"),
+        ("header_bomb.nii.gz", _nifti_header_bomb(), ""),
+        ("bomb.zip", bomb, ""),
+    ]
     scratch = scratch_parent() / str(server.process.pid)
     for name, content, fragment in cases:
         peak = [0]
@@ -329,8 +395,9 @@ def test_truncated_bombs_and_lying_headers_are_refused_fast(server, sample_volum
         watcher.start()
         started = time.perf_counter()
         try:
-            response = server.post(f"/infer/{MODEL}", params={"output": "json"}, files={"file": (name, content)},
-                                   timeout=120)
+            response = server.post(
+                f"/infer/{MODEL}", params={"output": "json"}, files={"file": (name, content)}, timeout=120
+            )
         finally:
             done.set()
             watcher.join()
@@ -357,8 +424,13 @@ def test_a_full_line_gets_503_with_retry_after_and_info_stays_fast(server, sampl
     def send(_):
         barrier.wait()
         started = time.perf_counter()
-        response = server.post(f"/infer/{MODEL}", params={"output": "json"}, files={"file": (path.name, content)},
-                               data={"params": '{"dose": 0.25}'}, timeout=600)
+        response = server.post(
+            f"/infer/{MODEL}",
+            params={"output": "json"},
+            files={"file": (path.name, content)},
+            data={"params": '{"dose": 0.25}'},
+            timeout=600,
+        )
         return response, time.perf_counter() - started
 
     with ThreadPoolExecutor(6) as pool:
@@ -379,8 +451,10 @@ def test_a_full_line_gets_503_with_retry_after_and_info_stays_fast(server, sampl
             assert int(response.headers["Retry-After"]) >= 1 and seconds < 5, (response.headers, seconds)
             assert "busy" in response.json()["detail"]
     p95 = float(np.percentile(info_seconds, 95))
-    print(f"\n/info/ while 4 jobs ran: {len(info_seconds)} answers, median {1000 * np.median(info_seconds):.0f} ms, "
-          f"p95 {1000 * p95:.0f} ms")
+    print(
+        f"\n/info/ while 4 jobs ran: {len(info_seconds)} answers, median {1000 * np.median(info_seconds):.0f} ms, "
+        f"p95 {1000 * p95:.0f} ms"
+    )
     assert len(info_seconds) >= 5 and p95 < 0.2, info_seconds
 
 
@@ -430,9 +504,12 @@ def test_a_pacs_that_hangs_or_is_down_gives_fast_clear_answers(work, models_dir)
     pacs = _HungPacs()
     url = f"http://127.0.0.1:{pacs.port}/dicom-web"
     try:
-        running = start_lowdose_server(work / "hung", url, models_dir,
-                                       extra=["--conf", "pacs_read_timeout", "3", "--conf", "pacs_connect_timeout",
-                                              "2"])
+        running = start_lowdose_server(
+            work / "hung",
+            url,
+            models_dir,
+            extra=["--conf", "pacs_read_timeout", "3", "--conf", "pacs_connect_timeout", "2"],
+        )
         try:
             assert not stale.parent.exists(), "the killed server's scratch folder was not swept"
             for state in ("hung", "down"):
@@ -443,8 +520,7 @@ def test_a_pacs_that_hangs_or_is_down_gives_fast_clear_answers(work, models_dir)
                     assert info.status_code == 200 and seconds < 1.0, (state, seconds)
                     assert info.json()["datastore"]["pacs"] == {"url": url, "available": False}
                 started = time.perf_counter()
-                response = running.post(f"/infer/{MODEL}", params={"image": "1.2.3.4", "output": "json"},
-                                        timeout=60)
+                response = running.post(f"/infer/{MODEL}", params={"image": "1.2.3.4", "output": "json"}, timeout=60)
                 seconds = time.perf_counter() - started
                 assert response.status_code == 503, (state, response.status_code, response.text)
                 assert url in response.json()["detail"] and seconds < 10, (state, seconds, response.text)

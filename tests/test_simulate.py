@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +12,11 @@ import torch
 
 from lowdose import load_ct, sample_ct_path
 from lowdose.metrics import soft_tissue_mask
-from lowdose.simulate import (MU_WATER_PER_MM, ScannerGeometry, _Plan, simulate_low_dose)
+from lowdose.simulate import MU_WATER_PER_MM, ScannerGeometry, _Plan, simulate_low_dose
 
-DATA = Path("/work/shared/data/ct")
+from .conftest import SHARED_CT
+
+DATA = SHARED_CT  # ../shared/data/ct beside the checkout (tests/conftest.py)
 SMALL_NIFTI = DATA / "totalsegmentator" / "example_ct_sm.nii.gz"  # 122x101x30, 3 mm
 CT_SMALL = DATA / "pydicom" / "CT_small.dcm"  # one 128x128 slice, padding -3024
 
@@ -177,7 +178,7 @@ def test_padding_outside_the_field_of_view_is_left_alone(sample):
     volume = _subset(sample, [10])
     ny, nx = volume.shape[1:]
     yy, xx = np.mgrid[:ny, :nx]
-    outside = (yy - (ny - 1) / 2) ** 2 + (xx - (nx - 1) / 2) ** 2 > 230 ** 2
+    outside = (yy - (ny - 1) / 2) ** 2 + (xx - (nx - 1) / 2) ** 2 > 230**2
     volume.hu[0][outside] = -3024.0
     volume.metadata["padding_value_hu"] = -3024.0
     low = simulate_low_dose(volume, 0.25, seed=0)
@@ -213,8 +214,8 @@ def test_fan_beam_fbp_reconstructs_water_disc(nx, ny, sx, sy):
     x = (np.arange(nx) - (nx - 1) / 2) * sx
     y = (np.arange(ny) - (ny - 1) / 2) * sy
     yy, xx = np.meshgrid(y, x, indexing="ij")
-    water_only = (xx ** 2 + yy ** 2 < 90 ** 2) & ((xx - 40) ** 2 + (yy + 20) ** 2 > 30 ** 2)
-    insert = (xx - 40) ** 2 + (yy + 20) ** 2 < 12 ** 2
+    water_only = (xx**2 + yy**2 < 90**2) & ((xx - 40) ** 2 + (yy + 20) ** 2 > 30**2)
+    insert = (xx - 40) ** 2 + (yy + 20) ** 2 < 12**2
     hu = (image / water - 1.0) * 1000.0
     assert abs(np.median(hu[water_only])) < 1.0
     assert abs(np.median(hu[insert]) - 1000.0) < 10.0

@@ -6,8 +6,8 @@ A model bundle with randomly initialised weights stands in for the trained one, 
 TotalSegmentator model for the real segmentation weights (neither can exist here): these tests check the
 client (upload, progress, cancellation, time limits, errors, consent, geometry of what comes back), not
 denoising or segmentation quality. The server requires its access token (a random one per test server,
-given to it through LOWDOSE_TOKEN); the client sends it. 3D Slicer itself cannot run here; the module's Slicer side is checked
-in tests/test_slicer_module.py and by its self-test inside Slicer.
+given to it through LOWDOSE_TOKEN); the client sends it. 3D Slicer itself cannot run here; the module's
+Slicer side is checked in tests/test_slicer_module.py and by its self-test inside Slicer.
 
 Two answers the real server never gives (a result that is not a volume, a server that is not lowdose's)
 are produced by a small stand-in HTTP server on loopback, the only way to see the client handle them.
@@ -31,11 +31,23 @@ from .server_fixtures import crop_volume, free_port, make_random_bundle, start_l
 MODULE_DIR = Path(__file__).resolve().parent.parent / "slicer_extension" / "LowDoseDenoise"
 sys.path.insert(0, str(MODULE_DIR))
 
-from LowDoseDenoiseLib.client import (AuthenticationError, Cancelled, ConsentRequired,  # noqa: E402
-                                      JsonConsentStore, LowDoseClient, NotAVolume, ServerError, ServerUnreachable,
-                                      Timeout, Timeouts, fidelity_label_names, fidelity_rows, parse_dose, server_key,
-                                      sniff_volume)
+from LowDoseDenoiseLib.client import (  # noqa: E402
+    AuthenticationError,
+    Cancelled,
+    ConsentRequired,
+    LowDoseClient,
+    NotAVolume,
+    ServerError,
+    ServerUnreachable,
+    Timeout,
+    Timeouts,
+    server_key,
+    sniff_volume,
+)
+from LowDoseDenoiseLib.dose import parse_dose  # noqa: E402
 from LowDoseDenoiseLib.jobs import BackgroundJob  # noqa: E402
+from LowDoseDenoiseLib.results import fidelity_label_names, fidelity_rows  # noqa: E402
+from LowDoseDenoiseLib.settings import JsonConsentStore  # noqa: E402
 
 MODEL_TASK = "denoise_dose_unet"
 MAX_UPLOAD_MB = 8
@@ -63,9 +75,13 @@ def server(work, sample_volume):
     studies = work / "studies"
     studies.mkdir()
     save_ct(crop_volume(sample_volume, slice(8, 11), slice(128, 256), slice(128, 256)), studies / "tiny.nii.gz")
-    running = start_lowdose_server(work, str(studies), models, max_upload_mb=MAX_UPLOAD_MB,
-                                   env_extra={"TOTALSEG_WEIGHTS_PATH": str(weights),
-                                              "TOTALSEG_HOME_DIR": str(work / "totalseg")})
+    running = start_lowdose_server(
+        work,
+        str(studies),
+        models,
+        max_upload_mb=MAX_UPLOAD_MB,
+        env_extra={"TOTALSEG_WEIGHTS_PATH": str(weights), "TOTALSEG_HOME_DIR": str(work / "totalseg")},
+    )
     yield running
     stop_lowdose_server(running)
 
@@ -154,8 +170,9 @@ def test_denoise_nrrd_with_automatic_dose_in_a_background_job(client, slow_ct):
     """What the module does: an NRRD export, dose "auto", the request in a thread polled by the GUI."""
     from lowdose import load_ct
 
-    job = BackgroundJob(lambda progress, cancel: client.denoise(slow_ct, MODEL_TASK, dose="auto", progress=progress,
-                                                               cancel=cancel)).start()
+    job = BackgroundJob(
+        lambda progress, cancel: client.denoise(slow_ct, MODEL_TASK, dose="auto", progress=progress, cancel=cancel)
+    ).start()
     reports = []
     deadline = time.monotonic() + 300
     while not job.done and time.monotonic() < deadline:
@@ -177,15 +194,17 @@ def test_denoise_nrrd_with_automatic_dose_in_a_background_job(client, slow_ct):
 # ----------------------------------------------------------------------------------------- errors
 
 
-def test_without_its_token_or_with_a_wrong_one_the_server_refuses_and_says_where_to_find_it(server, consent,
-                                                                                         small_ct):
+def test_without_its_token_or_with_a_wrong_one_the_server_refuses_and_says_where_to_find_it(server, consent, small_ct):
     assert server.token, "the test server was started without a token"
     consent.allow(server.url)
     wrong = "not-the-servers-token-0123456789"
     for token in (None, wrong):
         client = LowDoseClient(server.url, consent, Timeouts(connect=5, response=60, idle=60), token=token)
-        for request in (client.info, lambda: client.denoise(small_ct, MODEL_TASK),
-                        lambda: client.fidelity(small_ct, "dose_unet")):
+        for request in (
+            client.info,
+            lambda: client.denoise(small_ct, MODEL_TASK),
+            lambda: client.fidelity(small_ct, "dose_unet"),
+        ):
             with pytest.raises(AuthenticationError) as caught:
                 request()
             error = caught.value
@@ -271,8 +290,9 @@ def test_cancel_during_upload_stops_sending_and_a_cancelled_job_reports_cancelle
         client.denoise(slow_ct, MODEL_TASK, progress=progress, cancel=cancel)
     assert uploads and uploads[-1].done < uploads[-1].total  # it stopped part-way
 
-    job = BackgroundJob(lambda progress, cancel: client.denoise(slow_ct, MODEL_TASK, progress=progress,
-                                                               cancel=cancel)).start()
+    job = BackgroundJob(
+        lambda progress, cancel: client.denoise(slow_ct, MODEL_TASK, progress=progress, cancel=cancel)
+    ).start()
     time.sleep(0.3)
     job.cancel()
     cancelled = time.monotonic()
@@ -315,7 +335,7 @@ def test_without_consent_nothing_is_sent(server, slow_ct, tmp_path):
     assert not JsonConsentStore(store.path).is_allowed(server.url)
 
 
-# ----------------------------------------------------------------------------------------- answers the real server never gives
+# ------------------------------------------------------------------------------ answers the real server never gives
 
 
 class _StandIn(http.server.BaseHTTPRequestHandler):
@@ -354,9 +374,12 @@ def stand_in():
 
 def _multipart(params: dict, image: bytes, filename: str = "denoised.nii.gz") -> tuple[str, bytes]:
     b = "XyZ123"
-    body = (f'--{b}\r\nContent-Disposition: form-data; name="params"\r\nContent-Type: application/json\r\n\r\n'
-            f"{json.dumps(params)}\r\n--{b}\r\nContent-Disposition: form-data; name=\"image\"; "
-            f'filename="{filename}"\r\nContent-Type: application/gzip\r\n\r\n').encode() + image + f"\r\n--{b}--\r\n".encode()
+    head = (
+        f'--{b}\r\nContent-Disposition: form-data; name="params"\r\nContent-Type: application/json\r\n\r\n'
+        f'{json.dumps(params)}\r\n--{b}\r\nContent-Disposition: form-data; name="image"; '
+        f'filename="{filename}"\r\nContent-Type: application/gzip\r\n\r\n'
+    )
+    body = head.encode() + image + f"\r\n--{b}--\r\n".encode()
     return f"multipart/form-data; boundary={b}", body
 
 
@@ -386,8 +409,9 @@ def test_a_result_that_is_not_a_volume_is_not_a_volume(stand_in, consent, small_
     assert caught.value.status == 502 and caught.value.message == "Bad Gateway"
 
 
-def test_the_token_goes_with_every_request_and_a_401_from_anywhere_is_an_authentication_error(stand_in, consent,
-                                                                                            small_ct):
+def test_the_token_goes_with_every_request_and_a_401_from_anywhere_is_an_authentication_error(
+    stand_in, consent, small_ct
+):
     url = f"http://127.0.0.1:{stand_in.server_address[1]}"
     consent.allow(url)
     token = "tok-" + "a1B2" * 8
@@ -426,6 +450,7 @@ def test_dose_text_and_server_addresses():
 
 def test_fidelity_check_returns_the_report_and_label_maps_on_the_input_grid(server, consent, tiny_ct, tmp_path):
     from lowdose import load_ct
+
     """Last in this file: the check segments two scans (minutes on a busy 2-core machine) and holds the
     server's single inference slot meanwhile."""
     from lowdose.fidelity import load_label_map
@@ -435,8 +460,10 @@ def test_fidelity_check_returns_the_report_and_label_maps_on_the_input_grid(serv
     try:
         result = client.fidelity(tiny_ct, "dose_unet", dose=0.25, labels=True, result_dir=tmp_path)
     except Timeout:
-        pytest.fail("the server's fidelity task gave no answer within 600 s; the server log ends:\n"
-                    + "\n".join(server.log().splitlines()[-40:]))
+        pytest.fail(
+            "the server's fidelity task gave no answer within 600 s; the server log ends:\n"
+            + "\n".join(server.log().splitlines()[-40:])
+        )
     report = result.report
     assert report["study"]["verdict"] in ("kept", "check", "changed")
     assert report["denoising"] == {**report["denoising"], "model": "dose_unet", "dose_fraction": 0.25}
@@ -452,8 +479,16 @@ def test_fidelity_check_returns_the_report_and_label_maps_on_the_input_grid(serv
     present = [s for s in report["structures"] if s["verdict"] != "absent"]
     assert len(rows) == len(present)
     for row in rows:
-        assert set(row) >= {"name", "verdict", "dice", "hu_mean_before", "hu_mean_after", "hu_sd_before",
-                            "hu_sd_after", "flagged"}
+        assert set(row) >= {
+            "name",
+            "verdict",
+            "dice",
+            "hu_mean_before",
+            "hu_mean_after",
+            "hu_sd_before",
+            "hu_sd_after",
+            "flagged",
+        }
         assert row["flagged"] == (row["verdict"] in ("check", "changed"))
     assert [r["flagged"] for r in rows] == sorted((r["flagged"] for r in rows), reverse=True)
     assert fidelity_rows(report, flagged_only=True) == [r for r in rows if r["flagged"]]

@@ -25,11 +25,21 @@ TINY = {
     "name": "tiny",
     "seed": 3,
     "device": "cpu",
-    "data": {"mode": "simulated", "doses": [0.5, 0.1], "validation_doses": [0.25], "patch_size": 48,
-             "patches_per_slice": 4, "slices_per_epoch": 8, "validation_slices": 1},
-    "network": {"name": "dose_unet", "kwargs": {"in_channels": 3, "dose_conditioning": True,
-                                                  "features": [8, 16], "blocks_per_level": [1, 1]},
-                "dose_estimator": True, "dose_estimator_kwargs": {"in_channels": 3, "features": [8, 16]}},
+    "data": {
+        "mode": "simulated",
+        "doses": [0.5, 0.1],
+        "validation_doses": [0.25],
+        "patch_size": 48,
+        "patches_per_slice": 4,
+        "slices_per_epoch": 8,
+        "validation_slices": 1,
+    },
+    "network": {
+        "name": "dose_unet",
+        "kwargs": {"in_channels": 3, "dose_conditioning": True, "features": [8, 16], "blocks_per_level": [1, 1]},
+        "dose_estimator": True,
+        "dose_estimator_kwargs": {"in_channels": 3, "features": [8, 16]},
+    },
     "optim": {"epochs": 2, "batch_size": 8, "learning_rate": 1e-3, "estimator_epochs": 1, "estimator_batch_size": 4},
 }
 
@@ -40,8 +50,10 @@ def tiny_run(tmp_path_factory):
     raw = json.loads(json.dumps(TINY))
     raw["output_dir"] = "run"
     # two series of different slice sizes (122 x 102 and 512 x 512): whole-slice batches must not mix them
-    raw["data"]["train"] = [str(shared("totalsegmentator/pulmonary_report_ct_cropped.nii.gz")),
-                            str(shared("lungmask_chest"))]
+    raw["data"]["train"] = [
+        str(shared("totalsegmentator/pulmonary_report_ct_cropped.nii.gz")),
+        str(shared("lungmask_chest")),
+    ]
     raw["data"]["validation"] = [str(shared("totalsegmentator/example_ct_sm.nii.gz"))]
     raw["data"]["simulation_pool"] = 4
     (root / "train.yaml").write_text(yaml.safe_dump(raw))
@@ -61,6 +73,100 @@ def test_training_runs_validates_and_checkpoints(tiny_run):
     assert (root / "run" / "checkpoint_last.pt").is_file() and (root / "run" / "checkpoint_best.pt").is_file()
     saved = json.loads((root / "run" / "history.json").read_text())
     assert len(saved["epochs"]) == 2
+
+
+def test_history_records_keep_their_keys_in_order(tiny_run):
+    """history.json is read by model cards, the benchmarks and the fine-tune task: its records keep their keys
+    and their order (the engine's EpochRecord writes them)."""
+    root, _, history = tiny_run
+    assert list(history["epochs"][0]) == [
+        "epoch",
+        "loss",
+        "dose_loss",
+        "simulate_seconds",
+        "epoch_seconds",
+        "val_psnr_abdomen",
+        "val_ssim_abdomen",
+        "val_input_psnr_abdomen",
+        "val_psnr_abdomen_auto",
+        "val_dose_median_rel_error",
+        "cpu_minutes",
+        "wall_minutes",
+    ]
+    assert list(history["estimator_stage"]["epochs"][0]) == [
+        "epoch",
+        "dose_loss",
+        "val_psnr_abdomen_auto",
+        "val_dose_median_rel_error",
+    ]
+    assert list(history["estimator_stage"]) == ["epochs", "slices_per_epoch", "cpu_minutes", "wall_minutes"]
+    assert list(history)[:4] == ["epochs", "config", "commands", "threads"]
+
+
+def test_training_engine_runs_any_objective_with_its_hooks():
+    """The engine knows nothing of CT: a least-squares objective with a hook shows the contract every
+    objective (denoising, dose estimator, anatomy encoder, later diffusion) and hook relies on."""
+    import logging
+    import math
+
+    import torch
+
+    from lowdose.training.engine import EpochRecord, Hook, LogEpochs, Objective, StepLoss, Trainer, warmup_cosine
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 3)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
+
+    class LeastSquares(Objective):
+        def __init__(self):
+            self.weights = torch.nn.Linear(3, 1)
+            self.steps_per_epoch = 4
+
+        def train_mode(self):
+            self.weights.train()
+
+        def batches(self, epoch):
+            return ((x[i::4], y[i::4]) for i in range(4))
+
+        def loss(self, batch):
+            error = torch.nn.functional.mse_loss(self.weights(batch[0]), batch[1])
+            return StepLoss(error, {"loss": error}, {"prediction": self.weights(batch[0])})
+
+        def validate(self):
+            with torch.no_grad():
+                return {"val_mse": float(torch.nn.functional.mse_loss(self.weights(x), y))}
+
+    class Counter(Hook):
+        steps, epochs = 0, []
+
+        def after_step(self, step):
+            assert "prediction" in step.outputs  # what the step computed, for hooks such as a discriminator
+            Counter.steps += 1
+            return {"steps_loss": float(Counter.steps)}
+
+        def after_epoch(self, record):
+            Counter.epochs.append(record)
+
+    objective = LeastSquares()
+    optimiser = torch.optim.SGD(objective.weights.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_cosine(12, 2))
+    assert [scheduler.get_last_lr()[0], warmup_cosine(12, 2)(1), warmup_cosine(12)(12)] == [0.05, 1.0, 0.0]
+    records: list = []
+    trainer = Trainer(
+        objective,
+        optimiser,
+        scheduler,
+        parameters=list(objective.weights.parameters()),
+        clip_grad_norm=1.0,
+        hooks=[Counter(), LogEpochs(records, logging.getLogger("lowdose.train"))],
+        progress=False,
+    )
+    result = trainer.fit(0, 3)
+    assert Counter.steps == 12 and [r.epoch for r in Counter.epochs] == [1, 2, 3]
+    assert all(isinstance(r, EpochRecord) for r in result) and records == [r.as_dict() for r in result]
+    assert list(records[0]) == ["epoch", "loss", "steps_loss", "val_mse", "cpu_minutes", "wall_minutes"]
+    assert records[0]["steps_loss"] == 2.5  # the mean of the epoch's per-step figures (1, 2, 3, 4)
+    assert records[-1]["val_mse"] < records[0]["val_mse"] and math.isfinite(records[-1]["loss"])
 
 
 def test_dose_estimator_stage_trains_on_whole_slices_and_is_what_ships(tiny_run):
@@ -128,17 +234,16 @@ def test_inference_keeps_hu_geometry_and_padding_and_is_deterministic(tiny_run, 
     low = simulate_low_dose(normal, 0.25, seed=1)
     low.hu[:, :5, :5] = -3024.0  # padding outside the field of view
     denoiser = Denoiser(root / "bundle", device="cpu", batch_size=3)
-    first = denoiser(low, dose="auto")
-    second = denoiser(low, dose="auto")
+    result = denoiser(low, dose="auto")
+    first, second = result.volume, denoiser(low, dose="auto").volume
     np.testing.assert_array_equal(first.hu, second.hu)
     assert first.hu.dtype == np.float32 and first.shape == low.shape
     assert first.spacing_mm == low.spacing_mm and first.origin_mm == low.origin_mm
     np.testing.assert_array_equal(first.direction, low.direction)
     assert np.all(first.hu[:, :5, :5] == -3024.0)
-    assert 0 < first.metadata["lowdose_dose_fraction"] <= 1
-    assert first.metadata["lowdose_dose_source"] == "estimated"
+    assert 0 < result.dose_fraction <= 1 and result.dose_source == "estimated"
     given = denoiser(low, dose=0.1)
-    assert given.metadata["lowdose_dose_fraction"] == 0.1 and given.metadata["lowdose_dose_source"] == "given"
+    assert given.dose_fraction == 0.1 and given.dose_source == "given"
     # HU stay HU: the mean in soft tissue stays within a few HU of the input's
     tissue = (normal.hu > 0) & (normal.hu < 100)
     assert abs(float(first.hu[tissue].mean() - low.hu[tissue].mean())) < 60
@@ -201,8 +306,19 @@ def test_simulation_pool_shares_doses_and_is_simulated_once(tmp_path):
     from lowdose.training.data import PairSampler, load_sources
 
     source = load_sources([str(shared("totalsegmentator/pulmonary_report_ct_cropped.nii.gz"))], "simulated")
-    sampler = PairSampler(source, [0.5, 0.25, 0.1], 3, DEFAULT_NORMALISATION, 48, 2, 16, 0.2, seed=1,
-                          cache_dir=str(tmp_path / "cache"), pool_size=3)
+    sampler = PairSampler(
+        source,
+        [0.5, 0.25, 0.1],
+        3,
+        DEFAULT_NORMALISATION,
+        48,
+        2,
+        16,
+        0.2,
+        seed=1,
+        cache_dir=str(tmp_path / "cache"),
+        pool_size=3,
+    )
     assert sorted(dose for _, dose, _ in sampler.pool) == [0.1, 0.25, 0.5]
     first = sampler.epoch(0)
     cached = sorted((tmp_path / "cache").iterdir())
@@ -226,8 +342,11 @@ def test_lowdose_checkpoints_hold_only_what_weights_only_loading_reads(tiny_run,
     from lowdose.bundle import _atomic_torch_save, load_checkpoint
 
     root, config, history = tiny_run
-    for path in (root / "run" / "checkpoint_last.pt", root / "run" / "checkpoint_best.pt",
-                 root / "bundle" / "models" / "model.pt"):
+    for path in (
+        root / "run" / "checkpoint_last.pt",
+        root / "run" / "checkpoint_best.pt",
+        root / "bundle" / "models" / "model.pt",
+    ):
         state = torch.load(path, map_location="cpu", weights_only=True)
         assert "network" in state and all(isinstance(v, torch.Tensor) for v in state["network"].values()), path
     last = load_checkpoint(root / "run" / "checkpoint_last.pt")
@@ -237,9 +356,17 @@ def test_lowdose_checkpoints_hold_only_what_weights_only_loading_reads(tiny_run,
     class Record:
         psnr: float
 
-    _atomic_torch_save({"psnr": np.float64(31.5), "epoch": np.int64(3), "folder": Path("/data/ct"),
-                        "figures": np.array([1.0, 2.0]), "record": Record(np.float32(2.5)), "doses": {0.25}},
-                       tmp_path / "c.pt")
+    _atomic_torch_save(
+        {
+            "psnr": np.float64(31.5),
+            "epoch": np.int64(3),
+            "folder": Path("/data/ct"),
+            "figures": np.array([1.0, 2.0]),
+            "record": Record(np.float32(2.5)),
+            "doses": {0.25},
+        },
+        tmp_path / "c.pt",
+    )
     state = torch.load(tmp_path / "c.pt", weights_only=True)
     assert state["psnr"] == 31.5 and type(state["psnr"]) is float and type(state["epoch"]) is int
     assert state["folder"] == "/data/ct" and state["record"] == {"psnr": 2.5} and state["doses"] == [0.25]
@@ -270,11 +397,16 @@ def test_a_checkpoint_that_runs_code_is_refused_by_resume_export_and_load(tiny_r
     assert unsafe_load_runs_the_payload(crafted, marker)  # the control: the old loader would have run it
 
     lowdose = Path(sys.executable).parent / "lowdose"
-    result = subprocess.run([str(lowdose), "train", str(tmp_path / "train.yaml"), "--resume", "--quiet"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [str(lowdose), "train", str(tmp_path / "train.yaml"), "--resume", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1, result.stderr
     [line] = [line for line in result.stderr.splitlines() if "error" in line]
-    assert line.startswith(f"lowdose train: error: {crafted}: refused: the checkpoint holds ") and "Traceback" not in result.stderr
+    assert line.startswith(f"lowdose train: error: {crafted}: refused: the checkpoint holds ")
+    assert "Traceback" not in result.stderr
     assert not marker.exists()
 
     with pytest.raises(LowdoseError, match=f"{crafted}: refused"):

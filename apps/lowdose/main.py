@@ -11,16 +11,15 @@ import os
 import sys
 import tempfile
 import threading
-
 from pathlib import Path
 
-import lowdose
 from lib.datastore import PacsDatastore, has_image, local_datastore
 from lib.infers import DenoiseTask, FidelityTask, discover_models
 from lib.options import AppOptions
 from lib.trainers import FineTuneTask
 from monailabel.interfaces.app import MONAILabelApp
 
+import lowdose
 from lowdose.errors import LowdoseError
 
 log = logging.getLogger("lowdose.app")
@@ -36,17 +35,25 @@ class LowdoseApp(MONAILabelApp):
         # imports MONAI and torch) and nnU-Net starts a pool of 12 per segmentation: when the fork server
         # has imported both, the children start at once (seen: minutes -> seconds).
         main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        multiprocessing.set_forkserver_preload([main_spec.name if main_spec else "__main__",
-                                                "nnunetv2.utilities.utils"])
+        multiprocessing.set_forkserver_preload(
+            [main_spec.name if main_spec else "__main__", "nnunetv2.utilities.utils"]
+        )
         self.options = AppOptions.from_conf(conf)
         self._models_lock = threading.Lock()
         log.info("lowdose app: models from %s, device %s", self.options.models_dir, self.options.device)
-        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="lowdose",
-                         description="Low-dose CT denoising that checks, structure by structure, that the anatomy "
-                                     "was kept", version=lowdose.__version__)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="lowdose",
+            description="Low-dose CT denoising that checks, structure by structure, that the anatomy " "was kept",
+            version=lowdose.__version__,
+        )
         if os.environ.get("LOWDOSE_SERVER_GUARD") != "1":
-            log.warning("started without lowdose's guard: inference blocks the server and uploads have no size "
-                        "limit; start it with `lowdose serve` (or --uvicorn_app lowdose.server:app)")
+            log.warning(
+                "started without lowdose's guard: inference blocks the server and uploads have no size "
+                "limit; start it with `lowdose serve` (or --uvicorn_app lowdose.server:app)"
+            )
 
     # -- datastore: a local folder, or a PACS (never MONAI Label's dcmqi download, which needs the internet)
 
@@ -69,8 +76,10 @@ class LowdoseApp(MONAILabelApp):
     # -- tasks
 
     def _denoise_tasks(self) -> dict:
-        return {f"denoise_{name}": DenoiseTask(name, bundle, self.options, datastore=self._datastore)
-                for name, bundle in discover_models(self.options).items()}
+        return {
+            f"denoise_{name}": DenoiseTask(name, bundle, self.options, datastore=self._datastore)
+            for name, bundle in discover_models(self.options).items()
+        }
 
     def init_infers(self):
         infers = self._denoise_tasks()
@@ -117,9 +126,12 @@ class LowdoseApp(MONAILabelApp):
     def info(self):
         self.lowdose_models()
         meta = super().info()
-        meta["lowdose"] = {"version": lowdose.__version__, "device": self.options.device,
-                           "pacs": isinstance(self._datastore, PacsDatastore),
-                           "max_upload_mb": self.options.max_upload_mb,
-                           "infer_concurrency": self.options.infer_concurrency,
-                           "infer_queue": self.options.infer_queue}
+        meta["lowdose"] = {
+            "version": lowdose.__version__,
+            "device": self.options.device,
+            "pacs": isinstance(self._datastore, PacsDatastore),
+            "max_upload_mb": self.options.max_upload_mb,
+            "infer_concurrency": self.options.infer_concurrency,
+            "infer_queue": self.options.infer_queue,
+        }
         return meta

@@ -1,5 +1,5 @@
 """Anatomy awareness: the anatomy groups, the pluggable anatomy encoders that training losses and
-BioAtt attention read, and the training of lowdose's own small anatomy encoder."""
+BioAtt attention read (the encoder is trained by lowdose.training.anatomy_encoder)."""
 
 from .encoders import AnatomyEncoder, load_anatomy_encoder
 from .groups import ANATOMY_GROUPS, group_of, to_groups

@@ -16,44 +16,18 @@ Their weights are frozen; gradients still flow to the input, which is what a los
 
 from __future__ import annotations
 
-import abc
-import json
 from pathlib import Path
 
 import torch
 
+from ..bundle import Bundle, hu_to_input, load_checkpoint
 from ..errors import LowdoseError
+from ..networks import build_network
+from .base import AnatomyEncoder
+from .external import TimmEncoder, TotalSegmentatorEncoder
 from .groups import ANATOMY_GROUPS
 
-
-class AnatomyEncoder(abc.ABC, torch.nn.Module):
-    """A frozen anatomy encoder: ``features(hu)`` for [B, 1, H, W] HU slices -> feature maps, fine to coarse."""
-
-    name = "anatomy encoder"
-
-    def __init__(self):
-        torch.nn.Module.__init__(self)
-
-    @abc.abstractmethod
-    def features(self, hu: torch.Tensor) -> list[torch.Tensor]:
-        """Hierarchical features of HU slices ``[B, 1, H, W]``, fine to coarse."""
-
-    def organ_presence(self, hu: torch.Tensor) -> torch.Tensor:
-        """Per-slice probabilities ``[B, 11]`` that each anatomy group is in the slice (BioAtt's prior)."""
-        raise LowdoseError(f"the {self.name} gives no organ-presence probabilities; BioAtt needs lowdose's "
-                           "anatomy encoder (anatomy.encoder: anatomy_encoder)")
-
-    def describe(self) -> dict:
-        return {"name": self.name}
-
-    def freeze(self) -> "AnatomyEncoder":
-        self.eval()
-        for parameter in self.parameters():
-            parameter.requires_grad_(False)
-        return self
-
-    def train(self, mode: bool = True):  # frozen: always in eval mode (normalisation statistics fixed)
-        return super().train(False)
+__all__ = ["AnatomyEncoder", "LowdoseAnatomyEncoder", "TimmEncoder", "TotalSegmentatorEncoder", "load_anatomy_encoder"]
 
 
 class LowdoseAnatomyEncoder(AnatomyEncoder):
@@ -61,32 +35,30 @@ class LowdoseAnatomyEncoder(AnatomyEncoder):
 
     def __init__(self, bundle: str | Path = "anatomy_encoder"):
         super().__init__()
-        from ..bundle import find_bundle, load_checkpoint
-        from ..networks import build_network
-
-        folder = find_bundle(bundle)
-        meta = json.loads((folder / "configs" / "metadata.json").read_text())
-        if meta.get("lowdose_kind") != "anatomy_encoder":
-            raise LowdoseError(f"{folder}: not an anatomy encoder bundle (it is a {meta.get('lowdose_kind', 'denoiser')})")
-        self.network = build_network(meta["network"]["name"], **meta["network"]["kwargs"])
-        state = load_checkpoint(folder / "models" / "model.pt")
+        found = Bundle.find(bundle)
+        folder = found.folder
+        if found.metadata.get("lowdose_kind") != "anatomy_encoder":
+            raise LowdoseError(
+                f"{folder}: not an anatomy encoder bundle (it is a "
+                f"{found.metadata.get('lowdose_kind', 'denoiser')})"
+            )
+        self.network = build_network(found.network_name, **found.network_kwargs)
+        state = load_checkpoint(found.weights)
         try:
             self.network.load_state_dict(state["network"])
         except (OSError, RuntimeError, KeyError) as exc:
             raise LowdoseError(f"{folder}: damaged anatomy encoder bundle ({str(exc).splitlines()[0]})") from None
-        self.normalisation = meta["normalisation"]
-        self.groups = {int(k): v for k, v in meta.get("groups", ANATOMY_GROUPS).items()}
-        self.folder, self.metadata = folder, meta
+        self.normalisation = found.metadata["normalisation"]
+        self.groups = found.groups or dict(ANATOMY_GROUPS)
+        self.folder, self.metadata, self.bundle = folder, found.metadata, found
         self.name = f"lowdose anatomy encoder ({folder.name})"
         self.freeze()
 
     @property
     def kwargs(self) -> dict:
-        return dict(self.metadata["network"]["kwargs"])
+        return self.bundle.network_kwargs
 
     def _input(self, hu: torch.Tensor) -> torch.Tensor:
-        from ..bundle import hu_to_input
-
         return hu_to_input(hu, self.normalisation)
 
     def features(self, hu: torch.Tensor) -> list[torch.Tensor]:
@@ -101,8 +73,12 @@ class LowdoseAnatomyEncoder(AnatomyEncoder):
         return logits.argmax(dim=1)
 
     def describe(self) -> dict:
-        return {"name": self.name, "bundle": str(self.folder), "groups": len(self.groups),
-                "validation": self.metadata.get("validation", {})}
+        return {
+            "name": self.name,
+            "bundle": str(self.folder),
+            "groups": len(self.groups),
+            "validation": self.metadata.get("validation", {}),
+        }
 
 
 def load_anatomy_encoder(spec: str = "anatomy_encoder", device: str | torch.device = "cpu") -> AnatomyEncoder:
@@ -110,19 +86,19 @@ def load_anatomy_encoder(spec: str = "anatomy_encoder", device: str | torch.devi
     or ``timm:<model name>:<checkpoint file>``; frozen, on ``device``."""
     spec = str(spec)
     if spec == "totalsegmentator" or spec.startswith("totalsegmentator:"):
-        from .external import TotalSegmentatorEncoder
-
         mode = spec.partition(":")[2] or "fast"
         if mode not in ("fast", "full"):
-            raise LowdoseError(f"anatomy encoder {spec!r}: use totalsegmentator, totalsegmentator:fast or totalsegmentator:full")
+            raise LowdoseError(
+                f"anatomy encoder {spec!r}: use totalsegmentator, totalsegmentator:fast or totalsegmentator:full"
+            )
         encoder = TotalSegmentatorEncoder(fast=mode == "fast")
     elif spec.startswith("timm:"):
-        from .external import TimmEncoder
-
         _, model_name, checkpoint = (spec.split(":", 2) + ["", ""])[:3]
         if not model_name or not checkpoint:
-            raise LowdoseError(f"anatomy encoder {spec!r}: write timm:<model name>:<checkpoint file>, "
-                               "e.g. timm:resnet18:/data/weights/resnet18.pth")
+            raise LowdoseError(
+                f"anatomy encoder {spec!r}: write timm:<model name>:<checkpoint file>, "
+                "e.g. timm:resnet18:/data/weights/resnet18.pth"
+            )
         encoder = TimmEncoder(model_name, checkpoint)
     else:
         encoder = LowdoseAnatomyEncoder(spec)

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from ..bundle import load_checkpoint, nnunet_checkpoint_globals
 from ..errors import LowdoseError
-from ..fidelity.segmenter import TotalSegmentatorWeightsError, required_model_folders, totalsegmentator_weights_dir
-from .encoders import AnatomyEncoder
+from ..totalseg import check_model_folder, required_model_folders, totalsegmentator_weights_dir
+from .base import AnatomyEncoder
 
 
 def _check_hu(hu: torch.Tensor, name: str) -> None:
@@ -67,27 +67,12 @@ class TotalSegmentatorEncoder(AnatomyEncoder):
         self._build()
 
     def _check_weights(self, relative: str) -> Path:
-        folder = self.weights_dir / relative
-        checkpoint = folder / "fold_0" / "checkpoint_final.pth"
-        if all(p.is_file() for p in (checkpoint, folder / "plans.json", folder / "dataset.json")):
-            return folder
-        # Same wording as the fidelity check's TotalSegmentatorSegmenter.check_weights.
-        dataset = relative.split("/")[0]
-        weights = self.weights_dir
-        state = "is incomplete" if (weights / dataset).exists() else "is missing"
-        mode = "fast (3 mm)" if self.fast else "full (1.5 mm)"
-        task = "total_fast" if self.fast else "total"
-        raise TotalSegmentatorWeightsError(
-            f"{weights / dataset}: TotalSegmentator weights for task 'total' {mode} {state} "
-            f"(needs {relative}/fold_0/checkpoint_final.pth; weights folder from {self.weights_from}). lowdose "
-            f"never downloads them: on a machine with internet run `pip install TotalSegmentator` and "
-            f"`totalseg_download_weights -t {task}` (or TotalSegmentator{' --fast' if self.fast else ''} once "
-            f"on any CT), then copy the folder {dataset} from its ~/.totalsegmentator/nnunet/results into "
-            f"{weights} here, or set TOTALSEG_WEIGHTS_PATH to the folder that holds it")
+        return check_model_folder(self.weights_dir, relative, self.fast, self.weights_from)
 
     def _build(self) -> None:
         # Only nnU-Net's model-building code runs here, not TotalSegmentator's: nothing can send usage
         # statistics, so TotalSegmentator's config.json is left alone.
+        # nnU-Net only for this encoder (seconds to import with its dependencies)
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -106,47 +91,64 @@ class TotalSegmentatorEncoder(AnatomyEncoder):
             intensity = plans_manager.foreground_intensity_properties_per_channel["0"]
             scheme = configuration.normalization_schemes[0]
             transpose = [int(a) for a in plans_manager.transpose_forward]
-            network = get_network_from_plans(configuration.network_arch_class_name,
-                                             configuration.network_arch_init_kwargs,
-                                             configuration.network_arch_init_kwargs_req_import,
-                                             input_channels, outputs, allow_init=False, deep_supervision=False)
+            network = get_network_from_plans(
+                configuration.network_arch_class_name,
+                configuration.network_arch_init_kwargs,
+                configuration.network_arch_init_kwargs_req_import,
+                input_channels,
+                outputs,
+                allow_init=False,
+                deep_supervision=False,
+            )
         except (KeyError, TypeError, ValueError, IndexError, ImportError, RuntimeError, AssertionError) as exc:
-            raise LowdoseError(f"{folder}: nnU-Net cannot build TotalSegmentator's network from its plans.json and "
-                               f"dataset.json ({type(exc).__name__}: {exc}); download the weights again "
-                               f"(totalseg_download_weights) and copy the whole folder") from None
+            raise LowdoseError(
+                f"{folder}: nnU-Net cannot build TotalSegmentator's network from its plans.json and "
+                f"dataset.json ({type(exc).__name__}: {exc}); download the weights again "
+                f"(totalseg_download_weights) and copy the whole folder"
+            ) from None
         if input_channels != 1 or scheme != "CTNormalization" or sorted(transpose) != [0, 1, 2]:
-            raise LowdoseError(f"{folder}: not a single-channel 3-D CT model (inputs {input_channels}, normalisation "
-                               f"{scheme}, axes {transpose}); use TotalSegmentator's task 'total' weights")
+            raise LowdoseError(
+                f"{folder}: not a single-channel 3-D CT model (inputs {input_channels}, normalisation "
+                f"{scheme}, axes {transpose}); use TotalSegmentator's task 'total' weights"
+            )
 
         checkpoint_path = folder / "fold_0" / "checkpoint_final.pth"
         checkpoint = load_checkpoint(checkpoint_path, safe_globals=nnunet_checkpoint_globals())
         try:
             network.load_state_dict(checkpoint["network_weights"])
         except (OSError, RuntimeError, KeyError, TypeError, EOFError, ValueError) as exc:
-            raise LowdoseError(f"{checkpoint_path}: its weights do not load into the network its plans.json "
-                               f"describes ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                               "download the weights again (totalseg_download_weights) and copy the whole "
-                               "folder") from None
+            raise LowdoseError(
+                f"{checkpoint_path}: its weights do not load into the network its plans.json "
+                f"describes ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                "download the weights again (totalseg_download_weights) and copy the whole "
+                "folder"
+            ) from None
 
         encoder = network.encoder
         strides = [list(s) for s in encoder.strides]
         if any(len(s) != 3 for s in strides):
-            raise LowdoseError(f"{folder}: the network is not 3-D (strides {strides}); use TotalSegmentator's "
-                               "task 'total' weights")
+            raise LowdoseError(
+                f"{folder}: the network is not 3-D (strides {strides}); use TotalSegmentator's " "task 'total' weights"
+            )
         encoder.return_skips = True  # every stage's output, not only the bottleneck
         self.encoder = encoder  # the decoder is dropped with ``network``
         self.network_class = configuration.network_arch_class_name.rsplit(".", 1)[-1]
         self.spacing_mm = [float(s) for s in configuration.spacing]
-        self.normalisation = {"lower_hu": float(intensity["percentile_00_5"]),
-                              "upper_hu": float(intensity["percentile_99_5"]),
-                              "mean_hu": float(intensity["mean"]), "std_hu": float(intensity["std"])}
+        self.normalisation = {
+            "lower_hu": float(intensity["percentile_00_5"]),
+            "upper_hu": float(intensity["percentile_99_5"]),
+            "mean_hu": float(intensity["mean"]),
+            "std_hu": float(intensity["std"]),
+        }
         # Array axes as nnU-Net reads TotalSegmentator's canonical NIfTI: (S, A, R), whatever the reader
         # (nnU-Net's NIfTI readers transpose to SimpleITK's order); network axis n is array axis transpose[n].
         self._to_network = [2 + transpose[n] for n in range(3)]
         self._from_network = [2 + transpose.index(a) for a in range(3)]
         # Total stride along the slice's rows (A axis) and columns (R axis).
-        self.stride = (math.prod(s[transpose.index(1)] for s in strides),
-                       math.prod(s[transpose.index(2)] for s in strides))
+        self.stride = (
+            math.prod(s[transpose.index(1)] for s in strides),
+            math.prod(s[transpose.index(2)] for s in strides),
+        )
         self.channels = [int(c) for c in encoder.output_channels]
 
     def _normalise(self, hu: torch.Tensor) -> torch.Tensor:
@@ -178,11 +180,19 @@ class TotalSegmentatorEncoder(AnatomyEncoder):
         return maps
 
     def describe(self) -> dict:
-        return {"name": self.name, "mode": "fast" if self.fast else "full", "model_folder": str(self.model_folder),
-                "weights_dir": str(self.weights_dir), "weights_dir_from": self.weights_from,
-                "network": self.network_class, "model_spacing_mm": self.spacing_mm, "channels": self.channels,
-                "in_plane_stride": list(self.stride), "normalisation": dict(self.normalisation),
-                "resampling": "none (features at the slice's own resolution)"}
+        return {
+            "name": self.name,
+            "mode": "fast" if self.fast else "full",
+            "model_folder": str(self.model_folder),
+            "weights_dir": str(self.weights_dir),
+            "weights_dir_from": self.weights_from,
+            "network": self.network_class,
+            "model_spacing_mm": self.spacing_mm,
+            "channels": self.channels,
+            "in_plane_stride": list(self.stride),
+            "normalisation": dict(self.normalisation),
+            "resampling": "none (features at the slice's own resolution)",
+        }
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -193,8 +203,9 @@ def _read_json(path: Path) -> dict:
     try:
         content = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise LowdoseError(f"{path}: unreadable ({exc}); download TotalSegmentator's weights again and copy the "
-                           "whole folder") from None
+        raise LowdoseError(
+            f"{path}: unreadable ({exc}); download TotalSegmentator's weights again and copy the " "whole folder"
+        ) from None
     if not isinstance(content, dict):
         raise LowdoseError(f"{path}: not a JSON object; download TotalSegmentator's weights again")
     return content
@@ -223,19 +234,23 @@ class TimmEncoder(AnatomyEncoder):
 
     def __init__(self, model_name: str, checkpoint: str | Path, in_chans: int = 1):
         super().__init__()
-        import timm
+        import timm  # optional backbones: imported only for a timm: encoder (1-2 s)
 
         self.model_name = str(model_name)
         self.checkpoint = Path(checkpoint).expanduser()
         if not timm.is_model(self.model_name):
             close = timm.list_models(f"*{self.model_name[:4]}*")[:8]
-            raise LowdoseError(f"unknown timm model {self.model_name!r}; names are timm's, as "
-                               f"timm.list_models('*resnet*') lists them (e.g. resnet18, resnet50, convnext_tiny, "
-                               f"efficientnet_b0){'; similar: ' + ', '.join(close) if close else ''}")
+            raise LowdoseError(
+                f"unknown timm model {self.model_name!r}; names are timm's, as "
+                f"timm.list_models('*resnet*') lists them (e.g. resnet18, resnet50, convnext_tiny, "
+                f"efficientnet_b0){'; similar: ' + ', '.join(close) if close else ''}"
+            )
         if not self.checkpoint.is_file():
-            raise LowdoseError(f"{self.checkpoint}: timm checkpoint file not found (anatomy encoder "
-                               f"timm:{self.model_name}:<checkpoint file>); give the path of a saved state dict "
-                               "(.pth/.pt/.bin or .safetensors)")
+            raise LowdoseError(
+                f"{self.checkpoint}: timm checkpoint file not found (anatomy encoder "
+                f"timm:{self.model_name}:<checkpoint file>); give the path of a saved state dict "
+                "(.pth/.pt/.bin or .safetensors)"
+            )
         state = _read_state_dict(self.checkpoint)
         model = self._create(features_only=True, in_chans=in_chans)
         target = model.state_dict()
@@ -258,7 +273,7 @@ class TimmEncoder(AnatomyEncoder):
         self.name = f"timm {self.model_name} ({self.checkpoint.name})"
 
     def _create(self, meta: bool = False, **kwargs):
-        import timm
+        import timm  # optional backbones: imported only for a timm: encoder (1-2 s)
 
         try:
             if meta:  # key names only: no memory, no initialisation
@@ -268,27 +283,38 @@ class TimmEncoder(AnatomyEncoder):
         except Exception as exc:  # timm raises many kinds for models that cannot be built this way
             if meta:
                 return self._create(**kwargs)
-            raise LowdoseError(f"timm cannot build {self.model_name!r} with {kwargs} ({type(exc).__name__}: {exc}); "
-                               "choose a backbone that supports features_only") from None
+            raise LowdoseError(
+                f"timm cannot build {self.model_name!r} with {kwargs} ({type(exc).__name__}: {exc}); "
+                "choose a backbone that supports features_only"
+            ) from None
 
     def _load(self, model: torch.nn.Module, keys: dict[str, str], state: dict[str, torch.Tensor]) -> None:
         """Copy the checkpoint into ``model`` after checking it is a checkpoint of this architecture."""
         target = model.state_dict()
         where = f"{self.checkpoint}: not a checkpoint of timm's {self.model_name}"
         if not keys:
-            raise LowdoseError(f"{where}: none of its {len(state)} weights (e.g. {', '.join(list(state)[:3])}) is one "
-                               f"of the backbone's (e.g. {', '.join(list(target)[:3])}); check the model name and "
-                               "the file")
+            raise LowdoseError(
+                f"{where}: none of its {len(state)} weights (e.g. {', '.join(list(state)[:3])}) is one "
+                f"of the backbone's (e.g. {', '.join(list(target)[:3])}); check the model name and "
+                "the file"
+            )
         # BatchNorm's batch counter is unused in eval mode and some exporters drop it.
         missing = [k for k in target if k not in keys and not k.endswith("num_batches_tracked")]
         if missing:
-            raise LowdoseError(f"{where}: {len(missing)} of the backbone's weights are missing (e.g. "
-                               f"{', '.join(missing[:3])}); it is another architecture or an incomplete file")
-        wrong = [f"{k} {tuple(state[keys[k]].shape)} instead of {tuple(target[k].shape)}" for k in keys
-                 if state[keys[k]].shape != target[k].shape]
+            raise LowdoseError(
+                f"{where}: {len(missing)} of the backbone's weights are missing (e.g. "
+                f"{', '.join(missing[:3])}); it is another architecture or an incomplete file"
+            )
+        wrong = [
+            f"{k} {tuple(state[keys[k]].shape)} instead of {tuple(target[k].shape)}"
+            for k in keys
+            if state[keys[k]].shape != target[k].shape
+        ]
         if wrong:
-            raise LowdoseError(f"{where}: {len(wrong)} weights have other shapes ({'; '.join(wrong[:3])}); it is "
-                               "another variant of the architecture")
+            raise LowdoseError(
+                f"{where}: {len(wrong)} weights have other shapes ({'; '.join(wrong[:3])}); it is "
+                "another variant of the architecture"
+            )
         # Weights the features_only model does not use are fine if the full architecture has them
         # (classifier, final norm, pruned blocks); others mean a bigger or different network (resnet34 for
         # resnet18 has all of resnet18's keys plus more).
@@ -296,8 +322,10 @@ class TimmEncoder(AnatomyEncoder):
         architecture = set(self._create(meta=True, in_chans=self.in_chans).state_dict())
         extra = [k for k in state if k not in used and k not in architecture]
         if extra:
-            raise LowdoseError(f"{where}: {len(extra)} of its weights are not in that architecture (e.g. "
-                               f"{', '.join(extra[:3])}); it is another (bigger or different) model")
+            raise LowdoseError(
+                f"{where}: {len(extra)} of its weights are not in that architecture (e.g. "
+                f"{', '.join(extra[:3])}); it is another (bigger or different) model"
+            )
         model.load_state_dict({k: state[keys[k]] for k in keys}, strict=False)
 
     def _normalise(self, hu: torch.Tensor) -> torch.Tensor:
@@ -314,25 +342,37 @@ class TimmEncoder(AnatomyEncoder):
             if stage.dim() == 4 and stage.shape[1] != channels and stage.shape[-1] == channels:
                 stage = stage.permute(0, 3, 1, 2)
             if stage.dim() != 4:
-                raise LowdoseError(f"the {self.name} gives {stage.dim()}-D features; choose a backbone whose "
-                                   "features_only outputs are feature maps")
+                raise LowdoseError(
+                    f"the {self.name} gives {stage.dim()}-D features; choose a backbone whose "
+                    "features_only outputs are feature maps"
+                )
             maps.append(stage)
         return maps
 
     def describe(self) -> dict:
-        return {"name": self.name, "model": self.model_name, "checkpoint": str(self.checkpoint),
-                "in_chans": self.in_chans, "window_hu": list(self.WINDOW_HU), "mean": self.mean, "std": self.std,
-                "channels": self.channels, "reductions": self.reductions}
+        return {
+            "name": self.name,
+            "model": self.model_name,
+            "checkpoint": str(self.checkpoint),
+            "in_chans": self.in_chans,
+            "window_hu": list(self.WINDOW_HU),
+            "mean": self.mean,
+            "std": self.std,
+            "channels": self.channels,
+            "reductions": self.reductions,
+        }
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, unwrapped and with DDP / torch.compile prefixes removed."""
     if path.name.endswith(".safetensors"):
         try:
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # optional: only .safetensors checkpoints need it
         except ImportError:
-            raise LowdoseError(f"{path}: reading .safetensors files needs the safetensors package (pip install "
-                               "safetensors), or save the weights with torch.save") from None
+            raise LowdoseError(
+                f"{path}: reading .safetensors files needs the safetensors package (pip install "
+                "safetensors), or save the weights with torch.save"
+            ) from None
         try:
             checkpoint = load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own error types for damaged files
@@ -344,21 +384,25 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch.load's errors vary with the file (pickle, zip, EOF, ...)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise LowdoseError(f"{path}: not a readable PyTorch weights file ({first}); save the model's weights "
-                               "with torch.save(model.state_dict(), path)") from None
+            raise LowdoseError(
+                f"{path}: not a readable PyTorch weights file ({first}); save the model's weights "
+                "with torch.save(model.state_dict(), path)"
+            ) from None
     if isinstance(checkpoint, dict):
         for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
             if isinstance(checkpoint.get(key), dict):
                 checkpoint = checkpoint[key]
                 break
     if not isinstance(checkpoint, dict) or not any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise LowdoseError(f"{path}: holds no state dict (a dict of weight tensors); save the model's weights with "
-                           "torch.save(model.state_dict(), path)")
+        raise LowdoseError(
+            f"{path}: holds no state dict (a dict of weight tensors); save the model's weights with "
+            "torch.save(model.state_dict(), path)"
+        )
     state = {}
     for key, value in checkpoint.items():
         if isinstance(value, torch.Tensor):
             for prefix in ("module.", "_orig_mod."):
-                key = key[len(prefix):] if key.startswith(prefix) else key
+                key = key[len(prefix) :] if key.startswith(prefix) else key
             state[str(key)] = value
     return state
 

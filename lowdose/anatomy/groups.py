@@ -42,12 +42,23 @@ def group_of(structure: str) -> int:
         return 6
     if s.startswith("lung"):
         return 7
-    if s in ("heart", "aorta", "pulmonary_vein", "brachiocephalic_trunk", "atrial_appendage_left",
-             "superior_vena_cava", "inferior_vena_cava", "portal_vein_and_splenic_vein") or \
-            s.startswith(("subclavian_artery", "common_carotid", "brachiocephalic_vein", "iliac_")):
+    if s in (
+        "heart",
+        "aorta",
+        "pulmonary_vein",
+        "brachiocephalic_trunk",
+        "atrial_appendage_left",
+        "superior_vena_cava",
+        "inferior_vena_cava",
+        "portal_vein_and_splenic_vein",
+    ) or s.startswith(("subclavian_artery", "common_carotid", "brachiocephalic_vein", "iliac_")):
         return 8
-    if s.startswith(("vertebrae", "rib_", "humerus", "scapula", "clavicula", "femur", "hip_")) or \
-            s in ("sacrum", "skull", "sternum", "costal_cartilages"):
+    if s.startswith(("vertebrae", "rib_", "humerus", "scapula", "clavicula", "femur", "hip_")) or s in (
+        "sacrum",
+        "skull",
+        "sternum",
+        "costal_cartilages",
+    ):
         return 9
     if s.startswith(("gluteus", "autochthon", "iliopsoas")):
         return 10

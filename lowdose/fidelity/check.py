@@ -13,7 +13,6 @@ close/further), ``timings_s`` and ``files``. Undefined numbers are null.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import os
 import sys
@@ -22,35 +21,32 @@ from pathlib import Path
 
 import numpy as np
 
+from .._version import __version__
 from ..errors import CTInputError, CTOutputError, LowdoseError
+from ..io import load_ct
+from ..labels import load_label_map, save_label_map
 from ..volume import CTVolume
 from .compare import FidelityThresholds, compare_structures
-from .labels import load_label_map, save_label_map
+from .report import make_figures, write_html, write_json
+from .results import SCHEMA_VERSION, FidelityReport, StructureResult, StudyVerdict
 from .segmenter import Segmenter, TotalSegmentatorSegmenter, timed_segment, total_class_names
 
-SCHEMA_VERSION = "1.0"
+__all__ = ["ROLES", "SCHEMA_VERSION", "FidelityReport", "check_fidelity"]
+
 ROLES = ("original", "denoised", "reference")
 
 
-@dataclasses.dataclass
-class FidelityResult:
-    """What ``check_fidelity`` found: the report (as written to fidelity.json), the label maps, the files."""
-
-    report: dict
-    label_maps: dict[str, np.ndarray]
-    files: dict[str, Path]
-
-    @property
-    def verdict(self) -> str:
-        """The study verdict: "kept", "check" or "changed"."""
-        return self.report["study"]["verdict"]
-
-
-def check_fidelity(original: CTVolume | str | os.PathLike, denoised: CTVolume | str | os.PathLike,
-                   reference: CTVolume | str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
-                   segmenter: Segmenter | None = None, thresholds: FidelityThresholds | None = None,
-                   labels: dict | None = None, class_names: dict[int, str] | None = None,
-                   progress: bool = True) -> FidelityResult:
+def check_fidelity(
+    original: CTVolume | str | os.PathLike,
+    denoised: CTVolume | str | os.PathLike,
+    reference: CTVolume | str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    segmenter: Segmenter | None = None,
+    thresholds: FidelityThresholds | None = None,
+    labels: dict | None = None,
+    class_names: dict[int, str] | None = None,
+    progress: bool = True,
+) -> FidelityReport:
     """Did denoising keep the anatomy? Segment the low-dose ``original``, the ``denoised`` scan and, when
     given, a normal-dose ``reference`` (all on one voxel grid), compare them structure by structure, and
     write ``fidelity.json``, ``fidelity.html`` and ``labels_<scan>.nii.gz`` into ``out_dir`` (when given).
@@ -68,87 +64,118 @@ def check_fidelity(original: CTVolume | str | os.PathLike, denoised: CTVolume | 
     """
     started = time.perf_counter()
     thresholds = thresholds or FidelityThresholds()
-    labels = dict(labels or {})
-    unknown = set(labels) - set(ROLES)
-    if unknown:
-        raise ValueError(f"labels for unknown scans {sorted(unknown)}; use {ROLES}")
-    if reference is None and "reference" in labels:
-        raise LowdoseError("reference labels were given without the reference scan")
-
+    labels = _checked_labels(labels, reference)
     out = None if out_dir is None else _prepare_out_dir(Path(out_dir))
     timings: dict = {}
     t = time.perf_counter()
-    volumes = {"original": _as_volume(original), "denoised": _as_volume(denoised)}
-    if reference is not None:
-        volumes["reference"] = _as_volume(reference)
+    volumes = _load_scans(original, denoised, reference)
     timings["loading"] = time.perf_counter() - t
-    for role in ("denoised", "reference"):
-        if role in volumes:
-            _check_same_grid(volumes["original"], volumes[role], role)
 
     label_maps: dict[str, np.ndarray] = {}
     label_sources: dict[str, str] = {}
     for role, given in labels.items():
         label_maps[role], label_sources[role] = _given_labels(given, volumes[role], role)
     to_segment = [r for r in volumes if r not in label_maps]
-    if to_segment and segmenter is None:
-        segmenter = TotalSegmentatorSegmenter(progress=progress)
     timings["segmentation"] = {}
-    for k, role in enumerate(to_segment):
-        label_maps[role], seconds = timed_segment(segmenter, volumes[role], role, progress,
-                                                  step=f"{k + 1}/{len(to_segment)}: ")
-        label_sources[role] = f"segmented by {segmenter.name}"
-        timings["segmentation"][role] = seconds
+    if to_segment:
+        if segmenter is None:
+            segmenter = TotalSegmentatorSegmenter(progress=progress)
+        timings["segmentation"] = _segment(
+            segmenter, {r: volumes[r] for r in to_segment}, label_maps, label_sources, progress
+        )
     if class_names is None:
         class_names = segmenter.class_names if segmenter is not None else total_class_names()
 
     if progress:
         print("[fidelity] comparing structures ...", file=sys.stderr, flush=True)
     t = time.perf_counter()
-    comparison = compare_structures(label_maps, {r: v.hu for r, v in volumes.items()},
-                                    volumes["original"].spacing_mm, class_names, thresholds)
+    comparison = compare_structures(
+        label_maps, {r: v.hu for r, v in volumes.items()}, volumes["original"].spacing_mm, class_names, thresholds
+    )
     timings["comparison"] = time.perf_counter() - t
 
-    report = {
-        "schema_version": SCHEMA_VERSION,
-        "lowdose_version": _lowdose_version(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "inputs": {role: _describe_input(v, label_sources[role]) for role, v in volumes.items()},
-        "segmenter": segmenter.describe() if segmenter is not None and to_segment else None,
-        "thresholds": thresholds.as_dict(),
-        "pairs": list(next(iter(comparison["structures"]))["pairs"]) if comparison["structures"] else [],
-        "study": comparison["study"],
-        "structures": comparison["structures"],
-        "timings_s": timings,
-    }
-    files: dict[str, Path] = {}
+    report = FidelityReport(
+        study=StudyVerdict.from_json(comparison["study"]),
+        structures=[StructureResult.from_json(s) for s in comparison["structures"]],
+        inputs={role: _describe_input(v, label_sources[role]) for role, v in volumes.items()},
+        segmenter=segmenter.describe() if segmenter is not None and to_segment else None,
+        thresholds=thresholds,
+        pairs=list(next(iter(comparison["structures"]))["pairs"]) if comparison["structures"] else [],
+        timings_s=timings,
+        label_maps=label_maps,
+        lowdose_version=__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
     if out is not None:
-        t = time.perf_counter()
-        for role, lab in label_maps.items():
-            files[f"labels_{role}"] = save_label_map(lab, volumes[role], out / f"labels_{role}.nii.gz")
-        from .report import make_figures, write_html, write_json
-
-        figures = make_figures(report, {r: v.hu for r, v in volumes.items()}, label_maps,
-                               volumes["original"].spacing_mm, volumes["original"].direction)
-        timings["report"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - started
-        report["files"] = {k: p.name for k, p in files.items()} | {"json": "fidelity.json", "html": "fidelity.html"}
-        files["html"] = write_html(report, figures, out / "fidelity.html")
-        files["json"] = write_json(report, out / "fidelity.json")
+        _write_files(report, volumes, out, started)
     else:
         timings["total"] = time.perf_counter() - started
     if progress:
-        print(f"[fidelity] verdict: {report['study']['verdict']} ({report['study']['summary']}) in "
-              f"{timings['total']:.1f} s", file=sys.stderr, flush=True)
-    return FidelityResult(report=report, label_maps=label_maps, files=files)
+        print(
+            f"[fidelity] verdict: {report.verdict} ({report.study.summary}) in {timings['total']:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    return report
+
+
+def _checked_labels(labels: dict | None, reference) -> dict:
+    labels = dict(labels or {})
+    unknown = set(labels) - set(ROLES)
+    if unknown:
+        raise ValueError(f"labels for unknown scans {sorted(unknown)}; use {ROLES}")
+    if reference is None and "reference" in labels:
+        raise LowdoseError("reference labels were given without the reference scan")
+    return labels
+
+
+def _load_scans(original, denoised, reference) -> dict[str, CTVolume]:
+    """The scans as volumes by role, after checking that they share the original's grid."""
+    volumes = {"original": _as_volume(original), "denoised": _as_volume(denoised)}
+    if reference is not None:
+        volumes["reference"] = _as_volume(reference)
+    for role in ("denoised", "reference"):
+        if role in volumes:
+            _check_same_grid(volumes["original"], volumes[role], role)
+    return volumes
+
+
+def _segment(
+    segmenter: Segmenter, volumes: dict[str, CTVolume], label_maps: dict, label_sources: dict, progress: bool
+) -> dict[str, float]:
+    """Segment each of ``volumes`` into ``label_maps`` (saying so in ``label_sources``); seconds per scan."""
+    seconds = {}
+    for k, (role, volume) in enumerate(volumes.items()):
+        label_maps[role], seconds[role] = timed_segment(
+            segmenter, volume, role, progress, step=f"{k + 1}/{len(volumes)}: "
+        )
+        label_sources[role] = f"segmented by {segmenter.name}"
+    return seconds
+
+
+def _write_files(report: FidelityReport, volumes: dict[str, CTVolume], out: Path, started: float) -> None:
+    """The label maps, fidelity.html and fidelity.json into ``out``; their paths into ``report.files``."""
+    t = time.perf_counter()
+    for role, labels in report.label_maps.items():
+        report.files[f"labels_{role}"] = save_label_map(labels, volumes[role], out / f"labels_{role}.nii.gz")
+    original = volumes["original"]
+    figures = make_figures(
+        report.to_json(),
+        {r: v.hu for r, v in volumes.items()},
+        report.label_maps,
+        original.spacing_mm,
+        original.direction,
+    )
+    report.timings_s["report"] = time.perf_counter() - t
+    report.timings_s["total"] = time.perf_counter() - started
+    report.files["json"], report.files["html"] = out / "fidelity.json", out / "fidelity.html"
+    content = report.to_json()
+    write_html(content, figures, report.files["html"])
+    write_json(content, report.files["json"])
 
 
 def _as_volume(scan) -> CTVolume:
-    if isinstance(scan, CTVolume):
-        return scan
-    from ..io import load_ct
-
-    return load_ct(scan)
+    return scan if isinstance(scan, CTVolume) else load_ct(scan)
 
 
 def _prepare_out_dir(out: Path) -> Path:
@@ -179,8 +206,11 @@ def _check_same_grid(original: CTVolume, other: CTVolume, role: str) -> None:
     elif not np.allclose(other.direction, original.direction, atol=1e-4):
         problem = "has another orientation (direction cosines) than the original"
     if problem:
-        raise CTInputError(_name(other, role), f"{problem}: the {role} scan must be on the original's voxel grid "
-                                                "(the check compares voxel by voxel; resample it first)")
+        raise CTInputError(
+            _name(other, role),
+            f"{problem}: the {role} scan must be on the original's voxel grid "
+            "(the check compares voxel by voxel; resample it first)",
+        )
 
 
 def _given_labels(given, volume: CTVolume, role: str) -> tuple[np.ndarray, str]:
@@ -198,14 +228,12 @@ def _given_labels(given, volume: CTVolume, role: str) -> tuple[np.ndarray, str]:
 def _describe_input(volume: CTVolume, labels: str) -> dict:
     x, y, z = volume.shape[::-1]
     sx, sy, sz = volume.spacing_mm
-    return {"path": volume.metadata.get("path"), "shape_zyx": list(volume.shape),
-            "spacing_mm": list(volume.spacing_mm), "origin_mm": list(volume.origin_mm),
-            "grid": f"{x}x{y}x{z} voxels, {sx:.3g}x{sy:.3g}x{sz:.3g} mm"
-                    + ("" if volume.is_regular_grid else " (irregular slices: distances use the nominal spacing)"),
-            "labels": labels}
-
-
-def _lowdose_version() -> str:
-    from .. import __version__
-
-    return __version__
+    return {
+        "path": volume.metadata.get("path"),
+        "shape_zyx": list(volume.shape),
+        "spacing_mm": list(volume.spacing_mm),
+        "origin_mm": list(volume.origin_mm),
+        "grid": f"{x}x{y}x{z} voxels, {sx:.3g}x{sy:.3g}x{sz:.3g} mm"
+        + ("" if volume.is_regular_grid else " (irregular slices: distances use the nominal spacing)"),
+        "labels": labels,
+    }

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
+from scipy.ndimage import binary_erosion, find_objects
+from scipy.spatial import cKDTree
 
 ROLES = ("original", "denoised", "reference")
 # (test, base): how `test` differs from `base`. The first pair decides the structure's verdict.
@@ -46,16 +48,16 @@ class FidelityThresholds:
 
     dice_kept: float = 0.90
     dice_changed: float = 0.75
-    nsd_tolerance_mm: float = 2.0          # the surface Dice that enters the verdict
+    nsd_tolerance_mm: float = 2.0  # the surface Dice that enters the verdict
     nsd_kept: float = 0.90
     nsd_changed: float = 0.75
-    hu_shift_kept: float = 10.0            # |mean HU shift| inside the structure, HU
+    hu_shift_kept: float = 10.0  # |mean HU shift| inside the structure, HU
     hu_shift_changed: float = 25.0
-    volume_change_kept_pct: float = 10.0   # |volume change|, % of the original's volume
+    volume_change_kept_pct: float = 10.0  # |volume change|, % of the original's volume
     volume_change_changed_pct: float = 25.0
-    noise_ratio_max: float = 1.10          # HU std denoised / original above this: noise went up -> check
-    small_structure_ml: float = 0.5        # below this in both images: judged by surface Dice and HU only
-    min_hu_voxels: int = 20                # fewer voxels in common: no HU shift is judged
+    noise_ratio_max: float = 1.10  # HU std denoised / original above this: noise went up -> check
+    small_structure_ml: float = 0.5  # below this in both images: judged by surface Dice and HU only
+    min_hu_voxels: int = 20  # fewer voxels in common: no HU shift is judged
     surface_tolerances_mm: tuple[float, ...] = (1.0, 2.0)
     reference_dice_tolerance: float = 0.02
     reference_hu_tolerance: float = 2.0
@@ -87,8 +89,6 @@ def nsd_key(tolerance_mm: float) -> str:
 
 def _edges(mask: np.ndarray) -> np.ndarray:
     """Voxels of ``mask`` with a 6-neighbour outside it (outside the array counts as outside)."""
-    from scipy.ndimage import binary_erosion
-
     return mask & ~binary_erosion(mask, border_value=0)
 
 
@@ -98,8 +98,6 @@ def surface_distances(mask_a: np.ndarray, mask_b: np.ndarray, spacing_zyx) -> tu
     Both masks must be non-empty. Edges are found on the masks' joint bounding box plus one voxel; the
     distances are exact Euclidean nearest-neighbour distances between edge-voxel centres in mm.
     """
-    from scipy.spatial import cKDTree
-
     box = _bounding_box(mask_a | mask_b, margin=1)
     scale = np.asarray(spacing_zyx, dtype=np.float64)
     points_a = np.argwhere(_edges(_crop_padded(mask_a, box))) * scale
@@ -127,16 +125,16 @@ def _crop_padded(array: np.ndarray, box: tuple[slice, ...], fill=0) -> np.ndarra
     return crop
 
 
-def overlap_metrics(mask_test: np.ndarray, mask_base: np.ndarray, spacing_zyx,
-                    tolerances_mm: Iterable[float] = (1.0, 2.0)) -> dict:
+def overlap_metrics(
+    mask_test: np.ndarray, mask_base: np.ndarray, spacing_zyx, tolerances_mm: Iterable[float] = (1.0, 2.0)
+) -> dict:
     """Dice, normalised surface Dice at each tolerance, HD95 (mm) and volume change (%) of two masks.
 
     ``None`` where a figure is undefined: all of them when both masks are empty; surface figures and
     volume change when only one is (Dice is then 0).
     """
     n_test, n_base = int(mask_test.sum()), int(mask_base.sum())
-    result = {"dice": None, **{nsd_key(t): None for t in tolerances_mm}, "hd95_mm": None,
-              "volume_change_pct": None}
+    result = {"dice": None, **{nsd_key(t): None for t in tolerances_mm}, "hd95_mm": None, "volume_change_pct": None}
     if n_test == 0 and n_base == 0:
         return result
     intersection = int(np.logical_and(mask_test, mask_base).sum())
@@ -165,8 +163,13 @@ def _hu_stats(hu: np.ndarray | None, mask: np.ndarray) -> tuple[float | None, fl
 # ----------------------------------------------------------------------------------- comparison
 
 
-def compare_structures(labels: dict[str, np.ndarray], hu: dict[str, np.ndarray | None], spacing_mm,
-                       class_names: dict[int, str], thresholds: FidelityThresholds | None = None) -> dict:
+def compare_structures(
+    labels: dict[str, np.ndarray],
+    hu: dict[str, np.ndarray | None],
+    spacing_mm,
+    class_names: dict[int, str],
+    thresholds: FidelityThresholds | None = None,
+) -> dict:
     """Compare label maps of the same grid structure by structure.
 
     ``labels`` maps roles ("original", "denoised", optionally "reference") to integer label maps
@@ -174,9 +177,37 @@ def compare_structures(labels: dict[str, np.ndarray], hu: dict[str, np.ndarray |
     Every structure of ``class_names`` is reported, plus any other label value found. Returns
     ``{"structures": [...], "study": {...}}`` (see ``FidelityThresholds`` for the verdicts).
     """
-    from scipy.ndimage import find_objects
-
     thresholds = thresholds or FidelityThresholds()
+    roles = _checked_roles(labels)
+    spacing_zyx = tuple(float(s) for s in spacing_mm)[::-1]
+    grid = _Grid(spacing_zyx=spacing_zyx, voxel_ml=float(np.prod(spacing_zyx)) / 1000.0)
+    pairs = [(t, b) for t, b in PAIRS if t in roles and b in roles]
+    names = {int(k): str(v) for k, v in class_names.items()}
+    boxes = {role: _boxes(np.asarray(labels[role]), role, names) for role in roles}
+
+    structures = []
+    for value in sorted(names):
+        found = [boxes[r][value - 1] for r in roles if value - 1 < len(boxes[r]) and boxes[r][value - 1] is not None]
+        box = (
+            tuple(slice(min(f[a].start for f in found), max(f[a].stop for f in found)) for a in range(3))
+            if found
+            else None
+        )
+        entry = _structure_entry(value, names[value], box, labels, hu, roles, pairs, grid, thresholds)
+        structures.append(entry)
+
+    structures.sort(key=lambda s: (VERDICT_ORDER[s["verdict"]], s["name"]))
+    return {"structures": structures, "study": _study_verdict(structures, "reference" in roles)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+    spacing_zyx: tuple[float, ...]
+    voxel_ml: float
+
+
+def _checked_roles(labels: dict[str, np.ndarray]) -> list[str]:
+    """The roles of ``labels`` in ROLES order, after checking that they share one shape."""
     roles = [r for r in ROLES if r in labels]
     if "original" not in roles or "denoised" not in roles:
         raise ValueError("compare_structures needs at least the 'original' and 'denoised' label maps")
@@ -184,68 +215,87 @@ def compare_structures(labels: dict[str, np.ndarray], hu: dict[str, np.ndarray |
     for role in roles:
         if labels[role].shape != shape:
             raise ValueError(f"label map '{role}' has shape {labels[role].shape}, 'original' has {shape}")
-    spacing_zyx = tuple(float(s) for s in spacing_mm)[::-1]
-    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
-    pairs = [(t, b) for t, b in PAIRS if t in roles and b in roles]
+    return roles
 
-    names = {int(k): str(v) for k, v in class_names.items()}
-    boxes = {}
+
+def _boxes(lab: np.ndarray, role: str, names: dict[int, str]) -> list:
+    """Bounding boxes of each label value (``find_objects``); label values without a name are named in ``names``."""
+    if lab.dtype.kind not in "iu":
+        raise ValueError(f"label map '{role}' is {lab.dtype}, not integer")
+    if not lab.size or lab.max() <= 0:
+        return []
+    if lab.min() < 0:
+        raise ValueError(f"label map '{role}' holds negative values")
+    for value in np.flatnonzero(np.bincount(lab.ravel()))[1:]:
+        names.setdefault(int(value), f"label_{int(value)}")
+    return find_objects(lab, max(names))
+
+
+def _structure_entry(
+    value: int,
+    name: str,
+    box: tuple[slice, ...] | None,
+    labels: dict,
+    hu: dict,
+    roles: list[str],
+    pairs: list[tuple[str, str]],
+    grid: _Grid,
+    thresholds: FidelityThresholds,
+) -> dict:
+    """One structure across the scans: its figures in each image and each pair, and its verdicts."""
+    entry: dict = {"label": value, "name": name, "images": {}, "pairs": {}}
+    masks = {}
     for role in roles:
-        lab = np.asarray(labels[role])
-        if lab.dtype.kind not in "iu":
-            raise ValueError(f"label map '{role}' is {lab.dtype}, not integer")
-        if lab.size and lab.max() > 0:
-            if lab.min() < 0:
-                raise ValueError(f"label map '{role}' holds negative values")
-            for value in np.flatnonzero(np.bincount(lab.ravel()))[1:]:
-                names.setdefault(int(value), f"label_{int(value)}")
-            boxes[role] = find_objects(lab, max(names))
-        else:
-            boxes[role] = []
+        mask, mean, std, voxels = None, None, None, 0
+        if box is not None:
+            mask = labels[role][box] == value
+            mean, std = _hu_stats(None if hu.get(role) is None else hu[role][box], mask)
+            voxels = int(mask.sum())
+        entry["images"][role] = {
+            "present": voxels > 0,
+            "voxels": voxels,
+            "volume_ml": voxels * grid.voxel_ml,
+            "hu_mean": mean,
+            "hu_std": std,
+        }
+        masks[role] = mask
+    for test, base in pairs:
+        entry["pairs"][pair_name(test, base)] = _pair_figures(test, base, masks, hu, box, grid, thresholds)
+    entry["verdict"], entry["reasons"], entry["small"] = _verdict(entry, thresholds)
+    if "reference" in roles:
+        entry["reference"] = _reference_verdict(entry, thresholds)
+    return entry
 
-    structures = []
-    for value in sorted(names):
-        found = [boxes[r][value - 1] for r in roles if value - 1 < len(boxes[r]) and boxes[r][value - 1] is not None]
-        entry = {"label": value, "name": names[value], "images": {}, "pairs": {}}
-        if found:
-            box = tuple(slice(min(f[a].start for f in found), max(f[a].stop for f in found)) for a in range(3))
-        for role in roles:
-            if found:
-                mask = labels[role][box] == value
-                mean, std = _hu_stats(None if hu.get(role) is None else hu[role][box], mask)
-                voxels = int(mask.sum())
-            else:
-                mask, mean, std, voxels = None, None, None, 0
-            entry["images"][role] = {"present": voxels > 0, "voxels": voxels,
-                                     "volume_ml": voxels * voxel_ml, "hu_mean": mean, "hu_std": std}
-            entry.setdefault("_masks", {})[role] = mask
-        for test, base in pairs:
-            if found:
-                m_test, m_base = entry["_masks"][test], entry["_masks"][base]
-                figures = overlap_metrics(m_test, m_base, spacing_zyx, thresholds.surface_tolerances_mm)
-                common = m_test & m_base
-                n_common = int(common.sum())
-                figures["common_voxels"] = n_common
-                figures["hu_shift"] = figures["hu_std_ratio"] = None
-                if hu.get(test) is not None and hu.get(base) is not None and n_common >= thresholds.min_hu_voxels:
-                    hu_test = hu[test][box][common].astype(np.float64)
-                    hu_base = hu[base][box][common].astype(np.float64)
-                    figures["hu_shift"] = float(hu_test.mean() - hu_base.mean())
-                    if hu_base.std() > 0:
-                        figures["hu_std_ratio"] = float(hu_test.std() / hu_base.std())
-            else:
-                figures = overlap_metrics(np.zeros(1, bool), np.zeros(1, bool), spacing_zyx,
-                                          thresholds.surface_tolerances_mm)
-                figures.update(common_voxels=0, hu_shift=None, hu_std_ratio=None)
-            entry["pairs"][pair_name(test, base)] = figures
-        del entry["_masks"]
-        entry["verdict"], entry["reasons"], entry["small"] = _verdict(entry, thresholds)
-        if "reference" in roles:
-            entry["reference"] = _reference_verdict(entry, thresholds)
-        structures.append(entry)
 
-    structures.sort(key=lambda s: (VERDICT_ORDER[s["verdict"]], s["name"]))
-    return {"structures": structures, "study": _study_verdict(structures, "reference" in roles)}
+def _pair_figures(
+    test: str,
+    base: str,
+    masks: dict,
+    hu: dict,
+    box: tuple[slice, ...] | None,
+    grid: _Grid,
+    thresholds: FidelityThresholds,
+) -> dict:
+    """How the structure in ``test`` differs from ``base``: overlap, surfaces, volume and the HU under it."""
+    if box is None:
+        figures = overlap_metrics(
+            np.zeros(1, bool), np.zeros(1, bool), grid.spacing_zyx, thresholds.surface_tolerances_mm
+        )
+        figures.update(common_voxels=0, hu_shift=None, hu_std_ratio=None)
+        return figures
+    m_test, m_base = masks[test], masks[base]
+    figures = overlap_metrics(m_test, m_base, grid.spacing_zyx, thresholds.surface_tolerances_mm)
+    common = m_test & m_base
+    n_common = int(common.sum())
+    figures["common_voxels"] = n_common
+    figures["hu_shift"] = figures["hu_std_ratio"] = None
+    if hu.get(test) is not None and hu.get(base) is not None and n_common >= thresholds.min_hu_voxels:
+        hu_test = hu[test][box][common].astype(np.float64)
+        hu_base = hu[base][box][common].astype(np.float64)
+        figures["hu_shift"] = float(hu_test.mean() - hu_base.mean())
+        if hu_base.std() > 0:
+            figures["hu_std_ratio"] = float(hu_test.std() / hu_base.std())
+    return figures
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -277,19 +327,39 @@ def _verdict(entry: dict, th: FidelityThresholds) -> tuple[str, list[str], bool]
             check.append(describe(kept))
 
     if not small:
-        judge(figures["dice"], th.dice_kept, th.dice_changed, True,
-              lambda limit: f"Dice {_fmt(figures['dice'])} < {limit:g}")
+        judge(
+            figures["dice"],
+            th.dice_kept,
+            th.dice_changed,
+            True,
+            lambda limit: f"Dice {_fmt(figures['dice'])} < {limit:g}",
+        )
         vol = figures["volume_change_pct"]
         if vol is not None:
-            judge(abs(vol), th.volume_change_kept_pct, th.volume_change_changed_pct, False,
-                  lambda limit: f"volume {vol:+.1f}% (limit ±{limit:g}%)")
+            judge(
+                abs(vol),
+                th.volume_change_kept_pct,
+                th.volume_change_changed_pct,
+                False,
+                lambda limit: f"volume {vol:+.1f}% (limit ±{limit:g}%)",
+            )
     nsd = figures.get(th.nsd_key)
-    judge(nsd, th.nsd_kept, th.nsd_changed, True,
-          lambda limit: f"surface Dice@{th.nsd_tolerance_mm:g}mm {_fmt(nsd)} < {limit:g}")
+    judge(
+        nsd,
+        th.nsd_kept,
+        th.nsd_changed,
+        True,
+        lambda limit: f"surface Dice@{th.nsd_tolerance_mm:g}mm {_fmt(nsd)} < {limit:g}",
+    )
     shift = figures["hu_shift"]
     if shift is not None:
-        judge(abs(shift), th.hu_shift_kept, th.hu_shift_changed, False,
-              lambda limit: f"mean HU shift {shift:+.1f} HU (limit ±{limit:g})")
+        judge(
+            abs(shift),
+            th.hu_shift_kept,
+            th.hu_shift_changed,
+            False,
+            lambda limit: f"mean HU shift {shift:+.1f} HU (limit ±{limit:g})",
+        )
     ratio = figures["hu_std_ratio"]
     if ratio is not None and ratio > th.noise_ratio_max:
         check.append(f"HU noise up: std x{ratio:.2f}")
@@ -339,8 +409,13 @@ def _study_verdict(structures: list[dict], with_reference: bool) -> dict:
         verdict, summary = "check", f"{counts['check']} of {present} structures to check, none changed"
     else:
         verdict, summary = "kept", f"all {present} structures kept"
-    study = {"verdict": verdict, "summary": summary, "counts": counts, "structures_present": present,
-             "flagged": [s["name"] for s in structures if s["verdict"] in ("changed", "check")]}
+    study = {
+        "verdict": verdict,
+        "summary": summary,
+        "counts": counts,
+        "structures_present": present,
+        "flagged": [s["name"] for s in structures if s["verdict"] in ("changed", "check")],
+    }
     if with_reference:
         ref_counts = {v: 0 for v in REFERENCE_VERDICT_ORDER}
         for s in structures:
@@ -350,8 +425,12 @@ def _study_verdict(structures: list[dict], with_reference: bool) -> dict:
         study["reference"] = {
             "counts": ref_counts,
             "at_least_as_close": judged > 0 and ref_counts["further"] == 0,
-            "summary": (f"denoised at least as close to the reference as the low-dose scan for {at_least} of "
-                        f"{judged} structures" if judged else "no structure found in any scan"),
+            "summary": (
+                f"denoised at least as close to the reference as the low-dose scan for {at_least} of "
+                f"{judged} structures"
+                if judged
+                else "no structure found in any scan"
+            ),
             "further": [s["name"] for s in structures if s["reference"]["verdict"] == "further"],
         }
     return study

@@ -8,32 +8,50 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import json
 import os
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 
-from ..atomic import write_bytes_atomically
 from ..bundle import load_checkpoint, nnunet_checkpoint_globals
-from ..errors import LowdoseError
+from ..totalseg import (
+    SegmenterError,
+    TotalSegmentatorWeightsError,
+    check_model_folder,
+    ensure_usage_statistics_off,
+    required_model_folders,
+    total_class_names,
+    totalsegmentator_home,
+    totalsegmentator_weights_dir,
+)
 from ..volume import CTVolume
+
+__all__ = [
+    "LPS_TO_RAS",
+    "AnatomyGroupSegmenter",
+    "Segmenter",
+    "SegmenterError",
+    "TotalSegmentatorSegmenter",
+    "TotalSegmentatorWeightsError",
+    "ct_to_nifti",
+    "ensure_usage_statistics_off",
+    "nifti_to_labels",
+    "required_model_folders",
+    "resolve_device",
+    "timed_segment",
+    "total_class_names",
+    "totalsegmentator_home",
+    "totalsegmentator_weights_dir",
+]
 
 # Checkpoints (path, mtime) already proven readable without arbitrary unpickling.
 _SAFE_CHECKPOINTS: set[tuple[str, int]] = set()
 
 # LPS (DICOM, SimpleITK, CTVolume) to RAS (NIfTI as nibabel and TotalSegmentator read it).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-class SegmenterError(LowdoseError):
-    """The segmenter cannot run (missing weights, unusable device, ...)."""
-
-
-class TotalSegmentatorWeightsError(SegmenterError):
-    """TotalSegmentator's weights for the requested mode are not where TotalSegmentator looks for them."""
 
 
 class Segmenter(abc.ABC):
@@ -58,16 +76,9 @@ class Segmenter(abc.ABC):
         return {"name": self.name, "classes": len(self.class_names)}
 
 
-def total_class_names() -> dict[int, str]:
-    """TotalSegmentator's ``total`` task: label value -> structure name (117 structures)."""
-    from totalsegmentator.map_to_binary import class_map
-
-    return {int(k): str(v) for k, v in class_map["total"].items()}
-
-
 def ct_to_nifti(volume: CTVolume):
     """The CT as a nibabel image in real HU with its geometry (RAS affine), as TotalSegmentator reads it."""
-    import nibabel as nib
+    import nibabel as nib  # 0.5 s to import, only for handing a CT to TotalSegmentator
 
     affine = LPS_TO_RAS @ volume.affine_lps()
     image = nib.Nifti1Image(np.ascontiguousarray(volume.hu.transpose(2, 1, 0), dtype=np.float32), affine)
@@ -82,86 +93,19 @@ def nifti_to_labels(image, volume: CTVolume) -> np.ndarray:
     expected = LPS_TO_RAS @ volume.affine_lps()
     data = np.asanyarray(image.dataobj)
     if data.shape != volume.shape[::-1] or not np.allclose(image.affine, expected, atol=1e-3):
-        raise SegmenterError(f"the segmentation came back on another grid ({data.shape}, affine "
-                             f"{np.round(image.affine, 3).tolist()}) than the CT ({volume.shape[::-1]})")
+        raise SegmenterError(
+            f"the segmentation came back on another grid ({data.shape}, affine "
+            f"{np.round(image.affine, 3).tolist()}) than the CT ({volume.shape[::-1]})"
+        )
     return np.ascontiguousarray(np.rint(data).astype(np.uint8).transpose(2, 1, 0))
 
 
 # ------------------------------------------------------------------------------------ TotalSegmentator
 
 
-def totalsegmentator_home() -> Path:
-    """TotalSegmentator's home folder (config.json, default weights): $TOTALSEG_HOME_DIR or ~/.totalsegmentator."""
-    if os.environ.get("TOTALSEG_HOME_DIR"):
-        return Path(os.environ["TOTALSEG_HOME_DIR"])
-    home = Path.home()
-    return (Path("/tmp") if str(home) == "/" else home) / ".totalsegmentator"
-
-
-def totalsegmentator_weights_dir() -> tuple[Path, str]:
-    """Where TotalSegmentator looks for weights, and which setting said so (for messages)."""
-    if os.environ.get("TOTALSEG_WEIGHTS_PATH"):
-        return Path(os.environ["TOTALSEG_WEIGHTS_PATH"]), "TOTALSEG_WEIGHTS_PATH"
-    home = totalsegmentator_home()
-    source = "TOTALSEG_HOME_DIR" if os.environ.get("TOTALSEG_HOME_DIR") else "the default home ~/.totalsegmentator"
-    return home / "nnunet" / "results", source
-
-
-def required_model_folders(fast: bool) -> list[str]:
-    """The model folders (relative to the weights folder) that task ``total`` needs in this mode.
-
-    Taken from the installed TotalSegmentator's own tables: fast = one 3 mm model (Dataset297), full =
-    five 1.5 mm models (Datasets 291-295), each ``<Dataset>/<Trainer>__<Plans>__3d_fullres``.
-    """
-    from totalsegmentator.map_tasks_config import TASK_CONFIGS, TASK_ID_WEIGHTS_CONFIGS
-
-    mode = TASK_CONFIGS["total"]["sub_modes"]["fast" if fast else "default"]
-    task_ids = mode["task_id"] if isinstance(mode["task_id"], list) else [mode["task_id"]]
-    folders = []
-    for task_id in task_ids:
-        info = TASK_ID_WEIGHTS_CONFIGS[task_id]
-        dataset = info["foldername"]
-        if info.get("rel_path"):
-            dataset = str(Path(info["rel_path"]) / dataset)
-        folders.append(f"{dataset}/{mode['trainer']}__nnUNetPlans__3d_fullres")
-    return folders
-
-
-def ensure_usage_statistics_off(home: Path | None = None) -> Path:
-    """Make TotalSegmentator's config.json say ``send_usage_stats: false`` (its only network call).
-
-    Creates the file when missing (TotalSegmentator would otherwise create one that sends statistics);
-    other keys of an existing file (id, licence, counters) are kept. Written atomically.
-    """
-    home = Path(home) if home is not None else totalsegmentator_home()
-    path = home / "config.json"
-    config = {}
-    if path.exists():
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise SegmenterError(f"{path}: TotalSegmentator's config file is unreadable ({exc}); fix or "
-                                 "delete it") from None
-        if not isinstance(config, dict):
-            raise SegmenterError(f"{path}: TotalSegmentator's config file is not a JSON object; fix or delete it")
-    if config.get("send_usage_stats") is False and config.get("statistics_disclaimer_shown"):
-        return path
-    config.setdefault("totalseg_id", "totalseg_lowdose")
-    config.setdefault("prediction_counter", 0)
-    config["send_usage_stats"] = False
-    config["statistics_disclaimer_shown"] = True
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomically(path, json.dumps(config, indent=4).encode())
-    except (OSError, LowdoseError) as exc:
-        raise SegmenterError(f"{path}: cannot write TotalSegmentator's config file to switch usage "
-                             f"statistics off ({getattr(exc, 'strerror', None) or exc})") from None
-    return path
-
-
 def resolve_device(device: str) -> str:
     """lowdose's device names (auto, cpu, cuda, cuda:N; gpu is accepted) as TotalSegmentator's (cpu, gpu, gpu:N)."""
-    import torch
+    import torch  # 4 s to import: `lowdose --help` loads this module (through lowdose.fidelity.command)
 
     device = str(device).strip().lower()
     if device == "auto":
@@ -198,8 +142,13 @@ class TotalSegmentatorSegmenter(Segmenter):
 
     name = "TotalSegmentator"
 
-    def __init__(self, fast: bool = True, device: str = "auto", weights_dir: str | os.PathLike | None = None,
-                 progress: bool = True):
+    def __init__(
+        self,
+        fast: bool = True,
+        device: str = "auto",
+        weights_dir: str | os.PathLike | None = None,
+        progress: bool = True,
+    ):
         self.fast = bool(fast)
         self.device_requested = device
         self.weights_dir = None if weights_dir is None else Path(weights_dir)
@@ -225,20 +174,9 @@ class TotalSegmentatorSegmenter(Segmenter):
     def check_weights(self) -> Path:
         """The weights folder, after checking that every model this mode needs is complete in it."""
         weights, source = self._weights_dir()
-        for folder in required_model_folders(self.fast):
-            checkpoint = weights / folder / "fold_0" / "checkpoint_final.pth"
-            if not all(p.is_file() for p in (checkpoint, weights / folder / "plans.json",
-                                             weights / folder / "dataset.json")):
-                dataset = folder.split("/")[0]
-                state = "is incomplete" if (weights / dataset).exists() else "is missing"
-                task = "total_fast" if self.fast else "total"
-                raise TotalSegmentatorWeightsError(
-                    f"{weights / dataset}: TotalSegmentator weights for task 'total' {self.mode} {state} "
-                    f"(needs {folder}/fold_0/checkpoint_final.pth; weights folder from {source}). lowdose never "
-                    f"downloads them: on a machine with internet run `pip install TotalSegmentator` and "
-                    f"`totalseg_download_weights -t {task}` (or TotalSegmentator{' --fast' if self.fast else ''} "
-                    f"once on any CT), then copy the folder {dataset} from its ~/.totalsegmentator/nnunet/results "
-                    f"into {weights} here, or set TOTALSEG_WEIGHTS_PATH to the folder that holds it")
+        for relative in required_model_folders(self.fast):
+            folder = check_model_folder(weights, relative, self.fast, source)
+            checkpoint = folder / "fold_0" / "checkpoint_final.pth"
             self._check_checkpoint_is_safe(checkpoint)
         return weights
 
@@ -257,16 +195,23 @@ class TotalSegmentatorSegmenter(Segmenter):
 
     def describe(self) -> dict:
         try:
-            from importlib.metadata import version
             ts_version, nnunet_version = version("TotalSegmentator"), version("nnunetv2")
         except Exception:  # metadata missing in an odd install: the report still works
             ts_version = nnunet_version = "unknown"
         weights, source = self._weights_dir()
-        return {"name": self.name, "version": ts_version, "nnunetv2_version": nnunet_version, "task": "total",
-                "mode": "fast" if self.fast else "full", "resolution_mm": 3.0 if self.fast else 1.5,
-                "models": required_model_folders(self.fast), "weights_dir": str(weights),
-                "weights_dir_from": source, "device": self._device or self.device_requested,
-                "classes": len(self.class_names)}
+        return {
+            "name": self.name,
+            "version": ts_version,
+            "nnunetv2_version": nnunet_version,
+            "task": "total",
+            "mode": "fast" if self.fast else "full",
+            "resolution_mm": 3.0 if self.fast else 1.5,
+            "models": required_model_folders(self.fast),
+            "weights_dir": str(weights),
+            "weights_dir_from": source,
+            "device": self._device or self.device_requested,
+            "classes": len(self.class_names),
+        }
 
     def segment(self, volume: CTVolume) -> np.ndarray:
         weights = self.check_weights()
@@ -275,12 +220,21 @@ class TotalSegmentatorSegmenter(Segmenter):
         ensure_usage_statistics_off()
         image = ct_to_nifti(volume)
         with _environment(TOTALSEG_WEIGHTS_PATH=str(weights)), _stdout_to_stderr(self.progress):
-            from totalsegmentator.python_api import totalsegmentator
+            from totalsegmentator.python_api import totalsegmentator  # loads nnU-Net and torch (seconds)
 
             # One thread for resampling and saving: on a CPU the work is in the network, and more
             # threads only add worker processes.
-            result = totalsegmentator(image, None, ml=True, task="total", fast=self.fast, device=self._device,
-                                      quiet=not self.progress, nr_thr_resamp=1, nr_thr_saving=1)
+            result = totalsegmentator(
+                image,
+                None,
+                ml=True,
+                task="total",
+                fast=self.fast,
+                device=self._device,
+                quiet=not self.progress,
+                nr_thr_resamp=1,
+                nr_thr_saving=1,
+            )
         return nifti_to_labels(result, volume)
 
 
@@ -311,18 +265,23 @@ def _stdout_to_stderr(show: bool):
             target.close()
 
 
-def timed_segment(segmenter: Segmenter, volume: CTVolume, role: str, progress: bool,
-                  step: str = "") -> tuple[np.ndarray, float]:
+def timed_segment(
+    segmenter: Segmenter, volume: CTVolume, role: str, progress: bool, step: str = ""
+) -> tuple[np.ndarray, float]:
     """Segment one volume with progress lines on stderr; returns the label map and seconds taken."""
     start = time.perf_counter()
     if progress:
-        print(f"[fidelity] {step}segmenting {role} ({volume.describe()}) with {segmenter.name} ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"[fidelity] {step}segmenting {role} ({volume.describe()}) with {segmenter.name} ...",
+            file=sys.stderr,
+            flush=True,
+        )
     labels = np.asarray(segmenter.segment(volume))
     seconds = time.perf_counter() - start
     if labels.shape != volume.shape:
-        raise SegmenterError(f"{segmenter.name} returned a label map of shape {labels.shape} for a CT of shape "
-                             f"{volume.shape}")
+        raise SegmenterError(
+            f"{segmenter.name} returned a label map of shape {labels.shape} for a CT of shape " f"{volume.shape}"
+        )
     if progress:
         found = len(np.unique(labels)) - int((labels == 0).any())
         print(f"[fidelity] {role}: {found} structures found in {seconds:.1f} s", file=sys.stderr, flush=True)
@@ -339,25 +298,25 @@ class AnatomyGroupSegmenter(Segmenter):
     name = "lowdose anatomy encoder"
 
     def __init__(self, bundle: str = "anatomy_encoder", device: str = "cpu", batch_size: int = 4):
-        from ..anatomy import load_anatomy_encoder
+        from ..anatomy import load_anatomy_encoder  # torch (4 s): `lowdose --help` loads this module
 
         self.encoder = load_anatomy_encoder(bundle, device)
         self.device, self.batch_size = device, batch_size
 
     @property
     def class_names(self) -> dict[int, str]:
-        from ..anatomy import ANATOMY_GROUPS
+        from ..anatomy import ANATOMY_GROUPS  # the anatomy package imports torch (4 s), as above
 
         return dict(ANATOMY_GROUPS)
 
     def segment(self, volume: CTVolume) -> np.ndarray:
-        import torch
+        import torch  # 4 s to import: `lowdose --help` loads this module
 
         labels = np.zeros(volume.shape, dtype=np.uint8)
         with torch.inference_mode():
             for start in range(0, volume.shape[0], self.batch_size):
-                hu = torch.from_numpy(np.ascontiguousarray(volume.hu[start:start + self.batch_size, None]))
-                labels[start:start + len(hu)] = self.encoder.segment(hu.to(self.device)).cpu().numpy()
+                hu = torch.from_numpy(np.ascontiguousarray(volume.hu[start : start + self.batch_size, None]))
+                labels[start : start + len(hu)] = self.encoder.segment(hu.to(self.device)).cpu().numpy()
         return labels
 
     def describe(self) -> dict:

@@ -11,51 +11,20 @@ returns ``log(dose_fraction)`` of shape ``[B]``.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from ..errors import LowdoseError
-
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
-
-class UnknownNetworkError(LowdoseError, KeyError):
-    """A network name that is not registered; the message lists the names that are."""
-
-    def __str__(self) -> str:  # KeyError would print the message in quotes
-        return str(self.args[0])
-
-
-def register_network(name: str):
-    """Class decorator: make ``build_network(name, ...)`` construct this class."""
-
-    def decorator(cls):
-        taken = _REGISTRY.get(name)
-        # The same class seen again (a module reload) may re-register; another class may not.
-        if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
-            raise ValueError(f"network name {name!r} is already registered to {taken.__qualname__}")
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
-
-
-def available_networks() -> list[str]:
-    """The registered network names, sorted."""
-    return sorted(_REGISTRY)
-
-
-def build_network(name: str, **kwargs) -> nn.Module:
-    """Construct the network registered as ``name`` with the constructor arguments ``kwargs``."""
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        raise UnknownNetworkError(
-            f"unknown network {name!r}; available networks: {', '.join(available_networks())}"
-        ) from None
-    return cls(**kwargs)
+from .alden_discriminator import AnatomyAwareDiscriminator
+from .anatomy_encoder import AnatomyUNet
+from .dose_estimator import DoseEstimator
+from .dose_unet import DoseAwareUNet
+from .esaunet import ESAUNet
+from .macnet import MACNet
+from .redcnn import REDCNN
+from .registry import UnknownNetworkError, available_networks, build_network, register_network
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -71,8 +40,6 @@ def count_gflops(model: nn.Module, input_shape: Sequence[int] | None = None, **f
     The pass runs on a copy of the model on the meta device, so even RED-CNN costs milliseconds;
     only convolutions and matrix products are counted (the convention of the published figures).
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     if input_shape is None:
         input_shape = (1, getattr(model, "in_channels", 1), 512, 512)
     meta_model = copy.deepcopy(model).to("meta")
@@ -82,15 +49,6 @@ def count_gflops(model: nn.Module, input_shape: Sequence[int] | None = None, **f
         meta_model(x, **kwargs)
     return counter.get_total_flops() / 1e9
 
-
-# Imported last so that their @register_network decorators fill the registry.
-from .alden_discriminator import AnatomyAwareDiscriminator  # noqa: E402
-from .anatomy_encoder import AnatomyUNet  # noqa: E402
-from .dose_estimator import DoseEstimator  # noqa: E402
-from .dose_unet import DoseAwareUNet  # noqa: E402
-from .esaunet import ESAUNet  # noqa: E402
-from .macnet import MACNet  # noqa: E402
-from .redcnn import REDCNN  # noqa: E402
 
 __all__ = [
     "AnatomyAwareDiscriminator",

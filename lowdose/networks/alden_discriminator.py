@@ -4,13 +4,13 @@ so its real/fake decision is made knowing which anatomy it looks at."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register_network
+from .registry import register_network
 
 
 class AnatomyCrossAttention(nn.Module):
@@ -26,7 +26,9 @@ class AnatomyCrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, anatomy: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         # Pooled to at most grid x grid tokens: the keys say what anatomy is where, coarsely; cheap.
-        kv = self.project(F.adaptive_avg_pool2d(anatomy, (min(self.grid, anatomy.shape[-2]), min(self.grid, anatomy.shape[-1]))))
+        kv = self.project(
+            F.adaptive_avg_pool2d(anatomy, (min(self.grid, anatomy.shape[-2]), min(self.grid, anatomy.shape[-1])))
+        )
         kv = kv.flatten(2).transpose(1, 2)
         q = self.norm(x.flatten(2).transpose(1, 2))
         attended, _ = self.attention(q, kv, kv, need_weights=False)
@@ -45,22 +47,28 @@ class AnatomyAwareDiscriminator(nn.Module):
             ``len(features)`` of them are fused into the discriminator's levels, fine to coarse.
     """
 
-    def __init__(self, in_channels: int = 2, features: Sequence[int] = (32, 64, 128),
-                 anatomy_channels: Sequence[int] = (24, 48, 96, 192), heads: int = 4):
+    def __init__(
+        self,
+        in_channels: int = 2,
+        features: Sequence[int] = (32, 64, 128),
+        anatomy_channels: Sequence[int] = (24, 48, 96, 192),
+        heads: int = 4,
+    ):
         super().__init__()
         if len(anatomy_channels) < len(features):
             raise ValueError(f"the anatomy encoder gives {len(anatomy_channels)} feature maps; {len(features)} needed")
         widths = [in_channels, *features]
         self.levels = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(a, b, 4, stride=2, padding=1), nn.LeakyReLU(0.2)) for a, b in zip(widths[:-1], widths[1:])
+            nn.Sequential(nn.Conv2d(a, b, 4, stride=2, padding=1), nn.LeakyReLU(0.2))
+            for a, b in zip(widths[:-1], widths[1:])
         )
-        fused = list(anatomy_channels)[-len(features):]
+        fused = list(anatomy_channels)[-len(features) :]
         self.fusion = nn.ModuleList(AnatomyCrossAttention(f, a, heads) for f, a in zip(features, fused))
         self.head = nn.Conv2d(features[-1], 1, 3, padding=1)
 
     def forward(self, x: torch.Tensor, anatomy_features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Patch logits [B, 1, H/8, W/8]: high where the slice looks like a normal-dose one."""
-        anatomy = list(anatomy_features)[-len(self.levels):]
+        anatomy = list(anatomy_features)[-len(self.levels) :]
         h = x
         for level, fusion, a in zip(self.levels, self.fusion, anatomy):
             h = fusion(level(h), a)

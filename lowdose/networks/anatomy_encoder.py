@@ -7,14 +7,14 @@ vision model (ALDEN) or a vision-language model (BioAtt), which cannot be downlo
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register_network
 from ._padding import crop_to, pad_to_multiple
+from .registry import register_network
 
 
 class ConvBlock(nn.Module):
@@ -23,8 +23,11 @@ class ConvBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.GroupNorm(8, channels), nn.LeakyReLU(0.1),
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.GroupNorm(8, channels),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.GroupNorm(8, channels),
+            nn.LeakyReLU(0.1),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.GroupNorm(8, channels),
         )
         self.act = nn.LeakyReLU(0.1)
 
@@ -46,8 +49,9 @@ class AnatomyUNet(nn.Module):
         super().__init__()
         self.in_channels, self.num_groups, self.features_per_level = in_channels, num_groups, tuple(features)
         self.multiple = 2 ** len(features)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels * 4, features[0], 3, padding=1), nn.LeakyReLU(0.1),
-                                  ConvBlock(features[0]))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels * 4, features[0], 3, padding=1), nn.LeakyReLU(0.1), ConvBlock(features[0])
+        )
         self.down = nn.ModuleList(
             nn.Sequential(nn.Conv2d(f_in, f_out, 2, stride=2), nn.LeakyReLU(0.1), ConvBlock(f_out))
             for f_in, f_out in zip(features[:-1], features[1:])

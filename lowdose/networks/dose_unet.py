@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register_network
 from ._padding import crop_to, pad_to_multiple
+from .registry import register_network
 
 
 class DoseEmbedding(nn.Module):
@@ -183,11 +183,19 @@ class DoseAwareUNet(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: torch.Tensor, dose_fraction: torch.Tensor | float | None = None,
-                organ_probabilities: torch.Tensor | None = None) -> torch.Tensor:
-        if self.organ_attention and (organ_probabilities is None or organ_probabilities.shape != (x.shape[0], self.organ_attention)):
-            raise ValueError(f"this network has BioAtt attention: pass organ_probabilities [{x.shape[0]}, "
-                             f"{self.organ_attention}] (from the anatomy encoder)")
+    def forward(
+        self,
+        x: torch.Tensor,
+        dose_fraction: torch.Tensor | float | None = None,
+        organ_probabilities: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.organ_attention and (
+            organ_probabilities is None or organ_probabilities.shape != (x.shape[0], self.organ_attention)
+        ):
+            raise ValueError(
+                f"this network has BioAtt attention: pass organ_probabilities [{x.shape[0]}, "
+                f"{self.organ_attention}] (from the anatomy encoder)"
+            )
         dose_embedding = None
         if self.dose_conditioning:
             if dose_fraction is None:

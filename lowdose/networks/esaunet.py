@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register_network
 from ._padding import crop_to, pad_to_multiple
+from .registry import register_network
 
 
 class ChannelSelfAttention(nn.Module):

@@ -8,19 +8,20 @@ The loss lives in ``lowdose.training.anatomy_losses.MACLoss``; this file is only
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register_network
 from ._padding import crop_to, pad_to_multiple
+from .registry import register_network
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-                         nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.GroupNorm(8, c_out), nn.LeakyReLU(0.2)
+    )
 
 
 @register_network("macnet")
@@ -33,8 +34,13 @@ class MACNet(nn.Module):
         pixel_dim: width of the pixel-level embedding; ``global_dim``: of the coarse one.
     """
 
-    def __init__(self, in_channels: int = 1, features: Sequence[int] = (16, 32, 64, 64, 128),
-                 pixel_dim: int = 32, global_dim: int = 128):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        features: Sequence[int] = (16, 32, 64, 64, 128),
+        pixel_dim: int = 32,
+        global_dim: int = 128,
+    ):
         super().__init__()
         self.multiple = 2 ** (len(features) - 1)
         self.stem = _conv(in_channels, features[0])

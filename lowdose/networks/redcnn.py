@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import register_network
+from .registry import register_network
 
 
 @register_network("redcnn")

@@ -20,7 +20,7 @@ def __getattr__(name: str):
     global _app
     if name == "app":
         if _app is None:
-            from .asgi import build_app
+            from .asgi import build_app  # MONAI Label and FastAPI: only in the server process
 
             _app = build_app()
         return _app

@@ -39,8 +39,10 @@ class ServerToken:
         """Whether ``given`` is the token, in time independent of where they differ (digests compared)."""
         if not given:
             return False
-        return hmac.compare_digest(hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest(),
-                                   hashlib.sha256(self.value.encode()).digest())
+        return hmac.compare_digest(
+            hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest(),
+            hashlib.sha256(self.value.encode()).digest(),
+        )
 
 
 def state_dir(base: dict | None = None) -> Path:
@@ -50,8 +52,9 @@ def state_dir(base: dict | None = None) -> Path:
     return Path(root).expanduser() / "lowdose"
 
 
-def resolve_token(token_file: str | os.PathLike | None = None, state_folder: str | os.PathLike | None = None,
-                  env: dict | None = None) -> ServerToken:
+def resolve_token(
+    token_file: str | os.PathLike | None = None, state_folder: str | os.PathLike | None = None, env: dict | None = None
+) -> ServerToken:
     """The token the server will require: ``LOWDOSE_TOKEN``, else ``token_file``, else the state folder's file
     (made with a new random token, mode 0600, when it does not exist)."""
     env = os.environ if env is None else env
@@ -74,8 +77,10 @@ def read_token_file(path: Path) -> ServerToken:
     except OSError as exc:
         raise LowdoseError(f"{path}: cannot read the token file ({exc.strerror or exc})") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise LowdoseError(f"{path}: the token file may be read by other users (mode {stat.S_IMODE(mode):o}); "
-                           f"make it private with: chmod 600 {path}")
+        raise LowdoseError(
+            f"{path}: the token file may be read by other users (mode {stat.S_IMODE(mode):o}); "
+            f"make it private with: chmod 600 {path}"
+        )
     lines = text.strip().splitlines()
     return ServerToken(_checked(lines[0].strip() if lines else "", str(path)), str(path))
 
@@ -89,8 +94,10 @@ def create_token_file(path: Path) -> ServerToken:
     except FileExistsError:  # another server made it first: use theirs
         return read_token_file(path)
     except OSError as exc:
-        raise LowdoseError(f"{path}: cannot create the token file ({exc.strerror or exc}); give one with "
-                           f"--token-file or {TOKEN_ENV}") from None
+        raise LowdoseError(
+            f"{path}: cannot create the token file ({exc.strerror or exc}); give one with "
+            f"--token-file or {TOKEN_ENV}"
+        ) from None
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(token + "\n")
     return ServerToken(token, str(path), created=True)
@@ -99,10 +106,17 @@ def create_token_file(path: Path) -> ServerToken:
 def _checked(token: str, source: str) -> str:
     token = token.strip()
     # Printable ASCII: an HTTP header cannot carry other characters reliably.
-    if len(token) < MIN_TOKEN_CHARS or not token.isascii() or any(c.isspace() for c in token) \
-            or not token.isprintable():
-        raise LowdoseError(f"{source}: the access token must be at least {MIN_TOKEN_CHARS} printable ASCII "
-                           "characters without spaces (make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    if (
+        len(token) < MIN_TOKEN_CHARS
+        or not token.isascii()
+        or any(c.isspace() for c in token)
+        or not token.isprintable()
+    ):
+        raise LowdoseError(
+            f"{source}: the access token must be at least {MIN_TOKEN_CHARS} printable ASCII "
+            "characters without spaces (make one with: "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
     return token
 
 

@@ -18,11 +18,19 @@ from .messages import internal_detail, scrub, send_json, too_large_detail
 
 log = logging.getLogger("lowdose.server")
 
-UNAUTHORISED = ("missing or wrong access token: send the header 'Authorization: Bearer <token>' (the server's "
-                "administrator shows the token with `lowdose serve --show-token`)")
+UNAUTHORISED = (
+    "missing or wrong access token: send the header 'Authorization: Bearer <token>' (the server's "
+    "administrator shows the token with `lowdose serve --show-token`)"
+)
 # Response headers an error keeps when the guard rewrites its body.
-KEPT_ERROR_HEADERS = (b"allow", b"www-authenticate", b"retry-after", b"access-control-allow-origin",
-                      b"access-control-allow-credentials", b"vary")
+KEPT_ERROR_HEADERS = (
+    b"allow",
+    b"www-authenticate",
+    b"retry-after",
+    b"access-control-allow-origin",
+    b"access-control-allow-credentials",
+    b"vary",
+)
 
 
 def is_loopback(host: str) -> bool:
@@ -44,12 +52,13 @@ class Guard:
 
     ``token`` None means authentication is off (``lowdose serve --no-auth``): then only connections to a
     loopback address are answered. A route ``allowed`` does not accept is 404 (after authentication, so
-    that a client without the token learns nothing of the routes). ``allowed_origins`` are web origins, besides the server's own, whose
-    pages may call it.
+    that a client without the token learns nothing of the routes). ``allowed_origins`` are web origins,
+    besides the server's own, whose pages may call it.
     """
 
-    def __init__(self, app, token: ServerToken | None, max_body_bytes: int, allowed_origins: tuple[str, ...] = (),
-                 allowed=None):
+    def __init__(
+        self, app, token: ServerToken | None, max_body_bytes: int, allowed_origins: tuple[str, ...] = (), allowed=None
+    ):
         self.app = app
         self.allowed = allowed  # (method, path) -> bool: the routes the server answers; None = all
         self.token = token
@@ -95,8 +104,13 @@ class Guard:
         self._refused += 1
         if self._refused <= 10 or self._refused % 1000 == 0:  # a flood of attempts must not flood the log
             client = (scope.get("client") or ("?", 0))[0]
-            log.warning("refused %s %s from %s: missing or wrong access token (%d refused so far)",
-                        scope.get("method"), scope.get("path"), client, self._refused)
+            log.warning(
+                "refused %s %s from %s: missing or wrong access token (%d refused so far)",
+                scope.get("method"),
+                scope.get("path"),
+                client,
+                self._refused,
+            )
 
     def _origin_allowed(self, origin: str, host_header: str) -> bool:
         origin = origin.strip().rstrip("/").lower()
@@ -128,8 +142,13 @@ class _GuardedRequest:
             if self.too_large or isinstance(exc, _BodyTooLarge):
                 return await self._finish(413, too_large_detail(None, self.limit))
             self.reference = self.reference or uuid.uuid4().hex[:12]
-            log.error("request %s %s failed (reference %s)", self.scope.get("method"), self.scope.get("path"),
-                      self.reference, exc_info=exc)
+            log.error(
+                "request %s %s failed (reference %s)",
+                self.scope.get("method"),
+                self.scope.get("path"),
+                self.reference,
+                exc_info=exc,
+            )
             return await self._finish(500, internal_detail(self.reference))
         if self.held is not None and not self.started:  # the app never finished its error body
             await self._flush_held()
@@ -170,8 +189,14 @@ class _GuardedRequest:
         if status == 500 or (status > 500 and not body.lstrip().startswith(b"{")):
             # The exception behind it (if any) reaches run() next and is logged under the same reference.
             self.reference = uuid.uuid4().hex[:12]
-            log.warning("request %s %s answered %d (reference %s): %s", self.scope.get("method"),
-                        self.scope.get("path"), status, self.reference, body[:2000].decode("utf-8", "replace"))
+            log.warning(
+                "request %s %s answered %d (reference %s): %s",
+                self.scope.get("method"),
+                self.scope.get("path"),
+                status,
+                self.reference,
+                body[:2000].decode("utf-8", "replace"),
+            )
             return await self._finish(status, internal_detail(self.reference))
         try:
             payload = json.loads(body) if body else {"detail": ""}
@@ -180,21 +205,28 @@ class _GuardedRequest:
         except ValueError:
             payload = {"detail": body.decode("utf-8", "replace")}
         payload = json.loads(scrub(json.dumps(payload)))
-        await self._finish(status, payload, [(k, v) for k, v in start.get("headers", [])
-                                             if k.lower() in KEPT_ERROR_HEADERS])
+        await self._finish(
+            status, payload, [(k, v) for k, v in start.get("headers", []) if k.lower() in KEPT_ERROR_HEADERS]
+        )
 
 
 # Every response: never cached (it may hold patient data), never content-sniffed, never framed.
-SECURITY_HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"),
-                    (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer")]
+SECURITY_HEADERS = [
+    (b"cache-control", b"no-store"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
 
 
 def _with_security_headers(send):
     async def sending(message):
         if message["type"] == "http.response.start":
             names = {k.lower() for k, _ in message.get("headers", [])}
-            message = {**message, "headers": [*message.get("headers", []),
-                                              *((k, v) for k, v in SECURITY_HEADERS if k not in names)]}
+            message = {
+                **message,
+                "headers": [*message.get("headers", []), *((k, v) for k, v in SECURITY_HEADERS if k not in names)],
+            }
         await send(message)
 
     return sending

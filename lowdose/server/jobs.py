@@ -12,6 +12,8 @@ import math
 import threading
 import time
 
+import anyio
+
 
 class QueueFull(Exception):
     """No room in the line; ``retry_after`` is the number of seconds a client should wait."""
@@ -25,8 +27,6 @@ class InferQueue:
     """Admission and concurrency of inference jobs; ``admit()`` reserves a place before the upload is read."""
 
     def __init__(self, concurrency: int = 1, max_waiting: int = 8):
-        import anyio
-
         self.concurrency = max(1, int(concurrency))
         self.max_waiting = max(0, int(max_waiting))
         self._limiter = anyio.CapacityLimiter(self.concurrency)
@@ -39,7 +39,7 @@ class InferQueue:
         """Jobs running or waiting."""
         return self._admitted
 
-    def admit(self) -> "_Place":
+    def admit(self) -> _Place:
         """A place in the line (release it when the request ends); QueueFull when the line is full."""
         with self._lock:
             if self._admitted >= self.concurrency + self.max_waiting:
@@ -54,8 +54,6 @@ class InferQueue:
 
     async def run(self, function, *args):
         """Run ``function(*args)`` in a worker thread once a slot is free (the event loop stays free)."""
-        import anyio
-
         started = time.monotonic()
         try:
             return await anyio.to_thread.run_sync(function, *args, limiter=self._limiter)

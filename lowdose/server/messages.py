@@ -24,7 +24,7 @@ def user_message(exc: BaseException) -> str:
 
 def json_error(status: int, detail: str, headers: dict | None = None):
     """A JSON error response ``{"detail": ...}``."""
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse  # the CLI imports this module; FastAPI only in the server
 
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
@@ -32,17 +32,27 @@ def json_error(status: int, detail: str, headers: dict | None = None):
 async def send_json(send, status: int, payload: dict, headers: list | None = None) -> None:
     """Send a whole JSON response on a raw ASGI channel."""
     body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
 def too_large_detail(size: int | None, limit: int) -> dict:
     mb = limit / 1024 / 1024
     said = f" ({size / 1024 / 1024:.1f} MB)" if size is not None else ""
-    return {"detail": f"the upload{said} is larger than this server's limit of {mb:g} MB "
-                      "(start the server with a larger --max-upload-mb, or send a smaller volume)"}
+    return {
+        "detail": f"the upload{said} is larger than this server's limit of {mb:g} MB "
+        "(start the server with a larger --max-upload-mb, or send a smaller volume)"
+    }
 
 
 def internal_detail(reference: str) -> dict:

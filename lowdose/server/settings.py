@@ -35,8 +35,8 @@ class ServerSettings:
         return self.studies.rstrip("/") if self.studies.startswith(("http://", "https://")) else None
 
     @classmethod
-    def from_monailabel(cls) -> "ServerSettings":
-        from monailabel.config import settings
+    def from_monailabel(cls) -> ServerSettings:
+        from monailabel.config import settings  # the CLI imports this module; MONAI Label only in the server
 
         conf = dict(settings.MONAI_LABEL_APP_CONF or {})
         try:

@@ -24,8 +24,9 @@ def checked_name(value, what: str) -> str:
     """``value`` when it is a safe name (no separator, no '..', no absolute path); 400 otherwise."""
     if not isinstance(value, str) or not NAME.fullmatch(value) or ".." in value:
         shown = repr(value)[:80] if isinstance(value, str) else type(value).__name__
-        raise RequestError(400, f"{what} {shown} is not a valid name (letters, digits, '.', '_' and '-' only, "
-                                "at most 128, no '..')")
+        raise RequestError(
+            400, f"{what} {shown} is not a valid name (letters, digits, '.', '_' and '-' only, " "at most 128, no '..')"
+        )
     return value
 
 
@@ -33,8 +34,9 @@ def checked_image_id(value, pacs: bool) -> str:
     """A datastore id: a SeriesInstanceUID in PACS mode, a study name otherwise; 400 when malformed."""
     if pacs:
         if not isinstance(value, str) or len(value) > 64 or not DICOM_UID.fullmatch(value):
-            raise RequestError(400, f"image {str(value)[:80]!r} is not a SeriesInstanceUID (digits and dots, "
-                                    "at most 64)")
+            raise RequestError(
+                400, f"image {str(value)[:80]!r} is not a SeriesInstanceUID (digits and dots, " "at most 64)"
+            )
         return value
     return checked_name(value, "image")
 

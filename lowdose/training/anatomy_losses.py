@@ -5,7 +5,8 @@
 - ``SemanticContrastiveLoss``: ALDEN's semantic-guided contrastive loss on a frozen anatomy encoder's
   features: the denoised slice pulled to the normal dose, pushed from two negatives.
 - ``AnatomyAwareAdversary``: ALDEN's discriminator (anatomy cross-attention) and its LSGAN losses.
-- ``AnatomyTerms``: what the training loop holds: the switched-on terms of a config's ``anatomy`` section.
+
+``anatomy_terms.AnatomyTerms`` plugs the switched-on ones into a denoising run.
 
 All work on the denoiser's normalised images (``hu_to_input``); encoders receive HU.
 """
@@ -13,14 +14,16 @@ All work on the denoiser's normalised images (``hu_to_input``); encoders receive
 from __future__ import annotations
 
 import copy
-import dataclasses
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LowdoseError
+from ..networks import build_network
+from ..windows import SOFT_TISSUE, bounds
+
+SOFT_TISSUE_BOUNDS = bounds(SOFT_TISSUE)  # -150..250 HU: what the discriminator sees
 
 
 class MACLoss(nn.Module):
@@ -34,11 +37,16 @@ class MACLoss(nn.Module):
       it among its ``window`` x ``window`` neighbours (hard negatives: nearby anatomy that looks alike).
     """
 
-    def __init__(self, global_points: int = 32, pixel_points: int = 512, negatives: int = 24, window: int = 7,
-                 temperature: float = 0.1, ema: float = 0.99):
+    def __init__(
+        self,
+        global_points: int = 32,
+        pixel_points: int = 512,
+        negatives: int = 24,
+        window: int = 7,
+        temperature: float = 0.1,
+        ema: float = 0.99,
+    ):
         super().__init__()
-        from ..networks import build_network
-
         self.online = build_network("macnet")
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         dim = self.online.global_head.out_channels
@@ -80,17 +88,19 @@ class MACLoss(nn.Module):
         # Pixel branch (InfoNCE with hard negatives from the normal-dose neighbourhood).
         b, y, x = self._sample(pixel_online, self.pixel_points)
         h, w = pixel_target.shape[-2:]
-        anchor = F.normalize(pixel_online[b, :, y, x], dim=1)                        # [N, C]
+        anchor = F.normalize(pixel_online[b, :, y, x], dim=1)  # [N, C]
         target = F.normalize(pixel_target, dim=1)
-        positive = target[b, :, y, x]                                                 # [N, C]
+        positive = target[b, :, y, x]  # [N, C]
         ny = (y[:, None] + self.offsets[None, :, 0]).clamp(0, h - 1)
         nx = (x[:, None] + self.offsets[None, :, 1]).clamp(0, w - 1)
-        neighbours = target[b[:, None], :, ny, nx]                                   # [N, K, C]
-        similarity = (neighbours * positive[:, None]).sum(-1)                         # to the positive
+        neighbours = target[b[:, None], :, ny, nx]  # [N, K, C]
+        similarity = (neighbours * positive[:, None]).sum(-1)  # to the positive
         hard = similarity.topk(self.negatives, dim=1).indices
         negatives = torch.gather(neighbours, 1, hard[..., None].expand(-1, -1, neighbours.shape[-1]))
-        logits = torch.cat([(anchor * positive).sum(-1, keepdim=True),
-                            torch.einsum("nc,nkc->nk", anchor, negatives)], dim=1) / self.temperature
+        logits = (
+            torch.cat([(anchor * positive).sum(-1, keepdim=True), torch.einsum("nc,nkc->nk", anchor, negatives)], dim=1)
+            / self.temperature
+        )
         pixel_loss = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
         return global_loss + pixel_loss
 
@@ -98,7 +108,7 @@ class MACLoss(nn.Module):
 def _blur(x: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
     radius = int(3 * sigma)
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-t**2 / (2 * sigma**2))
+    kernel = torch.exp(-(t**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
     x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
     x = F.conv2d(x, kernel.view(1, 1, 1, -1))
@@ -116,8 +126,13 @@ class SemanticContrastiveLoss(nn.Module):
         super().__init__()
         self.encoder, self.smoothing_sigma = encoder, smoothing_sigma
 
-    def forward(self, denoised_hu: torch.Tensor, normal_hu: torch.Tensor, low_hu: torch.Tensor,
-                normal_features: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        denoised_hu: torch.Tensor,
+        normal_hu: torch.Tensor,
+        low_hu: torch.Tensor,
+        normal_features: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         with torch.no_grad():
             normal_features = normal_features or self.encoder.features(normal_hu)
             low_features = self.encoder.features(low_hu)
@@ -131,7 +146,7 @@ class SemanticContrastiveLoss(nn.Module):
         return torch.stack(terms).mean()
 
 
-def discriminator_view(hu: torch.Tensor, window: tuple[float, float] = (-150.0, 250.0)) -> torch.Tensor:
+def discriminator_view(hu: torch.Tensor, window: tuple[float, float] = SOFT_TISSUE_BOUNDS) -> torch.Tensor:
     """What ALDEN's discriminator looks at: the slice in a soft-tissue window scaled to [-1, 1], and its
     high-pass (the windowed slice minus its 5x5 mean, 1 unit = 10 HU). Measured: fed HU / 1000 or the
     windowed slice alone, the discriminator stayed at chance (LSGAN loss 0.25) on our denoiser's output vs
@@ -150,8 +165,6 @@ class AnatomyAwareAdversary(nn.Module):
 
     def __init__(self, encoder, channels: list[int]):
         super().__init__()
-        from ..networks import build_network
-
         self.encoder = encoder
         self.discriminator = build_network("alden_discriminator", in_channels=2, anatomy_channels=channels)
 
@@ -162,144 +175,9 @@ class AnatomyAwareAdversary(nn.Module):
         finally:
             self.discriminator.requires_grad_(True)
 
-    def discriminator_loss(self, denoised_hu: torch.Tensor, normal_hu: torch.Tensor,
-                           normal_features: list[torch.Tensor]) -> torch.Tensor:
+    def discriminator_loss(
+        self, denoised_hu: torch.Tensor, normal_hu: torch.Tensor, normal_features: list[torch.Tensor]
+    ) -> torch.Tensor:
         real = self.discriminator(discriminator_view(normal_hu), normal_features)
         fake = self.discriminator(discriminator_view(denoised_hu.detach()), normal_features)
         return 0.5 * (((real - 1) ** 2).mean() + (fake**2).mean())
-
-
-@dataclasses.dataclass
-class AnatomyConfig:
-    """The ``anatomy`` section of a training config: which anatomy-aware terms are on, and their weights.
-
-    A weight of 0 switches its term off; ``bioatt: true`` adds BioAtt attention to the generator (the
-    network's ``organ_attention``), which then reads organ probabilities from the anatomy encoder.
-    """
-
-    encoder: str = "anatomy_encoder"  # lowdose bundle | totalsegmentator[:fast|:full] | timm:<name>:<checkpoint>
-    mac_weight: float = 0.0  # ASCON MAC loss
-    adversarial_weight: float = 0.0  # ALDEN anatomy-aware discriminator
-    semantic_contrastive_weight: float = 0.0  # ALDEN semantic-guided contrastive loss
-    bioatt: bool = False  # BioAtt anatomy-steered attention
-    discriminator_learning_rate: float = 2e-4
-
-    @property
-    def enabled(self) -> list[str]:
-        names = []
-        if self.mac_weight > 0:
-            names.append("ASCON MAC loss")
-        if self.adversarial_weight > 0:
-            names.append("ALDEN anatomy-aware discriminator")
-        if self.semantic_contrastive_weight > 0:
-            names.append("ALDEN semantic contrastive loss")
-        if self.bioatt:
-            names.append("BioAtt organ-prior attention")
-        return names
-
-    @property
-    def needs_encoder(self) -> bool:
-        return self.adversarial_weight > 0 or self.semantic_contrastive_weight > 0 or self.bioatt
-
-
-class AnatomyTerms(nn.Module):
-    """The anatomy-aware terms of one training run: the frozen encoder, MAC-Net, the discriminator."""
-
-    def __init__(self, config: AnatomyConfig, normalisation: dict, device):
-        super().__init__()
-        from ..anatomy import load_anatomy_encoder
-
-        self.config, self.normalisation, self.device = config, normalisation, device
-        self.encoder = load_anatomy_encoder(config.encoder, device) if config.needs_encoder else None
-        if config.bioatt:  # fail now, not after the first epoch, when the encoder gives no organ presence
-            with torch.no_grad():
-                self.num_organs = self.encoder.organ_presence(torch.zeros(1, 1, 64, 64, device=device)).shape[1]
-        self.mac = MACLoss().to(device) if config.mac_weight > 0 else None
-        self.semantic = SemanticContrastiveLoss(self.encoder) if config.semantic_contrastive_weight > 0 else None
-        self.adversary = None
-        self.discriminator_optimiser = None
-        if config.adversarial_weight > 0:
-            with torch.no_grad():
-                channels = [f.shape[1] for f in self.encoder.features(torch.zeros(1, 1, 64, 64, device=device))]
-            self.adversary = AnatomyAwareAdversary(self.encoder, channels).to(device)
-            self.discriminator_optimiser = torch.optim.AdamW(self.adversary.discriminator.parameters(),
-                                                             lr=config.discriminator_learning_rate, betas=(0.5, 0.999))
-
-    def trainable_state(self) -> dict:
-        """What a checkpoint keeps to resume: MAC-Net (online, target, predictor), the discriminator and its optimiser."""
-        state = {}
-        if self.mac is not None:
-            state["mac"] = self.mac.state_dict()
-        if self.adversary is not None:
-            state["discriminator"] = self.adversary.discriminator.state_dict()
-            state["discriminator_optimiser"] = self.discriminator_optimiser.state_dict()
-        return state
-
-    def load_trainable_state(self, state: dict) -> None:
-        if self.mac is not None and "mac" in state:
-            self.mac.load_state_dict(state["mac"])
-        if self.adversary is not None and "discriminator" in state:
-            self.adversary.discriminator.load_state_dict(state["discriminator"])
-            self.discriminator_optimiser.load_state_dict(state["discriminator_optimiser"])
-
-    def encoder_for_bundle(self) -> dict:
-        """The anatomy encoder as a BioAtt bundle ships it (its organ presence is needed at inference)."""
-        from ..anatomy.encoders import LowdoseAnatomyEncoder
-
-        if not isinstance(self.encoder, LowdoseAnatomyEncoder):
-            raise LowdoseError("BioAtt bundles ship lowdose's anatomy encoder; set anatomy.encoder to one")
-        return {"kwargs": self.encoder.kwargs, "normalisation": dict(self.encoder.normalisation),
-                "source": self.encoder.folder.name, "state": self.encoder.network.state_dict()}
-
-    def generator_parameters(self) -> list[nn.Parameter]:
-        """Parameters trained with the generator (MAC-Net's online network and predictor)."""
-        return [] if self.mac is None else list(self.mac.online.parameters()) + list(self.mac.predictor.parameters())
-
-    def hu(self, x: torch.Tensor) -> torch.Tensor:
-        from ..bundle import output_to_hu
-
-        return output_to_hu(x, self.normalisation)
-
-    @torch.no_grad()
-    def slice_organ_probabilities(self, hu: np.ndarray) -> np.ndarray:
-        """BioAtt's prior of one whole low-dose slice (HU, [H, W]): what training patches of it carry."""
-        slice_hu = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None].to(self.device)
-        return self.encoder.organ_presence(slice_hu)[0].cpu().numpy()
-
-    @torch.no_grad()
-    def organ_probabilities(self, low: torch.Tensor) -> torch.Tensor:
-        """BioAtt's prior: organ-presence probabilities of whole low-dose centre slices (validation, as at inference)."""
-        centre = low[:, low.shape[1] // 2:low.shape[1] // 2 + 1]
-        return self.encoder.organ_presence(self.hu(centre))
-
-    def generator_losses(self, prediction: torch.Tensor, normal: torch.Tensor, low: torch.Tensor) -> dict:
-        """Weighted terms to add to the pixel loss, by name (each already multiplied by its weight)."""
-        terms = {}
-        normal_features = None
-        if self.semantic is not None or self.adversary is not None:
-            with torch.no_grad():
-                normal_features = self.encoder.features(self.hu(normal))
-        if self.mac is not None:
-            terms["mac"] = self.config.mac_weight * self.mac(prediction, normal)
-        if self.semantic is not None:
-            centre = low[:, low.shape[1] // 2:low.shape[1] // 2 + 1]
-            terms["semantic_contrastive"] = self.config.semantic_contrastive_weight * self.semantic(
-                self.hu(prediction), self.hu(normal), self.hu(centre), normal_features)
-        if self.adversary is not None:
-            terms["adversarial"] = self.config.adversarial_weight * self.adversary.generator_loss(
-                self.hu(prediction), normal_features)
-        self._normal_features = normal_features
-        return terms
-
-    def after_generator_step(self, prediction: torch.Tensor, normal: torch.Tensor) -> dict:
-        """EMA update of MAC-Net's target; one discriminator step. Returns the discriminator loss."""
-        figures = {}
-        if self.mac is not None:
-            self.mac.update_target()
-        if self.adversary is not None:
-            loss = self.adversary.discriminator_loss(self.hu(prediction), self.hu(normal), self._normal_features)
-            self.discriminator_optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            self.discriminator_optimiser.step()
-            figures["discriminator"] = float(loss.detach())
-        return figures

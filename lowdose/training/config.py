@@ -1,4 +1,5 @@
-"""The training run described by one YAML file: data, doses, network, optimiser, schedule, output."""
+"""The training runs described by one YAML file: a denoiser (data, doses, network, optimiser, schedule,
+anatomy-aware terms, output) or lowdose's anatomy encoder (label maps in, an encoder bundle out)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,37 @@ class OptimConfig:
     estimator_batch_size: int = 8
 
 
-from .anatomy_losses import AnatomyConfig  # noqa: E402  (a config section; the losses load lazily)
+@dataclasses.dataclass
+class AnatomyConfig:
+    """The ``anatomy`` section of a training config: which anatomy-aware terms are on, and their weights.
+
+    A weight of 0 switches its term off; ``bioatt: true`` adds BioAtt attention to the generator (the
+    network's ``organ_attention``), which then reads organ probabilities from the anatomy encoder.
+    """
+
+    encoder: str = "anatomy_encoder"  # lowdose bundle | totalsegmentator[:fast|:full] | timm:<name>:<checkpoint>
+    mac_weight: float = 0.0  # ASCON MAC loss
+    adversarial_weight: float = 0.0  # ALDEN anatomy-aware discriminator
+    semantic_contrastive_weight: float = 0.0  # ALDEN semantic-guided contrastive loss
+    bioatt: bool = False  # BioAtt anatomy-steered attention
+    discriminator_learning_rate: float = 2e-4
+
+    @property
+    def enabled(self) -> list[str]:
+        names = []
+        if self.mac_weight > 0:
+            names.append("ASCON MAC loss")
+        if self.adversarial_weight > 0:
+            names.append("ALDEN anatomy-aware discriminator")
+        if self.semantic_contrastive_weight > 0:
+            names.append("ALDEN semantic contrastive loss")
+        if self.bioatt:
+            names.append("BioAtt organ-prior attention")
+        return names
+
+    @property
+    def needs_encoder(self) -> bool:
+        return self.adversarial_weight > 0 or self.semantic_contrastive_weight > 0 or self.bioatt
 
 
 @dataclasses.dataclass
@@ -82,7 +113,7 @@ class TrainConfig:
     anatomy: AnatomyConfig = dataclasses.field(default_factory=AnatomyConfig)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
         path = Path(path)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
@@ -101,20 +132,24 @@ class TrainConfig:
         return config
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, raw: dict, source: str = "config") -> TrainConfig:
         def build(kind, values, where):
             if not isinstance(values, dict):
                 raise LowdoseError(f"{source}: '{where}' must be a mapping")
             names = {f.name for f in dataclasses.fields(kind)}
             unknown = set(values) - names
             if unknown:
-                raise LowdoseError(f"{source}: unknown key(s) in '{where}': {', '.join(sorted(unknown))} "
-                                   f"(known: {', '.join(sorted(names))})")
+                raise LowdoseError(
+                    f"{source}: unknown key(s) in '{where}': {', '.join(sorted(unknown))} "
+                    f"(known: {', '.join(sorted(names))})"
+                )
             return values
 
         raw = dict(raw)
         if raw.pop("task", "denoising") != "denoising":
-            raise LowdoseError(f"{source}: not a denoising config (task); anatomy encoders train with lowdose train too")
+            raise LowdoseError(
+                f"{source}: not a denoising config (task); anatomy encoders train with lowdose " "train too"
+            )
         top = build(cls, raw, "top level")
         config = cls(**{k: v for k, v in top.items() if k not in ("data", "network", "optim", "anatomy")})
         config.data = DataConfig(**build(DataConfig, top.get("data", {}), "data"))
@@ -145,6 +180,56 @@ class TrainConfig:
             raise LowdoseError(f"{source}: optim.selection must be 'val_psnr' or 'last', not {self.optim.selection!r}")
         if self.optim.epochs < 1 or self.optim.batch_size < 1:
             raise LowdoseError(f"{source}: optim.epochs and optim.batch_size must be positive")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class AnatomyEncoderConfig:
+    """One YAML file: label maps in, an anatomy encoder bundle out."""
+
+    task: str = "anatomy_encoder"
+    name: str = "anatomy_encoder"
+    description: str = ""
+    output_dir: str = "runs/anatomy_encoder"
+    seed: int = 0
+    device: str = "auto"
+    images: list[str] = dataclasses.field(default_factory=list)  # CT files/series, each with its label map
+    labels: list[str] = dataclasses.field(default_factory=list)  # TotalSegmentator `total` label maps
+    validation_images: list[str] = dataclasses.field(default_factory=list)
+    validation_labels: list[str] = dataclasses.field(default_factory=list)
+    in_plane_spacing_mm: float = 1.0
+    doses: list[float] = dataclasses.field(default_factory=lambda: [1.0, 0.5, 0.25, 0.1, 0.05])
+    network_kwargs: dict = dataclasses.field(default_factory=dict)
+    epochs: int = 40
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    presence_weight: float = 0.5
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> AnatomyEncoderConfig:
+        path = Path(path)
+        raw = yaml.safe_load(path.read_text()) or {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - names
+        if unknown:
+            raise LowdoseError(
+                f"{path}: unknown key(s) {', '.join(sorted(unknown))} " f"(known: {', '.join(sorted(names))})"
+            )
+        config = cls(**raw)
+        base = path.resolve().parent
+        for key in ("images", "labels", "validation_images", "validation_labels"):
+            setattr(config, key, [str((base / p).resolve()) for p in getattr(config, key)])
+        config.output_dir = str((base / config.output_dir).resolve())
+        if not config.images or len(config.images) != len(config.labels):
+            raise LowdoseError(
+                f"{path}: give one label map per image (images: {len(config.images)}, " f"labels: {len(config.labels)})"
+            )
+        if len(config.validation_images) != len(config.validation_labels):
+            raise LowdoseError(f"{path}: give one label map per validation image")
+        return config
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import simulate
 from ..bundle import hu_to_input
 from ..errors import LowdoseError
 from ..io import GRID_SUFFIXES, load_ct
+from ..slabs import BODY_HU, body_slices, slab
 from ..volume import CTVolume
 
-BODY_HU = -500.0
 RUN_LENGTH = 8  # consecutive slices simulated together for one epoch
 
 
@@ -48,19 +49,6 @@ def _looks_like_dicom(path: Path) -> bool:
             return handle.read(4) == b"DICM"
     except OSError:
         return False
-
-
-def slab(hu: np.ndarray, index: int, channels: int) -> np.ndarray:
-    """Slices ``index - channels//2 .. index + channels//2`` of a [z, y, x] array, ends repeated."""
-    half = channels // 2
-    picks = np.clip(np.arange(index - half, index + half + 1), 0, hu.shape[0] - 1)
-    return hu[picks]
-
-
-def body_slices(volume: CTVolume, min_fraction: float) -> list[int]:
-    """Slices in which at least ``min_fraction`` of the pixels are body (not air or padding)."""
-    fraction = (volume.hu > BODY_HU).mean(axis=(1, 2))
-    return [int(k) for k in np.flatnonzero(fraction >= min_fraction)]
 
 
 @dataclasses.dataclass
@@ -97,52 +85,74 @@ def _paired_cases(root: Path) -> list[tuple[Path, Path]]:
         if len(full) == 1 and len(low) == 1:
             cases.append((full[0], low[0]))
     if not cases:
-        raise LowdoseError(f"{root}: no patient folder holds one full-dose and one low-dose series folder "
-                           "(names containing 'full'/'normal' and 'low'/'quarter')")
+        raise LowdoseError(
+            f"{root}: no patient folder holds one full-dose and one low-dose series folder "
+            "(names containing 'full'/'normal' and 'low'/'quarter')"
+        )
     return cases
 
 
 class PairSampler:
     """Makes one epoch's training patches: fresh simulated noise at random doses every epoch."""
 
-    def __init__(self, source: PairSource, doses: list[float], channels: int, normalisation: dict,
-                 patch_size: int, patches_per_slice: int, slices_per_epoch: int, min_tissue_fraction: float,
-                 seed: int, cache_dir: str | None = None, pool_size: int = 0):
+    def __init__(
+        self,
+        source: PairSource,
+        doses: list[float],
+        channels: int,
+        normalisation: dict,
+        patch_size: int,
+        patches_per_slice: int,
+        slices_per_epoch: int,
+        min_tissue_fraction: float,
+        seed: int,
+        cache_dir: str | None = None,
+        pool_size: int = 0,
+    ):
         self.cache_dir = cache_dir
         self.source, self.doses, self.channels = source, [float(d) for d in doses], channels
         self.normalisation = normalisation
         self.patch_size, self.patches_per_slice = patch_size, patches_per_slice
         self.slices_per_epoch = slices_per_epoch
-        self.candidates = [(v, k) for v, volume in enumerate(source.normal)
-                           for k in body_slices(volume, min_tissue_fraction)
-                           if min(volume.shape[1:]) >= patch_size]
+        self.candidates = [
+            (v, k)
+            for v, volume in enumerate(source.normal)
+            for k in body_slices(volume, min_tissue_fraction)
+            if min(volume.shape[1:]) >= patch_size
+        ]
         if not self.candidates:
-            raise LowdoseError(f"no training slice is at least {patch_size} pixels wide with "
-                               f"{min_tissue_fraction:.0%} body in it")
+            raise LowdoseError(
+                f"no training slice is at least {patch_size} pixels wide with " f"{min_tissue_fraction:.0%} body in it"
+            )
         self.seed = seed
         self.pool: list[tuple[int, float, int]] = []  # (candidate index, dose, noise seed)
         self._pool_memory: dict[tuple, np.ndarray] = {}
         if pool_size and source.low is None:
             rng = np.random.default_rng([seed, 7])
-            self.pool = [(int(rng.integers(len(self.candidates))), self.doses[i % len(self.doses)],
-                          int(rng.integers(2**31))) for i in range(pool_size)]
+            self.pool = [
+                (int(rng.integers(len(self.candidates))), self.doses[i % len(self.doses)], int(rng.integers(2**31)))
+                for i in range(pool_size)
+            ]
 
     def _simulate(self, volume: CTVolume, v: int, lo: int, hi: int, dose: float, seed: int) -> np.ndarray:
         """Slices lo:hi of volume v at ``dose``; cached on disk when ``cache_dir`` is set, so runs that
         share a seed (e.g. the networks of one benchmark) share the simulated data instead of redoing it."""
-        from .. import simulate
-
         cache = None
         if self.cache_dir is not None:
             # The simulator's calibration is part of the key: a recalibrated simulator makes new data.
-            source = (f"{volume.metadata.get('path', v)}|{lo}|{hi}|{dose:.6f}|{seed}|"
-                      f"{simulate.FULL_DOSE_PHOTONS}|{simulate.ELECTRONIC_NOISE_PHOTONS}|{simulate.ScannerGeometry()}")
+            source = (
+                f"{volume.metadata.get('path', v)}|{lo}|{hi}|{dose:.6f}|{seed}|"
+                f"{simulate.FULL_DOSE_PHOTONS}|{simulate.ELECTRONIC_NOISE_PHOTONS}|{simulate.ScannerGeometry()}"
+            )
             key = hashlib.sha1(source.encode()).hexdigest()[:20]
             cache = Path(self.cache_dir) / f"{key}.npy"
             if cache.is_file():
                 return np.load(cache)
-        stack = CTVolume(hu=volume.hu[lo:hi], spacing_mm=volume.spacing_mm, metadata={
-            key: value for key, value in volume.metadata.items() if key == "padding_value_hu"})
+        stack = CTVolume(
+            hu=volume.hu[lo:hi],
+            spacing_mm=volume.spacing_mm,
+            metadata={key: value for key, value in volume.metadata.items() if key == "padding_value_hu"},
+        )
         low = simulate.simulate_low_dose(stack, dose, seed=seed).hu
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +161,9 @@ class PairSampler:
             os.replace(tmp, cache)
         return low
 
-    def _pooled(self, pick: int, volume: CTVolume, v: int, lo: int, hi: int, dose: float, noise_seed: int) -> np.ndarray:
+    def _pooled(
+        self, pick: int, volume: CTVolume, v: int, lo: int, hi: int, dose: float, noise_seed: int
+    ) -> np.ndarray:
         """A run of the pool: simulated once, then read from the disk cache or kept in memory."""
         key = (pick, dose, noise_seed)
         low_run = self._pool_memory.get(key)
@@ -167,16 +179,24 @@ class PairSampler:
         ``slice_prior`` (BioAtt): a function of a whole low-dose slice in HU giving its organ-presence
         probabilities; each patch then carries its slice's as ``organ_probabilities``, as at inference,
         where the prior is read from whole slices."""
+        # monai takes seconds to import: only when a run makes patches
         from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd, RandRotate90d
 
         rng = np.random.default_rng([self.seed, epoch])
-        crop = Compose([
-            RandCropByPosNegLabeld(keys=["low", "normal", "body"], label_key="body",
-                                   spatial_size=(self.patch_size, self.patch_size), pos=1, neg=0,
-                                   num_samples=self.patches_per_slice),
-            RandFlipd(keys=["low", "normal"], prob=0.5, spatial_axis=1),
-            RandRotate90d(keys=["low", "normal"], prob=0.75, max_k=3),
-        ])
+        crop = Compose(
+            [
+                RandCropByPosNegLabeld(
+                    keys=["low", "normal", "body"],
+                    label_key="body",
+                    spatial_size=(self.patch_size, self.patch_size),
+                    pos=1,
+                    neg=0,
+                    num_samples=self.patches_per_slice,
+                ),
+                RandFlipd(keys=["low", "normal"], prob=0.5, spatial_axis=1),
+                RandRotate90d(keys=["low", "normal"], prob=0.75, max_k=3),
+            ]
+        )
         crop.set_random_state(seed=int(rng.integers(2**31)))
         items = []
         # Simulate runs of consecutive slices: each simulated slice then serves as centre and as a
@@ -186,8 +206,10 @@ class PairSampler:
         if self.pool:
             picks = [self.pool[int(i)] for i in rng.choice(len(self.pool), size=runs, replace=len(self.pool) < runs)]
         else:
-            picks = [(int(i), None, None) for i in
-                     rng.choice(len(self.candidates), size=runs, replace=len(self.candidates) < runs)]
+            picks = [
+                (int(i), None, None)
+                for i in rng.choice(len(self.candidates), size=runs, replace=len(self.candidates) < runs)
+            ]
         for pick, dose, noise_seed in picks:
             v, k = self.candidates[pick]
             volume = self.source.normal[v]
@@ -208,17 +230,24 @@ class PairSampler:
                     continue
                 item = {
                     "low": hu_to_input(slab(low_run, c - lo, self.channels), self.normalisation),
-                    "normal": hu_to_input(normal[half:half + 1], self.normalisation),
-                    "body": (normal[half:half + 1] > BODY_HU).astype(np.float32),
+                    "normal": hu_to_input(normal[half : half + 1], self.normalisation),
+                    "body": (normal[half : half + 1] > BODY_HU).astype(np.float32),
                 }
-                extra = {} if slice_prior is None else {
-                    "organ_probabilities": np.asarray(slice_prior(low_run[c - lo]), dtype=np.float32)}
+                extra = (
+                    {}
+                    if slice_prior is None
+                    else {"organ_probabilities": np.asarray(slice_prior(low_run[c - lo]), dtype=np.float32)}
+                )
                 for patch in crop(item):
-                    items.append({"low": np.asarray(patch["low"], dtype=np.float32),
-                                  "normal": np.asarray(patch["normal"], dtype=np.float32),
-                                  "dose": np.float32(dose if dose is not None else np.nan), **extra})
+                    items.append(
+                        {
+                            "low": np.asarray(patch["low"], dtype=np.float32),
+                            "normal": np.asarray(patch["normal"], dtype=np.float32),
+                            "dose": np.float32(dose if dose is not None else np.nan),
+                            **extra,
+                        }
+                    )
         return items
-
 
     def whole_slices(self, epoch: int, min_fraction: float = 0.2):
         """Whole low-dose slabs with their dose, as the dose estimator sees slices at inference.
@@ -230,8 +259,10 @@ class PairSampler:
             raise LowdoseError("the dose estimator is trained on simulated doses; paired data has one dose")
         rng = np.random.default_rng([self.seed, epoch, 2])
         half = self.channels // 2
-        entries = self.pool or [(int(i), float(rng.choice(self.doses)), int(rng.integers(2**31))) for i in
-                                rng.choice(len(self.candidates), size=max(1, self.slices_per_epoch // RUN_LENGTH))]
+        entries = self.pool or [
+            (int(i), float(rng.choice(self.doses)), int(rng.integers(2**31)))
+            for i in rng.choice(len(self.candidates), size=max(1, self.slices_per_epoch // RUN_LENGTH))
+        ]
         for pick, dose, noise_seed in (entries[int(i)] for i in rng.permutation(len(entries))):
             v, k = self.candidates[pick]
             volume = self.source.normal[v]
@@ -250,11 +281,10 @@ class PairSampler:
                 yield np.ascontiguousarray(low), dose
 
 
-def validation_set(volumes: list[CTVolume], doses: list[float], channels: int, slices_per_volume: int,
-                   seed: int = 12345) -> list[dict]:
+def validation_set(
+    volumes: list[CTVolume], doses: list[float], channels: int, slices_per_volume: int, seed: int = 12345
+) -> list[dict]:
     """Fixed full slices for validation: the same simulated noise every epoch (HU, not normalised)."""
-    from ..simulate import simulate_low_dose
-
     items = []
     for v, volume in enumerate(volumes):
         candidates = body_slices(volume, 0.2) or list(range(volume.shape[0]))
@@ -263,7 +293,8 @@ def validation_set(volumes: list[CTVolume], doses: list[float], channels: int, s
             for k in sorted(set(picks)):
                 normal = slab(volume.hu, k, channels)
                 stack = CTVolume(hu=normal, spacing_mm=volume.spacing_mm)
-                low = simulate_low_dose(stack, dose, seed=seed + 1000 * v + k).hu
-                items.append({"low_hu": low, "normal_hu": normal[channels // 2], "dose": float(dose),
-                              "volume": v, "slice": k})
+                low = simulate.simulate_low_dose(stack, dose, seed=seed + 1000 * v + k).hu
+                items.append(
+                    {"low_hu": low, "normal_hu": normal[channels // 2], "dose": float(dose), "volume": v, "slice": k}
+                )
     return items

@@ -1,4 +1,5 @@
-"""The settings of a fine-tuning request (a server client's), checked: types, bounds, a safe new output model.
+"""Fine-tuning a shipped model on a user's normal-dose CT: the request's settings, checked (types, bounds, a safe
+new output model), and the training config they make (``finetune_config``).
 
 A request may not overwrite a shipped model, nor any model that fine-tuning did not make; it may overwrite
 one fine-tuning made only when it says ``overwrite``. Bundles that fine-tuning writes carry
@@ -8,12 +9,13 @@ one fine-tuning made only when it says ``overwrite``. Bundles that fine-tuning w
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
 
+from ..bundle import Bundle
 from ..errors import LowdoseError
+from .config import TrainConfig
 
 FINETUNE_MARK = "finetune"
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -53,8 +55,10 @@ def checked_finetune_request(body, models_dir: Path, source_model: str) -> dict:
         raise FineTuneRequestError("the request must be a JSON object of training settings")
     unknown = sorted(set(body) - set(BOUNDS) - {"output_model", "overwrite"})
     if unknown:
-        raise FineTuneRequestError(f"unknown setting(s): {', '.join(str(u)[:40] for u in unknown)}; known: "
-                                   f"{', '.join([*BOUNDS, 'output_model', 'overwrite'])}")
+        raise FineTuneRequestError(
+            f"unknown setting(s): {', '.join(str(u)[:40] for u in unknown)}; known: "
+            f"{', '.join([*BOUNDS, 'output_model', 'overwrite'])}"
+        )
     settings = {name: _checked_number(name, body[name], bound) for name, bound in BOUNDS.items() if name in body}
     if settings.get("patch_size", 16) % 16:
         raise FineTuneRequestError(f"patch_size {settings['patch_size']}: must be a multiple of 16")
@@ -63,27 +67,86 @@ def checked_finetune_request(body, models_dir: Path, source_model: str) -> dict:
         raise FineTuneRequestError("overwrite must be true or false")
     output = body.get("output_model", f"{source_model}_finetuned")
     if not isinstance(output, str) or not MODEL_NAME.fullmatch(output) or ".." in output:
-        raise FineTuneRequestError(f"output_model {str(output)[:80]!r} is not a valid name (letters, digits, '.', "
-                                   "'_' and '-' only, at most 128, no '..')")
+        raise FineTuneRequestError(
+            f"output_model {str(output)[:80]!r} is not a valid name (letters, digits, '.', "
+            "'_' and '-' only, at most 128, no '..')"
+        )
     if output == source_model:
         raise FineTuneRequestError(f"output_model {output!r} is the source model; give a new model name", True)
     existing = Path(models_dir) / output
     if existing.exists() or existing.is_symlink():
         if not overwrite:
-            raise FineTuneRequestError(f"a model named {output!r} exists; give a new output_model (or overwrite: "
-                                       "true for a model that fine-tuning made)", True)
+            raise FineTuneRequestError(
+                f"a model named {output!r} exists; give a new output_model (or overwrite: "
+                "true for a model that fine-tuning made)",
+                True,
+            )
         if existing.is_symlink() or created_by(existing) != FINETUNE_MARK:
-            raise FineTuneRequestError(f"model {output!r} was not made by fine-tuning (it may be a shipped model) "
-                                       "and is never overwritten; give a new output_model", True)
+            raise FineTuneRequestError(
+                f"model {output!r} was not made by fine-tuning (it may be a shipped model) "
+                "and is never overwritten; give a new output_model",
+                True,
+            )
     return {**settings, "output_model": output, "overwrite": overwrite}
 
 
 def created_by(bundle: Path) -> str | None:
     """What made a bundle (metadata's ``lowdose_created_by``); None for shipped or unreadable ones."""
     try:
-        return json.loads((bundle / "configs" / "metadata.json").read_text()).get("lowdose_created_by")
-    except (OSError, ValueError, AttributeError):
+        return Bundle.read(bundle).created_by
+    except LowdoseError:
         return None
+
+
+# What a fine-tuning request may leave out.
+DEFAULT_SETTINGS = {
+    "epochs": 2,
+    "slices_per_epoch": 16,
+    "patches_per_slice": 4,
+    "patch_size": 96,
+    "batch_size": 8,
+    "learning_rate": 1e-4,
+    "seed": 0,
+}
+
+
+def finetune_config(
+    bundle: Bundle, images: list[str], settings: dict, output_dir: str | Path, device: str = "auto"
+) -> TrainConfig:
+    """The training config that fine-tunes ``bundle`` on the normal-dose CT ``images`` (low dose simulated on the
+    fly), with a request's checked ``settings`` (``checked_finetune_request``; ``DEFAULT_SETTINGS`` for the rest);
+    the run goes to ``output_dir``, the model is named ``settings["output_model"]``."""
+    settings = {**DEFAULT_SETTINGS, **settings}
+    estimator = bundle.dose_estimator
+    return TrainConfig.from_dict(
+        {
+            "name": settings["output_model"],
+            "output_dir": str(output_dir),
+            "seed": int(settings["seed"]),
+            "device": device,
+            "init_bundle": str(bundle.folder),
+            "data": {
+                "mode": "simulated",
+                "train": [str(i) for i in images],
+                "validation": [],
+                "patch_size": int(settings["patch_size"]),
+                "patches_per_slice": int(settings["patches_per_slice"]),
+                "slices_per_epoch": int(settings["slices_per_epoch"]),
+            },
+            "network": {
+                "name": bundle.network_name,
+                "kwargs": bundle.network["kwargs"],
+                "dose_estimator": estimator is not None,
+                "dose_estimator_kwargs": bundle.dose_estimator_kwargs,
+            },
+            "optim": {
+                "epochs": int(settings["epochs"]),
+                "batch_size": int(settings["batch_size"]),
+                "learning_rate": float(settings["learning_rate"]),
+            },
+        },
+        source="finetune request",
+    )
 
 
 def _checked_number(name: str, value, bound: Bound):

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import pydicom
 import requests
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
@@ -53,8 +54,12 @@ class StudiesFolder(LocalDatastore):
 def local_datastore(studies: str) -> StudiesFolder:
     # No route writes into the studies folder (MONAI Label's datastore routes answer 404); MONAI Label keeps
     # its index file there.
-    return StudiesFolder(studies, extensions=LOCAL_EXTENSIONS, auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-                         read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+    return StudiesFolder(
+        studies,
+        extensions=LOCAL_EXTENSIONS,
+        auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+        read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+    )
 
 
 def has_image(datastore, image_id: str) -> bool:
@@ -94,13 +99,20 @@ class PacsDatastore(DICOMWebDatastore):
         self.url = url
         self._timeouts = (connect_timeout, read_timeout)
         session = TimedSession(connect_timeout, read_timeout, (username, password) if username and password else None)
-        client = DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
-                                 wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
-                                 stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+        client = DICOMwebClientX(
+            url=url,
+            session=session,
+            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+            wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+        )
         self._status_client = DICOMwebClientX(
-            url=url, session=TimedSession(STATUS_TIMEOUT, STATUS_TIMEOUT, session.auth),
-            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX, wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
-            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+            url=url,
+            session=TimedSession(STATUS_TIMEOUT, STATUS_TIMEOUT, session.auth),
+            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+            wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+        )
         for c in (client, self._status_client):
             # dicomweb_client retries every failed call 5 times with growing waits (30 s and more for a PACS that
             # is down); a clear 503 at once is better: the client may retry.
@@ -111,8 +123,13 @@ class PacsDatastore(DICOMWebDatastore):
         self._lock = threading.Lock()
         # MONAI Label's datastore wants a cache folder; nothing is kept there (series go to request folders).
         cache_path = tempfile.mkdtemp(prefix="dicomweb-cache-")
-        super().__init__(client=client, search_filter=dict(settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER),
-                         cache_path=cache_path, fetch_by_frame=False, convert_to_nifti=False)
+        super().__init__(
+            client=client,
+            search_filter=dict(settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER),
+            cache_path=cache_path,
+            fetch_by_frame=False,
+            convert_to_nifti=False,
+        )
 
     def _unavailable(self, exc: Exception) -> ServiceUnavailableError:
         self._failed_at = time.time()
@@ -141,13 +158,19 @@ class PacsDatastore(DICOMWebDatastore):
     def list_images(self, client=None) -> list[str]:
         """The PACS's series (listed again when older than SERIES_LIST_SECONDS; no lock held while asking)."""
         if time.time() - self._listed_at > SERIES_LIST_SECONDS:
-            found = self._pacs_call((client or self._client).search_for_series, search_filters=self._search_filter,
-                                    fields=["SeriesDescription", "StudyInstanceUID"], get_remaining=True)
+            found = self._pacs_call(
+                (client or self._client).search_for_series,
+                search_filters=self._search_filter,
+                fields=["SeriesDescription", "StudyInstanceUID"],
+                get_remaining=True,
+            )
             series = {}
             for item in found:
                 ds = Dataset.from_json(item)
-                series[str(ds.SeriesInstanceUID)] = {"description": str(ds.get("SeriesDescription", "") or ""),
-                                                     "study": str(ds.get("StudyInstanceUID", "") or "")}
+                series[str(ds.SeriesInstanceUID)] = {
+                    "description": str(ds.get("SeriesDescription", "") or ""),
+                    "study": str(ds.get("StudyInstanceUID", "") or ""),
+                }
             with self._lock:
                 self._series, self._listed_at = series, time.time()
         with self._lock:
@@ -158,8 +181,9 @@ class PacsDatastore(DICOMWebDatastore):
             return False
         if series_uid in self.list_images():
             return True
-        found = self._pacs_call(self._client.search_for_series,
-                                search_filters={**self._search_filter, "SeriesInstanceUID": series_uid})
+        found = self._pacs_call(
+            self._client.search_for_series, search_filters={**self._search_filter, "SeriesInstanceUID": series_uid}
+        )
         return any(str(Dataset.from_json(item).SeriesInstanceUID) == series_uid for item in found)
 
     def is_lowdose_series(self, series_uid: str) -> bool:
@@ -194,15 +218,20 @@ class PacsDatastore(DICOMWebDatastore):
         if not isinstance(image_id, str) or len(image_id) > 64 or not DICOM_UID.match(image_id):
             raise LowdoseError(f"{str(image_id)[:80]!r} is not a SeriesInstanceUID")
         folder = Path(tempfile.mkdtemp(prefix="series-", dir=into))
-        found = self._pacs_call(self._client.search_for_series,
-                                search_filters={"SeriesInstanceUID": image_id}, fields=["StudyInstanceUID"])
-        studies = {str(Dataset.from_json(s).StudyInstanceUID) for s in found
-                   if str(Dataset.from_json(s).SeriesInstanceUID) == image_id}
+        found = self._pacs_call(
+            self._client.search_for_series, search_filters={"SeriesInstanceUID": image_id}, fields=["StudyInstanceUID"]
+        )
+        studies = {
+            str(Dataset.from_json(s).StudyInstanceUID)
+            for s in found
+            if str(Dataset.from_json(s).SeriesInstanceUID) == image_id
+        }
         if not studies:
             raise LowdoseError(f"no series {image_id} on the PACS")
         # Ask for the stored transfer syntax ("*"): the PACS then need not transcode JPEG 2000 and the like.
-        instances = self._pacs_call(self._client.retrieve_series, studies.pop(), image_id,
-                                    media_types=(("application/dicom", "*"),))
+        instances = self._pacs_call(
+            self._client.retrieve_series, studies.pop(), image_id, media_types=(("application/dicom", "*"),)
+        )
         for k, instance in enumerate(instances):
             instance.save_as(folder / f"{k:05d}.dcm", write_like_original=False)
         return folder
@@ -215,8 +244,6 @@ class PacsDatastore(DICOMWebDatastore):
 
     def store_series(self, folder: str | Path) -> dict:
         """STOW-RS every DICOM file of ``folder`` (one new series) to the PACS; what the PACS confirmed."""
-        import pydicom
-
         files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix == ".dcm")
         datasets = [pydicom.dcmread(p) for p in files]
         if not datasets:
@@ -227,11 +254,18 @@ class PacsDatastore(DICOMWebDatastore):
         failed = response.get("FailedSOPSequence") if response is not None else None
         if failed:
             reasons = sorted({str(item.get("FailureReason", "?")) for item in failed})
-            raise LowdoseError(f"the PACS refused {len(failed)} of {len(datasets)} instances "
-                               f"(failure reasons {', '.join(reasons)})")
+            raise LowdoseError(
+                f"the PACS refused {len(failed)} of {len(datasets)} instances "
+                f"(failure reasons {', '.join(reasons)})"
+            )
         stored = len(response.get("ReferencedSOPSequence", [])) if response is not None else len(datasets)
         with self._lock:
             self._listed_at = 0.0  # list the new series next time
         log.info("stored series %s (%d instances) in study %s", series_uid, stored, study_uid)
-        return {"stored": True, "series_instance_uid": series_uid, "study_instance_uid": study_uid,
-                "instances": stored, "series_description": str(datasets[0].get("SeriesDescription", ""))}
+        return {
+            "stored": True,
+            "series_instance_uid": series_uid,
+            "study_instance_uid": study_uid,
+            "instances": stored,
+            "series_description": str(datasets[0].get("SeriesDescription", "")),
+        }

@@ -60,8 +60,11 @@ def _unzip(path: Path, limits: InputLimits) -> Path:
     if grids:
         if len(grids) > 1 or len(grids) != len(members):
             shutil.rmtree(folder, ignore_errors=True)
-            raise CTInputError(path, f"the zip file holds {len(members)} files with {len(grids)} NIfTI/NRRD/MHA "
-                                     "volumes; send one volume (or one DICOM series) per request")
+            raise CTInputError(
+                path,
+                f"the zip file holds {len(members)} files with {len(grids)} NIfTI/NRRD/MHA "
+                "volumes; send one volume (or one DICOM series) per request",
+            )
         return grids[0]
     return folder
 
@@ -76,8 +79,9 @@ def _check_declared_sizes(path: Path, members: list[zipfile.ZipInfo], limits: In
             limits.check_expansion(path, m.file_size, m.compress_size, what=f"the zip member {m.filename!r}")
 
 
-def _extract(path: Path, archive: zipfile.ZipFile, members: list[zipfile.ZipInfo], folder: Path,
-             max_bytes: int) -> list[Path]:
+def _extract(
+    path: Path, archive: zipfile.ZipFile, members: list[zipfile.ZipInfo], folder: Path, max_bytes: int
+) -> list[Path]:
     """Write the members into ``folder`` as 00000.dcm, 00001.nii.gz, ...; return the grid files written."""
     grids, written = [], 0
     for k, member in enumerate(members):
@@ -88,8 +92,11 @@ def _extract(path: Path, archive: zipfile.ZipFile, members: list[zipfile.ZipInfo
                 while chunk := source.read(1 << 20):
                     written += len(chunk)
                     if written > max_bytes:  # a directory that lied about the sizes
-                        raise CTInputError(path, "the zip file unpacks to more than the limit of "
-                                                 f"{max_bytes / 2**20:.0f} MiB (LOWDOSE_MAX_EXPANDED_MB)")
+                        raise CTInputError(
+                            path,
+                            "the zip file unpacks to more than the limit of "
+                            f"{max_bytes / 2**20:.0f} MiB (LOWDOSE_MAX_EXPANDED_MB)",
+                        )
                     sink.write(chunk)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, RuntimeError, ValueError) as exc:
             if isinstance(exc, CTInputError):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lowdose.bundle import DEFAULT_MODEL, MODELS_DIR
 from lowdose.errors import LowdoseError
+from lowdose.limits import InputLimits
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
@@ -35,7 +36,7 @@ class AppOptions:
     allowed_origins: str = ""  # web origins (besides the server's own) whose pages may call the server
 
     @classmethod
-    def from_conf(cls, conf: dict) -> "AppOptions":
+    def from_conf(cls, conf: dict) -> AppOptions:
         defaults = cls()
         known = {f.name for f in dataclasses.fields(cls)}
         # MONAI Label's own keys (server_mode, ...) pass through unchecked; ours must parse.
@@ -68,17 +69,29 @@ class AppOptions:
         if options.output_dtype not in ("int16", "float32"):
             raise LowdoseError(f"--conf output_dtype {options.output_dtype}: use int16 or float32")
         if options.batch_size < 0 or options.infer_concurrency < 1 or options.infer_queue < 0:
-            raise LowdoseError("--conf batch_size must be 0 (automatic) or more, infer_concurrency at least 1, "
-                               "infer_queue 0 or more")
-        if min(options.max_unzipped_mb, options.max_voxels, options.max_compression_ratio,
-               options.pacs_connect_timeout, options.pacs_read_timeout) <= 0:
-            raise LowdoseError("--conf max_unzipped_mb, max_voxels, max_compression_ratio and the PACS timeouts "
-                               "must be positive")
+            raise LowdoseError(
+                "--conf batch_size must be 0 (automatic) or more, infer_concurrency at least 1, "
+                "infer_queue 0 or more"
+            )
+        if (
+            min(
+                options.max_unzipped_mb,
+                options.max_voxels,
+                options.max_compression_ratio,
+                options.pacs_connect_timeout,
+                options.pacs_read_timeout,
+            )
+            <= 0
+        ):
+            raise LowdoseError(
+                "--conf max_unzipped_mb, max_voxels, max_compression_ratio and the PACS timeouts " "must be positive"
+            )
         return options
 
     def input_limits(self):
         """The limits every CT a request brings is checked against before it is read."""
-        from lowdose.limits import InputLimits
-
-        return InputLimits(max_voxels=self.max_voxels, max_expanded_bytes=int(self.max_unzipped_mb * 2**20),
-                           max_compression_ratio=self.max_compression_ratio)
+        return InputLimits(
+            max_voxels=self.max_voxels,
+            max_expanded_bytes=int(self.max_unzipped_mb * 2**20),
+            max_compression_ratio=self.max_compression_ratio,
+        )

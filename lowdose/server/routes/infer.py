@@ -14,7 +14,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import anyio
+from fastapi.responses import FileResponse, Response
+from monailabel.interfaces.exception import MONAILabelException
+from monailabel.interfaces.utils.app import app_instance
+from requests_toolbelt import MultipartEncoder
+from starlette.background import BackgroundTask
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
 from ...errors import CTInputError, LowdoseError, ServiceUnavailableError
+from ...fidelity import TotalSegmentatorWeightsError
 from ..jobs import QueueFull
 from ..messages import json_error, scrub, user_message
 from ..validate import RequestError, checked_image_id, checked_name
@@ -22,9 +32,25 @@ from ..validate import RequestError, checked_image_id, checked_name
 log = logging.getLogger("lowdose.server")
 
 # Keys of an inference request that the server sets; a client's params may not override them.
-RESERVED_PARAMS = ("image", "model", "label", "session", "session_id", "file", "image_id", "description",
-                   "uploaded", "result_dir", "device", "save_label", "label_tag", "result_extension",
-                   "result_dtype", "client_id", "timeout")
+RESERVED_PARAMS = (
+    "image",
+    "model",
+    "label",
+    "session",
+    "session_id",
+    "file",
+    "image_id",
+    "description",
+    "uploaded",
+    "result_dir",
+    "device",
+    "save_label",
+    "label_tag",
+    "result_extension",
+    "result_dtype",
+    "client_id",
+    "timeout",
+)
 # A file name suffix a client may give an upload; anything else is sniffed from the content.
 UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm", ".zip")
 MAX_PARAMS_CHARS = 8192
@@ -44,9 +70,6 @@ async def infer_route(request):
 
 
 async def _infer(request):
-    import anyio
-    from monailabel.interfaces.utils.app import app_instance
-
     state = request.app.state
     model = checked_name(request.path_params["model"], "model")
     output = request.query_params.get("output")
@@ -75,8 +98,9 @@ async def _infer(request):
                 raise RequestError(404, f"no image {image!r} in the datastore")
             infer_request["image"] = infer_request["image_id"] = image
         else:
-            raise RequestError(400, "give a CT to process: a file upload (form field 'file') or ?image=<id> of a "
-                                    "datastore image")
+            raise RequestError(
+                400, "give a CT to process: a file upload (form field 'file') or ?image=<id> of a " "datastore image"
+            )
         result = await _run(state, instance, infer_request)
         response = _response(result, model, output, work)
         handed_over = getattr(response, "background", None) is not None
@@ -91,9 +115,6 @@ async def _infer(request):
 
 async def _read_form(request):
     """The upload (or None) and the params object of a multipart form; 400 when malformed."""
-    from starlette.datastructures import UploadFile
-    from starlette.formparsers import MultiPartException
-
     content_type = request.headers.get("content-type", "")
     form = {}
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
@@ -112,8 +133,11 @@ async def _read_form(request):
         except ValueError:
             pass
     if not isinstance(params, dict):
-        raise RequestError(400, "the form field 'params' must be a JSON object (at most "
-                                f"{MAX_PARAMS_CHARS} characters), e.g. {{\"dose\": \"auto\"}}")
+        raise RequestError(
+            400,
+            "the form field 'params' must be a JSON object (at most "
+            f'{MAX_PARAMS_CHARS} characters), e.g. {{"dose": "auto"}}',
+        )
     reserved = sorted(set(params) & set(RESERVED_PARAMS))
     if reserved:
         raise RequestError(400, f"params may not set {', '.join(reserved)} (the server sets them)")
@@ -122,10 +146,6 @@ async def _read_form(request):
 
 async def _run(state, instance, infer_request: dict) -> dict:
     """The task's result; the library's errors become the client's 4xx/503."""
-    from monailabel.interfaces.exception import MONAILabelException
-
-    from ...fidelity import TotalSegmentatorWeightsError
-
     try:
         return await state.lowdose_queue.run(instance.infer, infer_request)
     except ServiceUnavailableError:
@@ -134,8 +154,11 @@ async def _run(state, instance, infer_request: dict) -> dict:
         raise RequestError(422, f"not a usable CT volume: {user_message(exc)}") from None
     except TotalSegmentatorWeightsError as exc:
         log.error("fidelity check unavailable: %s", exc)
-        raise RequestError(503, "the fidelity check cannot run on this server (its segmentation model is not "
-                                "installed; the server log says how to install it)") from None
+        raise RequestError(
+            503,
+            "the fidelity check cannot run on this server (its segmentation model is not "
+            "installed; the server log says how to install it)",
+        ) from None
     except (LowdoseError, ValueError, TypeError) as exc:
         raise RequestError(400, user_message(exc)) from None
     except MONAILabelException as exc:
@@ -143,9 +166,6 @@ async def _run(state, instance, infer_request: dict) -> dict:
 
 
 def _response(result: dict, model: str, output: str | None, work: Path):
-    from fastapi.responses import FileResponse, Response
-    from starlette.background import BackgroundTask
-
     params_out = result.get("params") or {}
     result_file = result.get("file")
     if result_file and not (os.path.isfile(result_file) and Path(result_file).resolve().is_relative_to(work)):
@@ -157,15 +177,20 @@ def _response(result: dict, model: str, output: str | None, work: Path):
     if output == "image":
         summary = json.dumps(params_out, separators=(",", ":"))
         headers = {"X-Lowdose-Result": summary} if len(summary) < 4000 and summary.isascii() else {}
-        return FileResponse(result_file, filename=os.path.basename(result_file), headers=headers,
-                            media_type=_mime_type(result_file),
-                            background=BackgroundTask(shutil.rmtree, work, ignore_errors=True))
-    from requests_toolbelt import MultipartEncoder
-
+        return FileResponse(
+            result_file,
+            filename=os.path.basename(result_file),
+            headers=headers,
+            media_type=_mime_type(result_file),
+            background=BackgroundTask(shutil.rmtree, work, ignore_errors=True),
+        )
     with open(result_file, "rb") as handle:
-        encoder = MultipartEncoder(fields={
-            "params": (None, json.dumps(params_out), "application/json"),
-            "image": (os.path.basename(result_file), handle, _mime_type(result_file))})
+        encoder = MultipartEncoder(
+            fields={
+                "params": (None, json.dumps(params_out), "application/json"),
+                "image": (os.path.basename(result_file), handle, _mime_type(result_file)),
+            }
+        )
         body = encoder.to_string()
     return Response(content=body, media_type=encoder.content_type)
 

@@ -11,6 +11,11 @@ from __future__ import annotations
 import logging
 import re
 
+import anyio
+import requests
+from fastapi.responses import Response
+from monailabel.config import settings as monailabel_settings
+
 from ...errors import ServiceUnavailableError
 from ..messages import json_error
 from ..validate import DICOM_UID, RequestError
@@ -31,8 +36,11 @@ def dicomweb_path(path: str) -> str:
         raise RequestError(400, "not a DICOMweb path")
     parts = path.rstrip("/").split("/")
     if not _is_resource(parts):
-        raise RequestError(400, "only DICOMweb paths (studies, series, instances, metadata, rendered, thumbnail, "
-                                "frames) are forwarded to the PACS")
+        raise RequestError(
+            400,
+            "only DICOMweb paths (studies, series, instances, metadata, rendered, thumbnail, "
+            "frames) are forwarded to the PACS",
+        )
     return "/".join(parts)
 
 
@@ -59,7 +67,8 @@ def _is_view(rest: list[str]) -> bool:
         return rest[0] in VIEWS
     if rest and rest[0] == "frames":
         return (len(rest) == 2 and bool(FRAMES.fullmatch(rest[1]))) or (
-            len(rest) == 3 and bool(FRAMES.fullmatch(rest[1])) and rest[2] == "rendered")
+            len(rest) == 3 and bool(FRAMES.fullmatch(rest[1])) and rest[2] == "rendered"
+        )
     return False
 
 
@@ -74,9 +83,6 @@ def checked_operation(op: str, method: str, path: str) -> None:
 
 async def proxy_route(request):
     """Forward one checked DICOMweb request to the PACS (PACS mode only)."""
-    import anyio
-    from fastapi.responses import Response
-
     settings = request.app.state.lowdose
     try:
         if settings.pacs_url is None:
@@ -98,18 +104,25 @@ async def proxy_route(request):
 
 
 def _forward(settings, op: str, method: str, path: str, query: list, headers: dict, body: bytes | None):
-    import requests
-    from monailabel.config import settings as monailabel_settings
-
-    prefix = {"qido": monailabel_settings.MONAI_LABEL_QIDO_PREFIX, "wado": monailabel_settings.MONAI_LABEL_WADO_PREFIX,
-              "stow": monailabel_settings.MONAI_LABEL_STOW_PREFIX}[op] or ""
+    prefix = {
+        "qido": monailabel_settings.MONAI_LABEL_QIDO_PREFIX,
+        "wado": monailabel_settings.MONAI_LABEL_WADO_PREFIX,
+        "stow": monailabel_settings.MONAI_LABEL_STOW_PREFIX,
+    }[op] or ""
     prefix = prefix.strip("/")
     url = f"{settings.pacs_url}/{prefix + '/' if prefix else ''}{path}"
     user = monailabel_settings.MONAI_LABEL_DICOMWEB_USERNAME or monailabel_settings.MONAI_LABEL_DATASTORE_USERNAME
     password = monailabel_settings.MONAI_LABEL_DICOMWEB_PASSWORD or monailabel_settings.MONAI_LABEL_DATASTORE_PASSWORD
     try:
-        return requests.request(method, url, params=query, headers=headers, data=body,
-                                auth=(user, password) if user and password else None, allow_redirects=False,
-                                timeout=(settings.pacs_connect_timeout, settings.pacs_read_timeout))
+        return requests.request(
+            method,
+            url,
+            params=query,
+            headers=headers,
+            data=body,
+            auth=(user, password) if user and password else None,
+            allow_redirects=False,
+            timeout=(settings.pacs_connect_timeout, settings.pacs_read_timeout),
+        )
     except requests.RequestException as exc:
         raise ServiceUnavailableError(settings.pacs_url, f"the PACS did not answer ({type(exc).__name__})") from None

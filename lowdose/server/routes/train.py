@@ -10,6 +10,11 @@ from __future__ import annotations
 import json
 import logging
 
+import anyio
+from fastapi.responses import JSONResponse
+from monailabel.interfaces.utils.app import app_instance
+from monailabel.utils.async_tasks.task import AsyncTask
+
 from ...training.finetune import FineTuneRequestError, checked_finetune_request
 from ..messages import json_error
 
@@ -20,11 +25,6 @@ MAX_BODY_BYTES = 16384
 
 async def finetune_route(request):
     """Check the request, then start the training process (409 when one already runs)."""
-    import anyio
-    from fastapi.responses import JSONResponse
-    from monailabel.interfaces.utils.app import app_instance
-    from monailabel.utils.async_tasks.task import AsyncTask
-
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
         return json_error(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
@@ -41,7 +41,8 @@ async def finetune_route(request):
     except FineTuneRequestError as exc:
         return json_error(409 if exc.conflict else 422, str(exc))
     result, _ = await anyio.to_thread.run_sync(
-        lambda: AsyncTask.run("train", request={"model": "finetune"}, params=settings, enqueue=False))
+        lambda: AsyncTask.run("train", request={"model": "finetune"}, params=settings, enqueue=False)
+    )
     if result is None:
         return json_error(409, "a training already runs; wait for it or stop it (DELETE /train/)")
     log.info("fine-tuning started -> %s", settings["output_model"])

@@ -1,11 +1,7 @@
-"""Code of the LowDoseDenoise module that needs no Slicer: the server client and the background job."""
+"""Code of the LowDoseDenoise module that needs no Slicer: standard library only, tested in plain Python.
 
-from .client import (AuthenticationError, Cancelled, ConsentRequired, ConsentStore, DenoiseResult, FidelityResult,
-                     JsonConsentStore, LowDoseClient, LowDoseClientError, ModelInfo, NotAVolume, Progress, ServerError,
-                     ServerUnreachable, Timeout, Timeouts, TokenStore, server_key, sniff_volume)
-from .jobs import BackgroundJob
-
-__all__ = ["AuthenticationError", "BackgroundJob", "Cancelled", "ConsentRequired", "ConsentStore", "DenoiseResult",
-           "FidelityResult", "JsonConsentStore", "LowDoseClient", "LowDoseClientError", "ModelInfo", "NotAVolume",
-           "Progress", "ServerError", "ServerUnreachable", "Timeout", "Timeouts", "TokenStore", "server_key",
-           "sniff_volume"]
+``client``: the HTTP client of the lowdose server. ``jobs``: a request in a background thread, polled by the
+GUI. ``settings``: what the module remembers (servers, permission, tokens, choices, time limits). ``dose``:
+the dose as the user gives it. ``results``: the fidelity table and the record kept on denoised volumes.
+``messages``: every text the module shows the user.
+"""

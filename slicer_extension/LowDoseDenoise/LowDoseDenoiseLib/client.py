@@ -3,8 +3,9 @@
 It sends a CT volume file to ``POST /infer/{task}`` and brings the result back to a temporary file, with
 progress reports (bytes sent, waiting, bytes received), cancellation between chunks and while waiting,
 separate time limits for connecting, waiting for the inference and stalled transfers, and one exception
-class per thing that can go wrong. It never uploads to a server the user has not allowed (``ConsentStore``),
-and sends the server's access token (``Authorization: Bearer``) with every request, never in a message.
+class per thing that can go wrong. It never uploads to a server the user has not allowed (a
+``settings.ConsentStore``), and sends the server's access token (``Authorization: Bearer``) with every
+request, never in a message.
 Written for the Python of 3D Slicer 5 (3.9 and later).
 """
 
@@ -28,15 +29,33 @@ import time
 import uuid
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode, urlsplit
 
+if TYPE_CHECKING:  # settings imports this module
+    from .settings import ConsentStore
+
 __all__ = [
-    "AuthenticationError", "CHUNK_BYTES", "Cancelled", "ConsentRequired", "ConsentStore", "DenoiseResult",
-    "FidelityResult", "JsonConsentStore", "LowDoseClient", "LowDoseClientError", "ModelInfo", "NotAVolume",
-    "Progress", "ServerError", "ServerUnreachable", "Timeout", "Timeouts", "TokenStore", "normalise_token",
-    "server_key", "sniff_volume",
+    "AuthenticationError",
+    "CHUNK_BYTES",
+    "Cancelled",
+    "ConsentRequired",
+    "DenoiseResult",
+    "FidelityResult",
+    "LowDoseClient",
+    "LowDoseClientError",
+    "ModelInfo",
+    "NotAVolume",
+    "Progress",
+    "ServerError",
+    "ServerUnreachable",
+    "Timeout",
+    "Timeouts",
+    "normalise_token",
+    "server_key",
+    "sniff_volume",
 ]
 
 USER_AGENT = "lowdose-slicer/0.1"
@@ -60,7 +79,7 @@ class ServerUnreachable(LowDoseClientError):
 class ServerError(LowDoseClientError):
     """The server answered with an error: ``status`` is the HTTP status, ``message`` the server's own words."""
 
-    def __init__(self, status: Optional[int], message: str):
+    def __init__(self, status: int | None, message: str):
         self.status = status
         self.message = message
         super().__init__(f"the server answered {status}: {message}" if status else message)
@@ -72,14 +91,19 @@ class AuthenticationError(ServerError):
     ``token_given`` says which; the message says where to find the token. It never holds the token.
     """
 
-    HOW_TO_FIND = ("paste it into the module's Server token field (the server's administrator finds it with "
-                   "`lowdose serve --show-token`, or in the file that lowdose serve printed at start-up)")
+    HOW_TO_FIND = (
+        "paste it into the module's Server token field (the server's administrator finds it with "
+        "`lowdose serve --show-token`, or in the file that lowdose serve printed at start-up)"
+    )
 
     def __init__(self, server: str, token_given: bool):
         self.server = server
         self.token_given = token_given
-        what = ("did not accept the token it was given; it needs its access token" if token_given
-                else "needs its access token")
+        what = (
+            "did not accept the token it was given; it needs its access token"
+            if token_given
+            else "needs its access token"
+        )
         self.status = 401
         self.message = f"the server {server} {what}: {self.HOW_TO_FIND}"
         LowDoseClientError.__init__(self, self.message)
@@ -105,7 +129,7 @@ class ConsentRequired(LowDoseClientError):
         super().__init__(f"sending volumes to {server} has not been allowed; allow it first (nothing was sent)")
 
 
-# ----------------------------------------------------------------------------------------- settings
+# ----------------------------------------------------------------------------------------- server and token
 
 
 def server_key(url: str) -> str:
@@ -117,110 +141,7 @@ def server_key(url: str) -> str:
     return f"{parts.scheme}://{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
-class ConsentStore:
-    """Which servers the user has allowed to receive volumes, remembered between sessions.
-
-    The store keeps one JSON text through ``load()`` / ``save(text)``; ``JsonConsentStore`` puts it in a file,
-    the Slicer module in QSettings. A text that cannot be read counts as "nothing allowed", never as consent.
-    """
-
-    def __init__(self, load: Callable[[], Optional[str]], save: Callable[[str], None]):
-        self._load = load
-        self._save = save
-        self._lock = threading.Lock()
-
-    def _servers(self) -> Dict[str, dict]:
-        try:
-            data = json.loads(self._load() or "{}")
-        except (ValueError, OSError):
-            return {}
-        servers = data.get("servers") if isinstance(data, dict) else None
-        return {k: v for k, v in servers.items() if isinstance(v, dict)} if isinstance(servers, dict) else {}
-
-    def is_allowed(self, url: str) -> bool:
-        entry = self._servers().get(server_key(url))
-        return bool(entry and entry.get("allowed") is True)
-
-    def allow(self, url: str) -> None:
-        self._set(url, True)
-
-    def revoke(self, url: str) -> None:
-        self._set(url, False)
-
-    def allowed_servers(self) -> List[str]:
-        return sorted(k for k, v in self._servers().items() if v.get("allowed") is True)
-
-    def _set(self, url: str, allowed: bool) -> None:
-        with self._lock:
-            servers = self._servers()
-            servers[server_key(url)] = {"allowed": allowed,
-                                        "changed": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime())}
-            self._save(json.dumps({"version": 1, "servers": servers}, indent=2, sort_keys=True))
-
-
-class JsonConsentStore(ConsentStore):
-    """A ConsentStore in a small JSON file (written atomically)."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        super().__init__(self._read, self._write)
-
-    def _read(self) -> Optional[str]:
-        try:
-            return self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-
-    def _write(self, text: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".consent-", dir=str(self.path.parent))
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-
-
-class TokenStore:
-    """The access token of each server (by ``scheme://host:port``), remembered between sessions.
-
-    Like ``ConsentStore`` it keeps one JSON text through ``load()`` / ``save(text)`` (the Slicer module: in
-    QSettings). A token is kept for its own server only, so it is never handed to another one.
-    """
-
-    def __init__(self, load: Callable[[], Optional[str]], save: Callable[[str], None]):
-        self._load = load
-        self._save = save
-        self._lock = threading.Lock()
-
-    def _tokens(self) -> Dict[str, str]:
-        try:
-            data = json.loads(self._load() or "{}")
-        except (ValueError, OSError):
-            return {}
-        tokens = data.get("tokens") if isinstance(data, dict) else None
-        return {k: v for k, v in tokens.items() if isinstance(v, str)} if isinstance(tokens, dict) else {}
-
-    def get(self, url: str) -> str:
-        """The token saved for this server, "" when none."""
-        return self._tokens().get(server_key(url), "")
-
-    def set(self, url: str, token: Optional[str]) -> None:
-        """Remember ``token`` for this server; an empty one forgets it."""
-        token = normalise_token(token)
-        with self._lock:
-            tokens = self._tokens()
-            if token:
-                tokens[server_key(url)] = token
-            else:
-                tokens.pop(server_key(url), None)
-            self._save(json.dumps({"version": 1, "tokens": tokens}, indent=2, sort_keys=True))
-
-
-def normalise_token(token: Optional[str]) -> str:
+def normalise_token(token: str | None) -> str:
     """The token as it goes into the header: spaces around it and a pasted "Bearer " dropped.
 
     ValueError (without the token in its message) when it holds spaces, line breaks or non-ASCII characters.
@@ -229,8 +150,10 @@ def normalise_token(token: Optional[str]) -> str:
     if token[:7].lower() == "bearer ":
         token = token[7:].strip()
     if any(not 0x21 <= ord(c) <= 0x7E for c in token):
-        raise ValueError("the server token cannot hold spaces, line breaks or accented letters: copy it again "
-                         "(one line, nothing else)")
+        raise ValueError(
+            "the server token cannot hold spaces, line breaks or accented letters: copy it again "
+            "(one line, nothing else)"
+        )
     return token
 
 
@@ -257,11 +180,11 @@ class Progress:
 
     stage: str
     done: int = 0
-    total: Optional[int] = None
+    total: int | None = None
     elapsed_s: float = 0.0
 
     @property
-    def fraction(self) -> Optional[float]:
+    def fraction(self) -> float | None:
         return self.done / self.total if self.total else None
 
     def describe(self) -> str:
@@ -299,15 +222,15 @@ class FidelityResult:
     ``labels_original``, ``labels_denoised`` (label maps on the input's grid), ``denoised``, ``html``."""
 
     report: dict
-    files: Dict[str, Path]
-    folder: Optional[Path]
+    files: dict[str, Path]
+    folder: Path | None
 
 
 # ----------------------------------------------------------------------------------------- volumes
 
 
-def sniff_volume(path) -> Optional[str]:
-    """"nifti" or "nrrd" when the file holds a 3-D volume of that format (gzip or not), else None."""
+def sniff_volume(path) -> str | None:
+    """ "nifti" or "nrrd" when the file holds a 3-D volume of that format (gzip or not), else None."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(2)
@@ -353,7 +276,7 @@ def _parse_url(url: str):
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not a server address: {url!r} (expected e.g. http://127.0.0.1:8000)")
     try:
-        parts.port
+        _ = parts.port  # raises ValueError when the port is not a number in 0-65535
     except ValueError:
         raise ValueError(f"not a server address: {url!r} (bad port)") from None
     return parts
@@ -362,13 +285,17 @@ def _parse_url(url: str):
 class _Multipart:
     """A multipart/form-data body of text fields and one file, produced chunk by chunk (never all in memory)."""
 
-    def __init__(self, fields: Dict[str, str], file_field: str, file_path: Path, filename: str):
+    def __init__(self, fields: dict[str, str], file_field: str, file_path: Path, filename: str):
         self.boundary = uuid.uuid4().hex
         b = self.boundary
-        head = b"".join(f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'.encode() + v.encode() + b"\r\n"
-                        for k, v in fields.items())
-        head += (f'--{b}\r\nContent-Disposition: form-data; name="{file_field}"; filename="{filename}"\r\n'
-                 "Content-Type: application/octet-stream\r\n\r\n").encode()
+        head = b"".join(
+            f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'.encode() + v.encode() + b"\r\n"
+            for k, v in fields.items()
+        )
+        head += (
+            f'--{b}\r\nContent-Disposition: form-data; name="{file_field}"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
         self.head, self.tail = head, f"\r\n--{b}--\r\n".encode()
         self.file_path = file_path
         self.length = len(head) + file_path.stat().st_size + len(self.tail)
@@ -388,9 +315,9 @@ class _Multipart:
 @dataclasses.dataclass
 class _Response:
     status: int
-    headers: Dict[str, str]
+    headers: dict[str, str]
     body: bytes = b""
-    path: Optional[Path] = None  # the body, when it was written to a file
+    path: Path | None = None  # the body, when it was written to a file
 
 
 class LowDoseClient:
@@ -403,21 +330,28 @@ class LowDoseClient:
 
     Example::
 
-        client = LowDoseClient("http://127.0.0.1:8000", JsonConsentStore("consent.json"), token=token)
+        client = LowDoseClient("http://127.0.0.1:8000", settings.JsonConsentStore("consent.json"), token=token)
         client.consent.allow(client.url)            # after asking the user
         result = client.denoise("ct.nrrd", client.models()[0].task, dose="auto")
         print(result.path, result.summary["dose_fraction"])
     """
 
-    def __init__(self, url: str, consent: ConsentStore, timeouts: Timeouts = Timeouts(), chunk_bytes: int = CHUNK_BYTES,
-                 *, token: Optional[str] = None):
+    def __init__(
+        self,
+        url: str,
+        consent: ConsentStore,
+        timeouts: Timeouts | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+        *,
+        token: str | None = None,
+    ):
         parts = _parse_url(url)
         self.url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
         self._scheme, self._host = parts.scheme, parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._prefix = parts.path.rstrip("/")
         self.consent = consent
-        self.timeouts = timeouts
+        self.timeouts = timeouts or Timeouts()
         self.chunk_bytes = int(chunk_bytes)
         self._token = normalise_token(token)
 
@@ -430,32 +364,40 @@ class LowDoseClient:
 
     # -- what the server offers
 
-    def info(self, timeout: Optional[float] = 30.0) -> dict:
+    def info(self, timeout: float | None = 30.0) -> dict:
         """The server's ``/info/`` (MONAI Label app info); ServerError when it is not a lowdose server."""
         response = self._request("GET", "/info/", response_timeout=timeout or self.timeouts.response)
         try:
             info = json.loads(response.body.decode("utf-8"))
         except ValueError:
-            raise ServerError(response.status, f"{self.url} did not answer /info/ with JSON: is it a MONAI Label "
-                                               "server?") from None
+            raise ServerError(
+                response.status, f"{self.url} did not answer /info/ with JSON: is it a MONAI Label " "server?"
+            ) from None
         if not isinstance(info, dict) or not isinstance(info.get("models"), dict):
             raise ServerError(response.status, f"{self.url} is not a MONAI Label server (its /info/ lists no models)")
         if "lowdose" not in info:
-            raise ServerError(response.status, f"{self.url} is a MONAI Label server without the lowdose app "
-                                               f"(app: {info.get('name', '?')})")
+            raise ServerError(
+                response.status,
+                f"{self.url} is a MONAI Label server without the lowdose app " f"(app: {info.get('name', '?')})",
+            )
         return info
 
-    def models(self, info: Optional[dict] = None) -> List[ModelInfo]:
+    def models(self, info: dict | None = None) -> list[ModelInfo]:
         """The denoising models (infer tasks that produce a denoised CT), in the server's order."""
         info = info if info is not None else self.info()
         found = []
         for task, meta in info["models"].items():
             extra = meta.get("lowdose") if isinstance(meta, dict) else None
             if isinstance(extra, dict) and extra.get("task") == "denoise":
-                found.append(ModelInfo(task=task, model=str(extra.get("model") or task),
-                                       description=str(meta.get("description", "")),
-                                       dose_aware=bool(extra.get("dose_aware")),
-                                       validation=dict(extra.get("validation") or {})))
+                found.append(
+                    ModelInfo(
+                        task=task,
+                        model=str(extra.get("model") or task),
+                        description=str(meta.get("description", "")),
+                        dose_aware=bool(extra.get("dose_aware")),
+                        validation=dict(extra.get("validation") or {}),
+                    )
+                )
         return found
 
     @staticmethod
@@ -468,9 +410,16 @@ class LowDoseClient:
     def upload_allowed(self) -> bool:
         return self.consent.is_allowed(self.url)
 
-    def denoise(self, volume_path, task: str, dose="auto", output_dtype: Optional[str] = None,
-                progress: Optional[Callable[[Progress], None]] = None, cancel: Optional[threading.Event] = None,
-                result_dir=None) -> DenoiseResult:
+    def denoise(
+        self,
+        volume_path,
+        task: str,
+        dose="auto",
+        output_dtype: str | None = None,
+        progress: Callable[[Progress], None] | None = None,
+        cancel: threading.Event | None = None,
+        result_dir=None,
+    ) -> DenoiseResult:
         """Send the CT in ``volume_path`` (NRRD/NIfTI/MHA, HU) to infer task ``task``; the denoised CT comes back
         to a NIfTI file in a new temporary folder (under ``result_dir`` when given)."""
         volume_path = self._check_upload(volume_path)
@@ -491,21 +440,30 @@ class LowDoseClient:
             shutil.rmtree(folder, ignore_errors=True)
             raise
 
-    def fidelity(self, volume_path, model: str, dose="auto", labels: bool = True,
-                 progress: Optional[Callable[[Progress], None]] = None, cancel: Optional[threading.Event] = None,
-                 result_dir=None, fast: bool = True) -> FidelityResult:
+    def fidelity(
+        self,
+        volume_path,
+        model: str,
+        dose="auto",
+        labels: bool = True,
+        progress: Callable[[Progress], None] | None = None,
+        cancel: threading.Event | None = None,
+        result_dir=None,
+        fast: bool = True,
+    ) -> FidelityResult:
         """Run the server's fidelity check on the low-dose CT in ``volume_path`` denoised with ``model`` (a
         model name such as "dose_unet"); with ``labels`` the label maps and the denoised CT come back too."""
         volume_path = self._check_upload(volume_path)
         params = {"denoise_model": model, "dose": dose, "labels": bool(labels), "fast": bool(fast)}
         folder = Path(tempfile.mkdtemp(prefix="lowdose-slicer-fidelity-", dir=result_dir))
         try:
-            parts = self._infer("fidelity", volume_path, params, folder, progress, cancel,
-                                output="all" if labels else "json")
+            parts = self._infer(
+                "fidelity", volume_path, params, folder, progress, cancel, output="all" if labels else "json"
+            )
             report = parts.get("params")
             if not isinstance(report, dict) or "structures" not in report:
                 raise ServerError(200, "the server's fidelity answer has no report")
-            files: Dict[str, Path] = {}
+            files: dict[str, Path] = {}
             if labels:
                 archive = parts.get("image")
                 if archive is None:
@@ -532,11 +490,19 @@ class LowDoseClient:
             raise FileNotFoundError(f"{path}: no such volume file")
         return path
 
-    def _infer(self, task: str, volume_path: Path, params: dict, folder: Path, progress, cancel,
-               output: str = "all") -> dict:
+    def _infer(
+        self, task: str, volume_path: Path, params: dict, folder: Path, progress, cancel, output: str = "all"
+    ) -> dict:
         body = _Multipart({"params": json.dumps(params)}, "file", volume_path, _upload_name(volume_path))
-        response = self._request("POST", f"/infer/{quote(task, safe='')}", query={"output": output}, body=body,
-                                 download_to=folder / "response.bin", progress=progress, cancel=cancel)
+        response = self._request(
+            "POST",
+            f"/infer/{quote(task, safe='')}",
+            query={"output": output},
+            body=body,
+            download_to=folder / "response.bin",
+            progress=progress,
+            cancel=cancel,
+        )
         try:
             return _split_response(response, folder)
         finally:
@@ -545,29 +511,41 @@ class LowDoseClient:
 
     def _connect(self) -> http.client.HTTPConnection:
         if self._scheme == "https":
-            conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeouts.connect,
-                                               context=ssl.create_default_context())
+            conn = http.client.HTTPSConnection(
+                self._host, self._port, timeout=self.timeouts.connect, context=ssl.create_default_context()
+            )
         else:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeouts.connect)
         try:
             conn.connect()
-        except socket.timeout:
+        except socket.timeout:  # noqa: UP041 (on Slicer's Python 3.9 it is not yet TimeoutError)
             conn.close()
-            raise ServerUnreachable(f"no answer from {self.url} within {self.timeouts.connect:g} s (is the server "
-                                    "running, and is the address right?)") from None
+            raise ServerUnreachable(
+                f"no answer from {self.url} within {self.timeouts.connect:g} s (is the server "
+                "running, and is the address right?)"
+            ) from None
         except ssl.SSLError as exc:
             conn.close()
             raise ServerUnreachable(f"secure connection to {self.url} failed: {exc.reason or exc}") from None
         except OSError as exc:
             conn.close()
-            raise ServerUnreachable(f"cannot reach {self.url}: {_os_reason(exc)} (is the server running, and is "
-                                    "the address right?)") from None
+            raise ServerUnreachable(
+                f"cannot reach {self.url}: {_os_reason(exc)} (is the server running, and is " "the address right?)"
+            ) from None
         conn.sock.settimeout(self.timeouts.idle)
         return conn
 
-    def _request(self, method: str, path: str, query: Optional[dict] = None, body: Optional[_Multipart] = None,
-                 download_to: Optional[Path] = None, progress=None, cancel: Optional[threading.Event] = None,
-                 response_timeout: Optional[float] = None) -> _Response:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        query: dict | None = None,
+        body: _Multipart | None = None,
+        download_to: Path | None = None,
+        progress=None,
+        cancel: threading.Event | None = None,
+        response_timeout: float | None = None,
+    ) -> _Response:
         started = time.monotonic()
         report = _Reporter(progress, started)
         _check_cancel(cancel)
@@ -589,29 +567,32 @@ class LowDoseClient:
             self._wait_for_answer(conn, response_timeout or self.timeouts.response, report, cancel)
             try:
                 answer = conn.getresponse()
-            except socket.timeout:
+            except socket.timeout:  # noqa: UP041 (on Slicer's Python 3.9 it is not yet TimeoutError)
                 raise Timeout(f"{self.url} began answering but stalled for {self.timeouts.idle:g} s") from None
             except (http.client.HTTPException, OSError) as exc:
                 what = "while the volume was being sent" if send_failed else "before it answered"
-                raise ServerUnreachable(f"the connection to {self.url} was lost {what} "
-                                        f"({_os_reason(send_failed or exc)})") from None
+                raise ServerUnreachable(
+                    f"the connection to {self.url} was lost {what} " f"({_os_reason(send_failed or exc)})"
+                ) from None
             headers = {k.lower(): v for k, v in answer.getheaders()}
             if answer.status == 401:
                 raise AuthenticationError(server_key(self.url), token_given=bool(self._token))
             if answer.status >= 400:
                 raise ServerError(answer.status, _error_message(answer.status, answer.read(MAX_ERROR_BODY), headers))
             if answer.status >= 300:
-                raise ServerError(answer.status, f"unexpected redirect to {headers.get('location', '?')} (check the "
-                                                 "server address)")
+                raise ServerError(
+                    answer.status,
+                    f"unexpected redirect to {headers.get('location', '?')} (check the " "server address)",
+                )
             return self._read_body(answer, headers, download_to, report, cancel)
-        except socket.timeout:
+        except socket.timeout:  # noqa: UP041 (on Slicer's Python 3.9 it is not yet TimeoutError)
             raise Timeout(f"the transfer with {self.url} stalled for {self.timeouts.idle:g} s") from None
         except (ConnectionError, http.client.HTTPException) as exc:
             raise ServerUnreachable(f"the connection to {self.url} was lost ({_os_reason(exc)})") from None
         finally:
             conn.close()
 
-    def _send_body(self, conn, body: _Multipart, report: "_Reporter", cancel) -> Optional[BaseException]:
+    def _send_body(self, conn, body: _Multipart, report: _Reporter, cancel) -> BaseException | None:
         """Send the body; a connection the server closed early is returned (it may have answered already)."""
         sent = 0
         report("upload", 0, body.length, force=True)
@@ -619,9 +600,10 @@ class LowDoseClient:
             _check_cancel(cancel)
             try:
                 conn.send(chunk)
-            except socket.timeout:
-                raise Timeout(f"{self.url} took no data for {self.timeouts.idle:g} s while the volume was being "
-                              "sent") from None
+            except socket.timeout:  # noqa: UP041 (on Slicer's Python 3.9 it is not yet TimeoutError)
+                raise Timeout(
+                    f"{self.url} took no data for {self.timeouts.idle:g} s while the volume was being " "sent"
+                ) from None
             except OSError as exc:  # e.g. the server refused the request (413, 404) and closed the connection
                 return exc
             sent += len(chunk)
@@ -629,7 +611,7 @@ class LowDoseClient:
         report("upload", sent, body.length, force=True)
         return None
 
-    def _wait_for_answer(self, conn, seconds: float, report: "_Reporter", cancel) -> None:
+    def _wait_for_answer(self, conn, seconds: float, report: _Reporter, cancel) -> None:
         """Wait until the server starts answering, looking at the cancel flag every 0.1 s."""
         sock = conn.sock
         deadline = time.monotonic() + seconds
@@ -640,8 +622,10 @@ class LowDoseClient:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise Timeout(f"{self.url} gave no answer within {seconds:g} s (the inference may still be running "
-                              "on the server; a larger time limit, a smaller volume or a GPU server helps)")
+                raise Timeout(
+                    f"{self.url} gave no answer within {seconds:g} s (the inference may still be running "
+                    "on the server; a larger time limit, a smaller volume or a GPU server helps)"
+                )
             try:
                 readable, _, _ = select.select([sock], [], [], min(_POLL_SECONDS, remaining))
             except (OSError, ValueError):
@@ -650,7 +634,7 @@ class LowDoseClient:
                 return
             report("waiting", 0, None, elapsed=time.monotonic() - waited_since)
 
-    def _read_body(self, answer, headers: dict, download_to: Optional[Path], report: "_Reporter", cancel) -> _Response:
+    def _read_body(self, answer, headers: dict, download_to: Path | None, report: _Reporter, cancel) -> _Response:
         length = headers.get("content-length")
         total = int(length) if length and length.isdigit() else None
         done = 0
@@ -692,8 +676,9 @@ class _Reporter:
         self.started = started
         self.last = {}
 
-    def __call__(self, stage: str, done: int, total: Optional[int], elapsed: Optional[float] = None,
-                 force: bool = False) -> None:
+    def __call__(
+        self, stage: str, done: int, total: int | None, elapsed: float | None = None, force: bool = False
+    ) -> None:
         if self.callback is None:
             return
         now = time.monotonic()
@@ -704,7 +689,7 @@ class _Reporter:
         self.callback(Progress(stage, done, total, now - self.started if elapsed is None else elapsed))
 
 
-def _check_cancel(cancel: Optional[threading.Event]) -> None:
+def _check_cancel(cancel: threading.Event | None) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled("cancelled")
 
@@ -772,7 +757,7 @@ def _split_multipart(path: Path, boundary: bytes, folder: Path) -> dict:
         position = data.find(delimiter)
         while position >= 0:
             start = position + len(delimiter)
-            if data[start:start + 2] == b"--":
+            if data[start : start + 2] == b"--":
                 break  # the closing delimiter
             header_end = data.find(b"\r\n\r\n", start)
             following = data.find(b"\r\n" + delimiter, header_end + 4) if header_end >= 0 else -1
@@ -787,7 +772,7 @@ def _split_multipart(path: Path, boundary: bytes, folder: Path) -> dict:
                 target = folder / _safe_name(filename)
                 with open(target, "wb") as dest:
                     for offset in range(content_start, content_end, 1 << 22):
-                        dest.write(data[offset:min(offset + (1 << 22), content_end)])
+                        dest.write(data[offset : min(offset + (1 << 22), content_end)])
                 out[name] = target
             else:
                 text = data[content_start:content_end].decode("utf-8", "replace")
@@ -805,7 +790,7 @@ def _safe_name(filename: str) -> str:
     return name if not name.startswith(".") else "result" + name
 
 
-def _extract_fidelity_zip(archive: Path, folder: Path) -> Dict[str, Path]:
+def _extract_fidelity_zip(archive: Path, folder: Path) -> dict[str, Path]:
     """The fidelity zip's files by stem (labels_original, labels_denoised, denoised, fidelity_html, ...)."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -828,65 +813,3 @@ def _extract_fidelity_zip(archive: Path, folder: Path) -> Dict[str, Path]:
         if sniff_volume(files[key]) is None:
             raise NotAVolume(f"the server's {key} is not a NIfTI or NRRD volume")
     return files
-
-
-# ----------------------------------------------------------------------------------------- helpers for the UI
-
-
-def parse_dose(text) -> object:
-    """"auto" or a dose fraction in (0, 1] from 0.25, "1/4", "25%" (what the server accepts); ValueError else."""
-    if text is None:
-        return "auto"
-    value = str(text).strip().split(" ", 1)[0].lower()
-    if value in ("", "auto"):
-        return "auto"
-    try:
-        if value.endswith("%"):
-            dose = float(value[:-1]) / 100
-        elif "/" in value:
-            num, den = value.split("/", 1)
-            dose = float(num) / float(den)
-        else:
-            dose = float(value)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"dose must be auto or a fraction such as 0.25, 1/4 or 25%; got {text!r}") from None
-    if not 0 < dose <= 1:
-        raise ValueError(f"dose fraction must be in (0, 1]; got {text!r}")
-    return dose
-
-
-DOSE_CHOICES: Sequence[str] = ("auto", "1/2", "1/3", "1/4", "1/5", "1/6", "1/8", "1/10", "1/20")
-
-FIDELITY_COLUMNS = ("structure", "verdict", "Dice", "HU mean before", "HU mean after", "HU SD before",
-                    "HU SD after", "flag")
-
-
-def fidelity_rows(report: dict, flagged_only: bool = False) -> List[dict]:
-    """Table rows of a fidelity report: one per structure present in a scan, flagged ones first.
-
-    Each row: label, name, verdict, dice, hu_mean_before/after, hu_sd_before/after (None when not
-    measured), flagged (verdict "check" or "changed"), reasons (text).
-    """
-    pair = "denoised_vs_original"
-    rows = []
-    for s in report.get("structures", []):
-        if s.get("verdict") == "absent":
-            continue
-        images = s.get("images", {})
-        before, after = images.get("original", {}), images.get("denoised", {})
-        flagged = s.get("verdict") in ("check", "changed")
-        if flagged_only and not flagged:
-            continue
-        rows.append({"label": s.get("label"), "name": s.get("name", "?"), "verdict": s.get("verdict", "?"),
-                     "dice": (s.get("pairs", {}).get(pair) or {}).get("dice"),
-                     "hu_mean_before": before.get("hu_mean"), "hu_mean_after": after.get("hu_mean"),
-                     "hu_sd_before": before.get("hu_std"), "hu_sd_after": after.get("hu_std"),
-                     "flagged": flagged, "reasons": "; ".join(s.get("reasons") or [])})
-    order = {"changed": 0, "check": 1}
-    rows.sort(key=lambda r: (order.get(r["verdict"], 2), r["name"]))
-    return rows
-
-
-def fidelity_label_names(report: dict) -> Dict[int, str]:
-    """Label value -> structure name, for naming the segments of the returned label maps."""
-    return {int(s["label"]): str(s["name"]) for s in report.get("structures", []) if "label" in s and "name" in s}

@@ -1,17 +1,20 @@
 """A request run in a background thread, polled from the GUI thread: no Slicer import, so it is tested in CI.
 
-The Slicer module starts a ``BackgroundJob`` and polls it from a ``qt.QTimer``: the GUI never waits on the
-network, and every result, progress report and error is handed over to the GUI thread by ``poll()``.
+The Slicer module starts a ``BackgroundJob`` (for an upload: ``start_upload``) and polls it from a
+``qt.QTimer``: the GUI never waits on the network, and every result, progress report and error is handed over
+to the GUI thread by ``poll()``.
 """
 
 from __future__ import annotations
 
 import queue
+import shutil
 import threading
 import time
-from typing import Any, Callable, List, Optional
+from collections.abc import Callable
+from typing import Any
 
-from .client import Cancelled, Progress
+from .client import Cancelled, ConsentRequired, LowDoseClient, Progress, server_key
 
 
 class BackgroundJob:
@@ -24,15 +27,15 @@ class BackgroundJob:
 
     def __init__(self, work: Callable[..., Any], name: str = "lowdose-request"):
         self._work = work
-        self._events: "queue.Queue" = queue.Queue()
+        self._events: queue.Queue = queue.Queue()
         self.cancel_event = threading.Event()
         self.done = False
         self.result: Any = None
-        self.error: Optional[BaseException] = None
-        self.started_at: Optional[float] = None
+        self.error: BaseException | None = None
+        self.started_at: float | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def start(self) -> "BackgroundJob":
+    def start(self) -> BackgroundJob:
         self.started_at = time.monotonic()
         self._thread.start()
         return self
@@ -51,7 +54,7 @@ class BackgroundJob:
             outcome = ("error", exc)
         self._events.put(outcome)
 
-    def poll(self) -> List[Progress]:
+    def poll(self) -> list[Progress]:
         reports = []
         while True:
             try:
@@ -72,8 +75,9 @@ class BackgroundJob:
                 reports.append(item)
         return reports
 
-    def wait(self, timeout: Optional[float] = None, interval: float = 0.05,
-             between: Optional[Callable[[], None]] = None) -> bool:
+    def wait(
+        self, timeout: float | None = None, interval: float = 0.05, between: Callable[[], None] | None = None
+    ) -> bool:
         """Poll until done (for scripts and tests); ``between`` runs after each poll (e.g. processEvents)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.done:
@@ -84,3 +88,26 @@ class BackgroundJob:
                 break
             time.sleep(interval)
         return self.done
+
+
+def start_upload(
+    client: LowDoseClient,
+    export: Callable[[], tuple[str, str]],
+    send: Callable[..., Any],
+    name: str = "lowdose-request",
+) -> BackgroundJob:
+    """Send a volume in a started BackgroundJob: ``export()`` writes it (-> file path, temporary folder) only
+    once the user has allowed this server, then ``send(client, path, progress=..., cancel=...)`` runs in the
+    job, which removes the folder whatever happens. ConsentRequired, and nothing written, without permission.
+    """
+    if not client.upload_allowed:
+        raise ConsentRequired(server_key(client.url))
+    path, folder = export()
+
+    def work(progress, cancel):
+        try:
+            return send(client, path, progress=progress, cancel=cancel)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    return BackgroundJob(work, name=name).start()

@@ -19,8 +19,8 @@ from pathlib import Path
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lowdose import save_ct
-from lowdose.fidelity import TotalSegmentatorSegmenter, check_fidelity
 from lowdose.dose import parse_dose
+from lowdose.fidelity import TotalSegmentatorSegmenter, check_fidelity
 from lowdose.fidelity.report import json_safe
 
 from ..inputs import read_ct
@@ -40,9 +40,14 @@ class FidelityTask(InferTask):
             labels=None,
             dimension=3,
             description="Denoise a low-dose CT and check, structure by structure (TotalSegmentator, 117 "
-                        "structures), that the anatomy was kept; JSON report, label maps on request",
-            config={"denoise_model": default_model, "dose": "auto", "labels": False, "reference_image": "",
-                    "fast": True},
+            "structures), that the anatomy was kept; JSON report, label maps on request",
+            config={
+                "denoise_model": default_model,
+                "dose": "auto",
+                "labels": False,
+                "reference_image": "",
+                "fast": True,
+            },
         )
         self.default_model = default_model
         self.options = options
@@ -65,22 +70,35 @@ class FidelityTask(InferTask):
             reference = _anonymous(read_ct(self._fetch(reference_id, request), self.options.input_limits()))
 
         original = _anonymous(read_ct(request["image"], self.options.input_limits()))
-        denoised = denoiser(models[name], self.options.device, self.options.batch_size)(original, dose=dose)
+        denoised = denoiser(models[name].folder, self.options.device, self.options.batch_size)(original, dose=dose)
         work = Path(tempfile.mkdtemp(prefix="lowdose-fidelity-", dir=request.get("result_dir")))
         segmenter = _Segmenter(fast=_true(request.get("fast", True)), device=self.options.device, progress=False)
-        result = check_fidelity(original, denoised, reference=reference, out_dir=work / "fidelity",
-                                segmenter=segmenter, progress=False)
-        report = _without_private(json_safe(result.report))
-        report["denoising"] = {"model": name, "dose_fraction": denoised.metadata["lowdose_dose_fraction"],
-                               "dose_source": denoised.metadata["lowdose_dose_source"],
-                               "description": denoised.metadata["lowdose_description"]}
-        log.info("fidelity of %s: %s", name, result.verdict)
+        fidelity = check_fidelity(
+            original,
+            denoised.volume,
+            reference=reference,
+            out_dir=work / "fidelity",
+            segmenter=segmenter,
+            progress=False,
+        )
+        report = _without_private(json_safe(fidelity.to_json()))
+        report["denoising"] = {
+            "model": name,
+            "dose_fraction": denoised.dose_fraction,
+            "dose_source": denoised.dose_source,
+            "description": denoised.description,
+        }
+        log.info("fidelity of %s: %s", name, fidelity.verdict)
         if not _true(request.get("labels", False)):
             if not request.get("result_dir"):
                 shutil.rmtree(work, ignore_errors=True)
             return None, report
-        save_ct(denoised, work / "fidelity" / "denoised.nii.gz", description=denoised.metadata["lowdose_description"],
-                dtype=self.options.output_dtype)
+        save_ct(
+            denoised.volume,
+            work / "fidelity" / "denoised.nii.gz",
+            description=denoised.description,
+            dtype=self.options.output_dtype,
+        )
         archive = work / "fidelity.zip"
         with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
             for f in sorted((work / "fidelity").iterdir()):

@@ -1,7 +1,7 @@
-"""Tests of LowDoseDenoiseLib that need neither a server nor Slicer's widgets.
+"""Tests of LowDoseDenoiseLib that need neither a server nor Slicer's widgets: one test case per library module.
 
 They run in Slicer's own Python (registered with slicer_add_python_unittest) and in the repository's CI
-(tests/test_slicer_module.py runs this file with plain Python), so the client is checked on the Python
+(tests/test_slicer_module.py runs this file with plain Python), so the library is checked on the Python
 version Slicer ships. The full client is tested against the real server in tests/test_slicer_client.py.
 """
 
@@ -12,6 +12,7 @@ import socket
 import struct
 import sys
 import tempfile
+import threading
 import time
 import unittest
 import zipfile
@@ -22,7 +23,34 @@ if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
 from LowDoseDenoiseLib import client as lib  # noqa: E402
-from LowDoseDenoiseLib.jobs import BackgroundJob  # noqa: E402
+from LowDoseDenoiseLib import dose, messages, results, settings  # noqa: E402
+from LowDoseDenoiseLib.jobs import BackgroundJob, start_upload  # noqa: E402
+
+TOKEN = "s3cret-token-value"
+
+REPORT = {  # a fidelity report as the server writes it (fidelity.json), three structures
+    "study": {"verdict": "changed", "summary": "1 of 2 structures changed"},
+    "denoising": {"model": "dose_unet", "dose_fraction": 0.25},
+    "structures": [
+        {
+            "label": 1,
+            "name": "spleen",
+            "verdict": "kept",
+            "reasons": [],
+            "images": {"original": {"hu_mean": 50.0, "hu_std": 30.0}, "denoised": {"hu_mean": 51.0, "hu_std": 9.0}},
+            "pairs": {"denoised_vs_original": {"dice": 0.97}},
+        },
+        {
+            "label": 2,
+            "name": "kidney_right",
+            "verdict": "changed",
+            "reasons": ["Dice 0.60 < 0.80", "HU mean +60"],
+            "images": {"original": {"hu_mean": 30.0, "hu_std": 25.0}, "denoised": {"hu_mean": 90.0, "hu_std": 8.0}},
+            "pairs": {"denoised_vs_original": {"dice": 0.6}},
+        },
+        {"label": 5, "name": "brain", "verdict": "absent", "reasons": [], "images": {}, "pairs": {}},
+    ],
+}
 
 
 def nifti_header(dims=(3, 8, 8, 4)) -> bytes:
@@ -36,12 +64,22 @@ def nifti_header(dims=(3, 8, 8, 4)) -> bytes:
     return bytes(header) + b"\x00\x00\x00\x00"
 
 
-class LowDoseDenoiseLibTest(unittest.TestCase):
+def memory_store():
+    """A ConsentStore/TokenStore backing (load, save) over a dict, and the dict."""
+    memory = {}
+    return memory, (lambda: memory.get("text")), (lambda text: memory.__setitem__("text", text))
+
+
+class FolderTestCase(unittest.TestCase):
     def setUp(self):
         self.folder = Path(tempfile.mkdtemp(prefix="lowdose-libtest-"))
 
     def tearDown(self):
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class ClientTest(FolderTestCase):
+    """client.py: what the client does without a server (files, answers, errors, the token)."""
 
     def test_volume_sniffing(self):
         nifti = self.folder / "a.nii"
@@ -65,10 +103,15 @@ class LowDoseDenoiseLibTest(unittest.TestCase):
     def test_multipart_answer_is_split_on_disk(self):
         image = gzip.compress(nifti_header() + bytes(512))
         boundary = b"b0undary"
-        body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="params"\r\n'
-                b"Content-Type: application/json\r\n\r\n" + json.dumps({"dose_fraction": 0.25}).encode()
-                + b"\r\n--" + boundary + b'\r\nContent-Disposition: form-data; name="image"; '
-                b'filename="../../denoised.nii.gz"\r\n\r\n' + image + b"\r\n--" + boundary + b"--\r\n")
+        body = (
+            b"--" + boundary + b'\r\nContent-Disposition: form-data; name="params"\r\n'
+            b"Content-Type: application/json\r\n\r\n"
+            + json.dumps({"dose_fraction": 0.25}).encode()
+            + b"\r\n--"
+            + boundary
+            + b'\r\nContent-Disposition: form-data; name="image"; '
+            b'filename="../../denoised.nii.gz"\r\n\r\n' + image + b"\r\n--" + boundary + b"--\r\n"
+        )
         answer = self.folder / "answer.bin"
         answer.write_bytes(body)
         parts = lib._split_multipart(answer, boundary, self.folder)
@@ -101,48 +144,26 @@ class LowDoseDenoiseLibTest(unittest.TestCase):
         self.assertEqual((error.status, error.message), (404, "no model named 'x'"))
         self.assertIn("404", str(error))
 
-    def test_consent_store(self):
-        store = lib.JsonConsentStore(self.folder / "consent.json")
-        self.assertFalse(store.is_allowed("http://127.0.0.1:8000"))
-        store.allow("http://127.0.0.1:8000/")
-        self.assertTrue(lib.JsonConsentStore(store.path).is_allowed("http://127.0.0.1:8000"))
-        self.assertFalse(store.is_allowed("http://127.0.0.1:8001"))
-        self.assertFalse(store.is_allowed("https://127.0.0.1:8000"))
-        store.revoke("http://127.0.0.1:8000")
-        self.assertFalse(store.is_allowed("http://127.0.0.1:8000"))
-        store.path.write_text(json.dumps({"servers": {"http://127.0.0.1:8000": {"allowed": "yes"}}}))
-        self.assertFalse(store.is_allowed("http://127.0.0.1:8000"))  # only a literal true is consent
-        memory = {}
-        backed = lib.ConsentStore(lambda: memory.get("text"), lambda text: memory.__setitem__("text", text))
-        backed.allow("http://localhost:8000")
-        self.assertEqual(backed.allowed_servers(), ["http://localhost:8000"])
-
-    def test_token_store_keeps_one_token_per_server(self):
-        memory = {}
-        store = lib.TokenStore(lambda: memory.get("text"), lambda text: memory.__setitem__("text", text))
-        self.assertEqual(store.get("http://127.0.0.1:8000"), "")
-        store.set("http://127.0.0.1:8000/", "  Bearer abc.DEF-123_~+/=  ")  # pasted with the header's word
-        self.assertEqual(store.get("http://127.0.0.1:8000"), "abc.DEF-123_~+/=")
-        self.assertEqual(store.get("http://127.0.0.1:8001"), "")  # another port is another server
-        self.assertEqual(store.get("https://127.0.0.1:8000"), "")
-        store.set("http://127.0.0.1:8000", "")  # an empty token forgets it
-        self.assertEqual(store.get("http://127.0.0.1:8000"), "")
-        self.assertNotIn("abc.DEF", memory["text"])
-        memory["text"] = "{not json"
-        self.assertEqual(store.get("http://127.0.0.1:8000"), "")  # damaged settings: no token, no crash
+    def test_server_key_names_scheme_host_and_port(self):
+        self.assertEqual(lib.server_key("HTTP://LocalHost:8000/"), "http://localhost:8000")
+        self.assertEqual(lib.server_key("https://example.org/lowdose"), "https://example.org:443")
+        self.assertEqual(lib.server_key("http://[::1]:8000"), "http://[::1]:8000")
+        for bad in ("ftp://x", "127.0.0.1:8000", "http://", "http://h:99999"):
+            self.assertRaises(ValueError, lib.server_key, bad)
 
     def test_a_token_that_cannot_be_sent_is_refused_without_showing_it(self):
         for bad in ("two words", "line\nbreak", "accent\u00e9"):
             with self.assertRaises(ValueError) as caught:
-                lib.LowDoseClient("http://127.0.0.1:8000", lib.JsonConsentStore(self.folder / "c.json"), token=bad)
+                lib.LowDoseClient("http://127.0.0.1:8000", settings.JsonConsentStore(self.folder / "c.json"), token=bad)
             self.assertNotIn(bad, str(caught.exception))
             self.assertIn("copy it again", str(caught.exception))
 
     def test_the_token_is_in_no_repr_and_no_error_message(self):
-        token = "s3cret-token-value"
-        client = lib.LowDoseClient("http://127.0.0.1:8000", lib.JsonConsentStore(self.folder / "c.json"), token=token)
+        client = lib.LowDoseClient(
+            "http://127.0.0.1:8000", settings.JsonConsentStore(self.folder / "c.json"), token=TOKEN
+        )
         self.assertTrue(client.has_token)
-        self.assertNotIn(token, repr(client))
+        self.assertNotIn(TOKEN, repr(client))
         self.assertIn("token=given", repr(client))
         self.assertIn("token=none", repr(lib.LowDoseClient("http://127.0.0.1:8000", client.consent)))
         for given in (True, False):
@@ -159,10 +180,10 @@ class LowDoseDenoiseLibTest(unittest.TestCase):
         listener.listen(1)
         listener.settimeout(0.3)
         try:
-            url = "http://127.0.0.1:%d" % listener.getsockname()[1]
+            url = f"http://127.0.0.1:{listener.getsockname()[1]}"
             volume = self.folder / "v.nii"
             volume.write_bytes(nifti_header() + bytes(512))
-            client = lib.LowDoseClient(url, lib.JsonConsentStore(self.folder / "consent.json"))
+            client = lib.LowDoseClient(url, settings.JsonConsentStore(self.folder / "consent.json"))
             with self.assertRaises(lib.ConsentRequired):
                 client.denoise(volume, "denoise_x")
             with self.assertRaises(socket.timeout):
@@ -174,9 +195,13 @@ class LowDoseDenoiseLibTest(unittest.TestCase):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        client = lib.LowDoseClient("http://127.0.0.1:%d" % port, lib.JsonConsentStore(self.folder / "c.json"))
+        client = lib.LowDoseClient(f"http://127.0.0.1:{port}", settings.JsonConsentStore(self.folder / "c.json"))
         with self.assertRaises(lib.ServerUnreachable):
             client.info()
+
+
+class JobsTest(FolderTestCase):
+    """jobs.py: a request in a background thread; an upload that writes nothing without permission."""
 
     def test_background_job(self):
         def work(progress, cancel):
@@ -205,32 +230,336 @@ class LowDoseDenoiseLibTest(unittest.TestCase):
         self.assertTrue(job.wait(2))
         self.assertIsInstance(job.error, lib.ServerError)
 
-    def test_dose_and_table_helpers(self):
-        self.assertEqual(lib.parse_dose("1/4"), 0.25)
-        self.assertEqual(lib.parse_dose("auto"), "auto")
-        self.assertRaises(ValueError, lib.parse_dose, "2")
-        for choice in lib.DOSE_CHOICES:
-            lib.parse_dose(choice)
-        report = {"structures": [
-            {"label": 1, "name": "spleen", "verdict": "kept", "reasons": [],
-             "images": {"original": {"hu_mean": 50.0, "hu_std": 30.0}, "denoised": {"hu_mean": 51.0, "hu_std": 9.0}},
-             "pairs": {"denoised_vs_original": {"dice": 0.97}}},
-            {"label": 2, "name": "kidney_right", "verdict": "changed", "reasons": ["Dice 0.60 < 0.80"],
-             "images": {"original": {"hu_mean": 30.0, "hu_std": 25.0}, "denoised": {"hu_mean": 90.0, "hu_std": 8.0}},
-             "pairs": {"denoised_vs_original": {"dice": 0.6}}},
-            {"label": 3, "name": "brain", "verdict": "absent", "reasons": [], "images": {}, "pairs": {}},
-        ]}
-        rows = lib.fidelity_rows(report)
-        self.assertEqual([r["name"] for r in rows], ["kidney_right", "spleen"])
+    def test_progress_reports_reach_the_polling_thread_in_order(self):
+        job = BackgroundJob(lambda progress, cancel: [progress(lib.Progress("upload", k, 4)) for k in range(4)])
+        job.start()
+        seen = []
+        while not job.done:
+            seen += job.poll()
+        self.assertEqual([report.done for report in seen], [0, 1, 2, 3])
+
+    def export(self):
+        """Write a small volume file in its own temporary folder, as the logic's export does."""
+        folder = Path(tempfile.mkdtemp(prefix="export-", dir=str(self.folder)))
+        (folder / "volume.nrrd").write_bytes(b"NRRD0004\n")
+        self.exported.append(folder)
+        return str(folder / "volume.nrrd"), str(folder)
+
+    def test_an_upload_without_permission_writes_nothing(self):
+        self.exported = []
+        client = lib.LowDoseClient("http://127.0.0.1:8000", settings.JsonConsentStore(self.folder / "c.json"))
+        with self.assertRaises(lib.ConsentRequired) as caught:
+            start_upload(client, self.export, lambda *a, **k: self.fail("sent"))
+        self.assertEqual(caught.exception.server, "http://127.0.0.1:8000")
+        self.assertEqual(self.exported, [])
+
+    def test_an_upload_sends_the_file_and_removes_its_folder_whatever_happens(self):
+        self.exported = []
+        client = lib.LowDoseClient("http://127.0.0.1:8000", settings.JsonConsentStore(self.folder / "c.json"))
+        client.consent.allow(client.url)
+        sent = []
+
+        def send(client_, path, progress, cancel):
+            sent.append((client_, Path(path).read_bytes(), isinstance(cancel, threading.Event)))
+            progress(lib.Progress("upload", 9, 9))
+            return "answer"
+
+        job = start_upload(client, self.export, send, name="test-upload")
+        self.assertTrue(job.wait(5))
+        self.assertEqual(job.result, "answer")
+        self.assertEqual(sent, [(client, b"NRRD0004\n", True)])
+        self.assertFalse(self.exported[0].exists())
+
+        def fails(client_, path, progress, cancel):
+            raise lib.ServerError(500, "boom")
+
+        job = start_upload(client, self.export, fails)
+        self.assertTrue(job.wait(5))
+        self.assertIsInstance(job.error, lib.ServerError)
+        self.assertFalse(self.exported[1].exists())
+
+
+class SettingsTest(FolderTestCase):
+    """settings.py: what the module remembers, under the keys Slicer's settings have always used."""
+
+    def test_consent_store(self):
+        store = settings.JsonConsentStore(self.folder / "consent.json")
+        self.assertFalse(store.is_allowed("http://127.0.0.1:8000"))
+        store.allow("http://127.0.0.1:8000/")
+        self.assertTrue(settings.JsonConsentStore(store.path).is_allowed("http://127.0.0.1:8000"))
+        self.assertFalse(store.is_allowed("http://127.0.0.1:8001"))
+        self.assertFalse(store.is_allowed("https://127.0.0.1:8000"))
+        store.revoke("http://127.0.0.1:8000")
+        self.assertFalse(store.is_allowed("http://127.0.0.1:8000"))
+        store.path.write_text(json.dumps({"servers": {"http://127.0.0.1:8000": {"allowed": "yes"}}}))
+        self.assertFalse(store.is_allowed("http://127.0.0.1:8000"))  # only a literal true is consent
+        memory, load, save = memory_store()
+        backed = settings.ConsentStore(load, save)
+        backed.allow("http://localhost:8000")
+        self.assertEqual(backed.allowed_servers(), ["http://localhost:8000"])
+
+    def test_token_store_keeps_one_token_per_server(self):
+        memory, load, save = memory_store()
+        store = settings.TokenStore(load, save)
+        self.assertEqual(store.get("http://127.0.0.1:8000"), "")
+        store.set("http://127.0.0.1:8000/", "  Bearer abc.DEF-123_~+/=  ")  # pasted with the header's word
+        self.assertEqual(store.get("http://127.0.0.1:8000"), "abc.DEF-123_~+/=")
+        self.assertEqual(store.get("http://127.0.0.1:8001"), "")  # another port is another server
+        self.assertEqual(store.get("https://127.0.0.1:8000"), "")
+        store.set("http://127.0.0.1:8000", "")  # an empty token forgets it
+        self.assertEqual(store.get("http://127.0.0.1:8000"), "")
+        self.assertNotIn("abc.DEF", memory["text"])
+        memory["text"] = "{not json"
+        self.assertEqual(store.get("http://127.0.0.1:8000"), "")  # damaged settings: no token, no crash
+
+    def test_server_addresses_most_recent_first_at_most_ten(self):
+        module = settings.ModuleSettings(settings.MemorySettings())
+        self.assertEqual(module.server_urls(), [settings.DEFAULT_SERVER_URL])
+        self.assertEqual(module.server_url(), settings.DEFAULT_SERVER_URL)
+        for port in range(8001, 8013):
+            module.remember_server_url(f"http://127.0.0.1:{port}")
+        urls = module.remember_server_url("http://127.0.0.1:8005")
+        self.assertEqual(urls[:2], ["http://127.0.0.1:8005", "http://127.0.0.1:8012"])
+        self.assertEqual(len(urls), settings.MAX_URL_HISTORY)
+        self.assertEqual(len(set(urls)), len(urls))
+        self.assertEqual(module.server_urls(), urls)
+        self.assertEqual(module.server_url(), "http://127.0.0.1:8005")
+
+    def test_the_keys_are_those_slicer_settings_already_hold(self):
+        """A user's settings from before keep working: same group, same key names."""
+        store = settings.MemorySettings(
+            {
+                "LowDoseDenoise/ServerUrl": "http://gpu:8000",
+                "LowDoseDenoise/ServerUrlHistory": "http://gpu:8000\nhttp://127.0.0.1:8000",
+                "LowDoseDenoise/Dose": "1/4",
+                "LowDoseDenoise/ModelTask": "denoise_redcnn",
+                "LowDoseDenoise/ResponseTimeoutSeconds": "3600",
+            }
+        )
+        module = settings.ModuleSettings(store)
+        self.assertEqual(
+            (module.server_url(), module.server_urls()),
+            ("http://gpu:8000", ["http://gpu:8000", "http://127.0.0.1:8000"]),
+        )
+        self.assertEqual((module.dose(), module.model_task()), ("1/4", "denoise_redcnn"))
+        self.assertEqual(module.timeouts(), lib.Timeouts(response=3600.0))
+        module.consent().allow("http://gpu:8000")
+        module.tokens().set("http://gpu:8000", TOKEN)
+        module.set_dose("0.3")
+        module.set_model_task("denoise_dose_unet")
+        self.assertIn("http://gpu:8000", json.loads(store.values["LowDoseDenoise/UploadConsent"])["servers"])
+        self.assertEqual(json.loads(store.values["LowDoseDenoise/ServerTokens"])["tokens"], {"http://gpu:8000": TOKEN})
+        self.assertEqual(
+            (store.values["LowDoseDenoise/Dose"], store.values["LowDoseDenoise/ModelTask"]),
+            ("0.3", "denoise_dose_unet"),
+        )
+        again = settings.ModuleSettings(store)  # the next session
+        self.assertTrue(again.consent().is_allowed("http://gpu:8000"))
+        self.assertEqual(again.tokens().get("http://gpu:8000"), TOKEN)
+
+    def test_time_limits_fall_back_to_the_defaults(self):
+        default = lib.Timeouts()
+        self.assertEqual(settings.ModuleSettings(settings.MemorySettings()).timeouts(), default)
+        store = settings.MemorySettings(
+            {
+                "LowDoseDenoise/ConnectTimeoutSeconds": "2.5",
+                "LowDoseDenoise/ResponseTimeoutSeconds": "an hour",
+                "LowDoseDenoise/IdleTimeoutSeconds": "",
+            }
+        )
+        self.assertEqual(
+            settings.ModuleSettings(store).timeouts(),
+            lib.Timeouts(connect=2.5, response=default.response, idle=default.idle),
+        )
+
+
+class DoseTest(unittest.TestCase):
+    """dose.py: the dose as the user gives it, in the menu or typed."""
+
+    def test_parse_dose(self):
+        self.assertEqual(dose.parse_dose("auto"), "auto")
+        self.assertEqual(dose.parse_dose(""), "auto")
+        self.assertEqual(dose.parse_dose(None), "auto")
+        for text in ("1/4", "25%", "0.25", " 1/4 (25 % of normal dose)"):
+            self.assertEqual(dose.parse_dose(text), 0.25, text)
+        for bad in ("0", "1.5", "x", "1/0", "-1/4", "200%"):
+            self.assertRaises(ValueError, dose.parse_dose, bad)
+
+    def test_every_menu_text_reads_back_as_its_choice(self):
+        self.assertEqual(dose.dose_label("auto"), "auto (estimated from the image)")
+        self.assertEqual(dose.dose_label("1/4"), "1/4 (25 % of normal dose)")
+        self.assertEqual(dose.dose_label("1/3"), "1/3 (33.3 % of normal dose)")
+        labels = [dose.dose_label(choice) for choice in dose.DOSE_CHOICES]
+        self.assertEqual(len(set(labels)), len(labels))
+        for choice, label in zip(dose.DOSE_CHOICES, labels):
+            self.assertEqual(dose.dose_choice(label), choice)
+            self.assertEqual(dose.parse_dose(label), dose.parse_dose(choice))
+
+    def test_a_typed_dose_is_taken_as_typed(self):
+        self.assertEqual(dose.dose_choice(" 0.3 "), "0.3")
+        self.assertEqual(dose.dose_choice("1/4"), "1/4")
+        self.assertEqual(dose.dose_choice("1/4 (25 % of normal dose) "), "1/4 (25 % of normal dose)")
+
+
+class ResultsTest(unittest.TestCase):
+    """results.py: the fidelity table and the record kept on each denoised volume."""
+
+    def test_fidelity_rows(self):
+        rows = results.fidelity_rows(REPORT)
+        self.assertEqual([r["name"] for r in rows], ["kidney_right", "spleen"])  # flagged first, absent left out
         self.assertTrue(rows[0]["flagged"] and not rows[1]["flagged"])
         self.assertEqual(rows[1]["dice"], 0.97)
-        self.assertEqual(lib.fidelity_rows(report, flagged_only=True), rows[:1])
-        self.assertEqual(lib.fidelity_label_names(report), {1: "spleen", 2: "kidney_right", 3: "brain"})
+        self.assertEqual(rows[0]["reasons"], "Dice 0.60 < 0.80; HU mean +60")
+        self.assertEqual(results.fidelity_rows(REPORT, flagged_only=True), rows[:1])
+        check = dict(REPORT["structures"][0], name="aorta", verdict="check")
+        order = results.fidelity_rows({"structures": [REPORT["structures"][0], check, REPORT["structures"][1]]})
+        self.assertEqual([r["verdict"] for r in order], ["changed", "check", "kept"])
+
+    def test_fidelity_cells_follow_the_columns(self):
+        kidney, spleen = results.fidelity_rows(REPORT)
+        self.assertEqual(len(results.FIDELITY_COLUMNS), len(results.fidelity_cells(spleen)))
+        self.assertEqual(
+            results.fidelity_cells(kidney), ["kidney_right", "changed", "0.600", "30.0", "90.0", "25.0", "8.0", "yes"]
+        )
+        self.assertEqual(results.fidelity_cells(dict(spleen, dice=None, hu_sd_after=None))[2::4], ["", ""])
+        self.assertEqual(results.fidelity_cells(spleen)[-1], "")
+        self.assertEqual(set(results.VERDICT_COLOURS), set(results.FLAGGED_VERDICTS))
+
+    def test_verdict_flagged_and_label_names(self):
+        self.assertEqual(results.fidelity_verdict(REPORT), "Verdict: CHANGED - 1 of 2 structures changed")
+        self.assertEqual(results.fidelity_verdict({}), "Verdict: ? - ")
+        self.assertEqual(results.flagged_structures(REPORT), {"kidney_right"})
+        names = results.fidelity_label_names(REPORT)
+        self.assertEqual(names, {1: "spleen", 2: "kidney_right", 5: "brain"})
+        self.assertEqual(
+            results.colour_table_names(names), ["background", "spleen", "kidney_right", "label_3", "label_4", "brain"]
+        )
+        self.assertEqual(results.colour_table_names({}), ["background"])
+
+    def test_structure_colours(self):
+        self.assertEqual(results.structure_colour(0), (0.0, 0.0, 0.0))
+        colours = [results.structure_colour(value) for value in range(1, 118)]  # TotalSegmentator's 117 classes
+        self.assertTrue(all(0.0 <= c <= 1.0 for colour in colours for c in colour))
+        self.assertEqual(len(set(colours)), len(colours))
+        for a, b in zip(colours, colours[1:]):  # neighbouring labels are told apart
+            self.assertGreater(sum(abs(x - y) for x, y in zip(a, b)), 0.3)
+
+    def test_a_denoised_volume_is_found_by_model_and_dose(self):
+        self.assertEqual(results.denoised_volume_name("chest CT", "dose_unet"), "chest CT_denoised_dose_unet")
+        given = results.denoised_record(
+            "dose_unet", "denoise_dose_unet", {"dose_fraction": 0.25, "dose_source": "given", "seconds": 3.2}
+        )
+        self.assertEqual(
+            json.loads(given),
+            {
+                "model": "dose_unet",
+                "task": "denoise_dose_unet",
+                "dose_fraction": 0.25,
+                "dose_source": "given",
+                "seconds": 3.2,
+            },
+        )
+        self.assertTrue(results.made_with(given, "dose_unet", 0.25))
+        self.assertTrue(results.made_with(given, "dose_unet", 1 / 4 + 1e-9))
+        self.assertFalse(results.made_with(given, "dose_unet", 0.2))
+        self.assertFalse(results.made_with(given, "redcnn", 0.25))
+        self.assertFalse(results.made_with(given, "dose_unet", "auto"))  # the dose was given, not estimated
+        estimated = results.denoised_record("dose_unet", "t", {"dose_fraction": 0.31, "dose_source": "estimated"})
+        self.assertTrue(results.made_with(estimated, "dose_unet", "auto"))
+        for junk in (None, "", "{not json", "[1, 2]", '{"model": "dose_unet", "dose_fraction": "a lot"}'):
+            self.assertFalse(results.made_with(junk, "dose_unet", 0.25), junk)
+
+
+class MessagesTest(unittest.TestCase):
+    """messages.py: what the user is told."""
+
+    MODEL = lib.ModelInfo(
+        task="denoise_dose_unet",
+        model="dose_unet",
+        description="Dose-aware U-Net.",
+        dose_aware=True,
+        validation={"val_psnr_abdomen": 41.234},
+    )
+
+    def test_connection_status(self):
+        info = {"lowdose": {"version": "0.4.0", "device": "cuda"}, "models": {"denoise_dose_unet": {}, "fidelity": {}}}
+        self.assertEqual(
+            messages.connected(info, [self.MODEL]), "Connected: lowdose 0.4.0 on cuda, 1 model(s), fidelity check."
+        )
+        self.assertEqual(messages.connected({"models": {}}, []), "Connected: lowdose ? on ?, 0 model(s).")
+        self.assertIn("access token", messages.not_connected(lib.AuthenticationError("http://h:1", False)))
+        self.assertEqual(messages.not_connected(lib.ServerUnreachable("no")), "Not connected.")
+
+    def test_model_texts(self):
+        self.assertEqual(
+            messages.model_description(self.MODEL), "Dose-aware U-Net. Validation PSNR (abdomen): 41.23 dB."
+        )
+        plain = lib.ModelInfo(
+            task="denoise_redcnn", model="redcnn", description="RED-CNN.", validation={"val_psnr_abdomen": "n/a"}
+        )
+        self.assertEqual(messages.model_description(plain), "RED-CNN.")
+        self.assertEqual(messages.model_label(self.MODEL), "dose_unet  (dose-aware)")
+        self.assertEqual(messages.model_label(plain), "redcnn")
+        self.assertNotEqual(messages.dose_tooltip(self.MODEL), messages.dose_tooltip(plain))
+
+    def test_the_consent_question_says_where_the_volume_goes(self):
+        for url in ("http://127.0.0.1:8000", "http://localhost:9000/", "http://[::1]:8000"):
+            question = messages.consent_question(url)
+            self.assertIn("a server on this computer", question, url)
+            self.assertIn(lib.server_key(url), question)
+        self.assertIn("ANOTHER COMPUTER", messages.consent_question("https://pacs.hospital.org"))
+        self.assertRaises(ValueError, messages.consent_question, "not an address")
+
+    def test_progress(self):
+        self.assertEqual(
+            messages.progress(lib.Progress("waiting", elapsed_s=12.4)), ("The server is working... 12 s", None)
+        )
+        self.assertEqual(
+            messages.progress(lib.Progress("upload", 2_000_000, 4_000_000)), ("Sending 2.0 MB of 4.0 MB", 50)
+        )
+        self.assertEqual(messages.progress(lib.Progress("download", 1_000_000)), ("Receiving 1.0 MB", 0))
+
+    def test_request_outcomes(self):
+        self.assertNotEqual(messages.request_started(messages.DENOISE), messages.request_started(messages.FIDELITY))
+        self.assertEqual(messages.request_failed("denoise", lib.Timeout("slow")), "The denoise request failed.")
+        self.assertIn("access token", messages.request_failed("fidelity", lib.AuthenticationError("http://h:1", True)))
+        self.assertEqual(
+            messages.denoise_done({"description": "dose_unet at 25 % (given)", "seconds": 3.21}, "x"),
+            "Done: dose_unet at 25 % (given) in 3.2 s on the server.",
+        )
+        self.assertEqual(messages.denoise_done({}, "ct_denoised"), "Done: ct_denoised in 0.0 s on the server.")
+
+    def test_foreseen_errors_speak_for_themselves_others_point_to_the_log(self):
+        for error in (lib.ServerError(404, "no model named 'x'"), ValueError("bad dose"), OSError("disk full")):
+            text, foreseen = messages.error_text("The denoise request failed", error)
+            self.assertTrue(foreseen)
+            self.assertEqual(text, f"The denoise request failed:\n\n{error}")
+        text, foreseen = messages.error_text("Could not show the result", KeyError("labels_original"))
+        self.assertFalse(foreseen)
+        self.assertIn("KeyError", text)
+        self.assertIn("Details are in the log", text)
+
+    def test_no_message_shows_the_token(self):
+        try:
+            lib.normalise_token(TOKEN + " pasted twice")
+        except ValueError as exc:
+            self.assertNotIn(TOKEN, messages.error_text("Could not connect", exc)[0])
+        refused = lib.AuthenticationError("http://127.0.0.1:8000", token_given=True)
+        self.assertNotIn(TOKEN, messages.request_failed("denoise", refused) + messages.error_text("x", refused)[0])
+
+    def test_denoise_tooltip(self):
+        self.assertEqual(messages.denoise_tooltip(False, True), "Choose a CT volume.")
+        self.assertEqual(messages.denoise_tooltip(True, False), "Connect to a lowdose server first.")
+        self.assertIn("Send the volume", messages.denoise_tooltip(True, True))
+
+
+TEST_CASES = (ClientTest, JobsTest, SettingsTest, DoseTest, ResultsTest, MessagesTest)
 
 
 def runTest():
     """Entry point when Slicer runs this file."""
-    suite = unittest.TestLoader().loadTestsFromTestCase(LowDoseDenoiseLibTest)
+    loader = unittest.TestLoader()
+    suite = unittest.TestSuite(loader.loadTestsFromTestCase(case) for case in TEST_CASES)
     return unittest.TextTestRunner(verbosity=2).run(suite).wasSuccessful()
 
 

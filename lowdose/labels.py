@@ -6,10 +6,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 
-from ..errors import CTInputError
-from ..volume import CTVolume
-from ..atomic import atomic_output
+from .atomic import atomic_output
+from .errors import CTInputError
+from .volume import CTVolume
 
 # Two grids are the same when voxel centres agree to this fraction of a voxel.
 GRID_TOLERANCE_VOXELS = 1e-3
@@ -30,8 +31,6 @@ def load_label_map(path: str | os.PathLike, like: CTVolume) -> tuple[np.ndarray,
     (another grid: nearest-neighbour resampling onto the CT's grid). Raises ``CTInputError`` naming the
     file when it is not a label map or does not overlap the CT.
     """
-    import SimpleITK as sitk
-
     path = Path(path)
     if not path.is_file():
         raise CTInputError(path, "no such label map file")
@@ -40,13 +39,17 @@ def load_label_map(path: str | os.PathLike, like: CTVolume) -> tuple[np.ndarray,
     except RuntimeError as exc:
         raise CTInputError(path, f"not a readable label map ({str(exc).strip().splitlines()[0]})") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise CTInputError(path, f"a label map must be one 3-D integer image; this is {image.GetDimension()}-D "
-                                 f"with {image.GetNumberOfComponentsPerPixel()} component(s) per voxel")
+        raise CTInputError(
+            path,
+            f"a label map must be one 3-D integer image; this is {image.GetDimension()}-D "
+            f"with {image.GetNumberOfComponentsPerPixel()} component(s) per voxel",
+        )
     data = sitk.GetArrayFromImage(image)
     if not np.issubdtype(data.dtype, np.integer):
         if not np.all(np.mod(data, 1) == 0):
-            raise CTInputError(path, f"holds non-integer values ({data.dtype}): a CT or a probability map, "
-                                     "not a label map")
+            raise CTInputError(
+                path, f"holds non-integer values ({data.dtype}): a CT or a probability map, " "not a label map"
+            )
     if data.min() < 0 or data.max() > 65535:
         raise CTInputError(path, f"label values {data.min()}..{data.max()} are outside 0..65535")
     data = data.astype(np.uint16)
@@ -59,9 +62,11 @@ def load_label_map(path: str | os.PathLike, like: CTVolume) -> tuple[np.ndarray,
         return data, "same grid"
     # Voxel centres that coincide (a signed permutation with whole-voxel offsets) make nearest-neighbour
     # resampling an exact move of the same voxels.
-    exact = (np.allclose(linear, np.rint(linear), atol=GRID_TOLERANCE_VOXELS)
-             and np.allclose(offset, np.rint(offset), atol=GRID_TOLERANCE_VOXELS)
-             and np.all(np.abs(np.rint(linear)).sum(axis=0) == 1))
+    exact = (
+        np.allclose(linear, np.rint(linear), atol=GRID_TOLERANCE_VOXELS)
+        and np.allclose(offset, np.rint(offset), atol=GRID_TOLERANCE_VOXELS)
+        and np.all(np.abs(np.rint(linear)).sum(axis=0) == 1)
+    )
     nz, ny, nx = like.shape
     reference = sitk.Image([nx, ny, nz], sitk.sitkUInt16)
     reference.SetSpacing(like.spacing_mm)
@@ -69,18 +74,18 @@ def load_label_map(path: str | os.PathLike, like: CTVolume) -> tuple[np.ndarray,
     reference.SetDirection(tuple(like.direction.reshape(-1)))
     moving = sitk.GetImageFromArray(data)
     moving.CopyInformation(image)
-    resampled = sitk.GetArrayFromImage(sitk.Resample(moving, reference, sitk.Transform(),
-                                                     sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16))
+    resampled = sitk.GetArrayFromImage(
+        sitk.Resample(moving, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
+    )
     if data.any() and not resampled.any():
-        raise CTInputError(path, "does not overlap the CT it should label (another patient position or "
-                                 "frame of reference?)")
+        raise CTInputError(
+            path, "does not overlap the CT it should label (another patient position or " "frame of reference?)"
+        )
     return resampled, "reoriented" if exact else "resampled"
 
 
 def save_label_map(labels: np.ndarray, like: CTVolume, path: str | os.PathLike) -> Path:
     """Write a label map with the CT's geometry (uint8 when it fits), atomically (temporary file + rename)."""
-    import SimpleITK as sitk
-
     path = Path(path)
     labels = np.asarray(labels)
     dtype = np.uint8 if labels.size == 0 or labels.max() < 256 else np.uint16
@@ -91,4 +96,3 @@ def save_label_map(labels: np.ndarray, like: CTVolume, path: str | os.PathLike) 
     with atomic_output(path, suffix=".nii.gz") as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
     return path
-

@@ -1,0 +1,136 @@
+"""The server's answers made ready for display: the fidelity report as table rows and cells, the structures'
+names and colours, and the record kept on each denoised volume (which model and dose made it)."""
+
+from __future__ import annotations
+
+import json
+
+FIDELITY_COLUMNS = (
+    "structure",
+    "verdict",
+    "Dice",
+    "HU mean before",
+    "HU mean after",
+    "HU SD before",
+    "HU SD after",
+    "flag",
+)
+FLAGGED_VERDICTS = ("changed", "check")  # the structures a reader should look at, worst first
+VERDICT_COLOURS = {"changed": (255, 200, 200), "check": (255, 235, 190)}  # RGB of flagged rows: red, amber
+_PAIR = "denoised_vs_original"
+
+
+# ----------------------------------------------------------------------------------------- fidelity report
+
+
+def fidelity_rows(report: dict, flagged_only: bool = False) -> list[dict]:
+    """Table rows of a fidelity report: one per structure present in a scan, flagged ones first.
+
+    Each row: label, name, verdict, dice, hu_mean_before/after, hu_sd_before/after (None when not
+    measured), flagged (verdict "check" or "changed"), reasons (text).
+    """
+    rows = []
+    for s in report.get("structures", []):
+        if s.get("verdict") == "absent":
+            continue
+        images = s.get("images", {})
+        before, after = images.get("original", {}), images.get("denoised", {})
+        flagged = s.get("verdict") in FLAGGED_VERDICTS
+        if flagged_only and not flagged:
+            continue
+        rows.append(
+            {
+                "label": s.get("label"),
+                "name": s.get("name", "?"),
+                "verdict": s.get("verdict", "?"),
+                "dice": (s.get("pairs", {}).get(_PAIR) or {}).get("dice"),
+                "hu_mean_before": before.get("hu_mean"),
+                "hu_mean_after": after.get("hu_mean"),
+                "hu_sd_before": before.get("hu_std"),
+                "hu_sd_after": after.get("hu_std"),
+                "flagged": flagged,
+                "reasons": "; ".join(s.get("reasons") or []),
+            }
+        )
+    order = {verdict: rank for rank, verdict in enumerate(FLAGGED_VERDICTS)}
+    rows.sort(key=lambda r: (order.get(r["verdict"], len(order)), r["name"]))
+    return rows
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def fidelity_cells(row: dict) -> list[str]:
+    """The texts of one table row, in the order of FIDELITY_COLUMNS (Dice to 3 decimals, HU to 1)."""
+    return [
+        row["name"],
+        row["verdict"],
+        _number(row["dice"], 3),
+        _number(row["hu_mean_before"], 1),
+        _number(row["hu_mean_after"], 1),
+        _number(row["hu_sd_before"], 1),
+        _number(row["hu_sd_after"], 1),
+        "yes" if row["flagged"] else "",
+    ]
+
+
+def fidelity_verdict(report: dict) -> str:
+    """The study's verdict line: "Verdict: KEPT - <the server's summary>"."""
+    study = report.get("study", {})
+    return f"Verdict: {str(study.get('verdict', '?')).upper()} - {study.get('summary', '')}"
+
+
+def flagged_structures(report: dict) -> set[str]:
+    """Names of the structures whose verdict is "check" or "changed"."""
+    return {row["name"] for row in fidelity_rows(report, flagged_only=True)}
+
+
+def fidelity_label_names(report: dict) -> dict[int, str]:
+    """Label value -> structure name, for naming the segments of the returned label maps."""
+    return {int(s["label"]): str(s["name"]) for s in report.get("structures", []) if "label" in s and "name" in s}
+
+
+def colour_table_names(names: dict[int, str]) -> list[str]:
+    """One name per label value from 0 to the largest, for a colour table: "background", the structure's name,
+    or "label_<n>" for a value no structure has."""
+    count = max(names) + 1 if names else 1
+    return [names.get(value, f"label_{value}" if value else "background") for value in range(count)]
+
+
+def structure_colour(value: int) -> tuple[float, float, float]:
+    """A colour (RGB in [0, 1]) for a label value, when Slicer's anatomy colour table is missing: far apart for
+    neighbouring values; black for the background (0)."""
+    if not value:
+        return (0.0, 0.0, 0.0)
+    return (((value * 67) % 255) / 255.0, ((value * 151) % 255) / 255.0, ((value * 29) % 255) / 255.0)
+
+
+# ----------------------------------------------------------------------------------------- denoised volumes
+
+
+def denoised_volume_name(original_name: str, model_name: str) -> str:
+    """The name of a denoised volume: ``<input>_denoised_<model>`` (the scene makes it unique)."""
+    return f"{original_name}_denoised_{model_name}"
+
+
+def denoised_record(model_name: str, task: str, summary: dict) -> str:
+    """The JSON text kept on a denoised volume: the model, its task and the server's summary (dose used...)."""
+    return json.dumps({"model": model_name, "task": task, **summary})
+
+
+def made_with(record: str | None, model_name: str, dose) -> bool:
+    """Whether the denoised volume with this record was made by ``model_name`` at ``dose``: the same fraction,
+    or for "auto" a dose the model estimated. An unreadable record matches nothing."""
+    try:
+        summary = json.loads(record or "{}")
+    except ValueError:
+        return False
+    if not isinstance(summary, dict) or summary.get("model") != model_name:
+        return False
+    if dose == "auto":
+        return summary.get("dose_source") == "estimated"
+    try:
+        return abs(float(summary.get("dose_fraction") or -1) - float(dose)) < 1e-6
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,94 @@
+"""The volume nodes the module writes and reads: the input written to a temporary NRRD for the server, and each
+denoised volume loaded beside its original with the record of how it was made, so it is found again.
+
+``VolumeNodes`` is mixed into LowDoseDenoiseLogic, next to ``views.ComparisonViews`` (``copyWindowLevel``).
+"""
+
+import os
+import shutil
+import tempfile
+
+import slicer
+from LowDoseDenoiseLib import results
+
+from . import ORIGINAL_ATTRIBUTE, ROLE_ATTRIBUTE, SUMMARY_ATTRIBUTE
+
+
+class VolumeNodes:
+    """The CT volumes sent to the server and the denoised volumes that come back."""
+
+    def exportVolume(self, volumeNode):
+        """Write the volume to a temporary NRRD (voxel values as they are, i.e. HU; geometry in the header)."""
+        if (
+            volumeNode is None
+            or not volumeNode.IsA("vtkMRMLScalarVolumeNode")
+            or volumeNode.IsA("vtkMRMLLabelMapVolumeNode")
+        ):
+            raise ValueError("choose a scalar CT volume (not a label map or a color image)")
+        if volumeNode.GetImageData() is None:
+            raise ValueError(f"{volumeNode.GetName()} holds no voxels")
+        if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
+            raise ValueError(f"{volumeNode.GetName()} is not a single-channel CT volume")
+        folder = tempfile.mkdtemp(prefix="lowdose-slicer-export-")
+        path = os.path.join(folder, "volume.nrrd")
+        exportNode = getattr(slicer.util, "exportNode", None)
+        if exportNode is not None:  # writes the file without re-pointing the node's storage at it
+            exportNode(volumeNode, path, {"useCompression": 1}, world=True)
+            ok = os.path.isfile(path)
+        else:
+            storage = volumeNode.GetStorageNode()
+            previous = storage.GetFileName() if storage is not None else None
+            ok = slicer.util.saveNode(volumeNode, path, {"useCompression": 1})
+            if storage is not None and previous:
+                storage.SetFileName(previous)
+        if not ok:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise ValueError(f"could not write {volumeNode.GetName()} to a temporary file")
+        return path, folder
+
+    def loadDenoised(self, original, result, model):
+        """Load a DenoiseResult as a scalar volume (HU) named after the input and the model."""
+        try:
+            return self.loadDenoisedFile(original, str(result.path), model, result.summary)
+        finally:
+            shutil.rmtree(str(result.folder), ignore_errors=True)
+
+    def loadDenoisedFile(self, original, path, model, summary):
+        """Load a denoised CT file beside ``original``, with the record of how it was made."""
+        name = slicer.mrmlScene.GenerateUniqueName(results.denoised_volume_name(original.GetName(), model.model))
+        node = slicer.util.loadVolume(path, {"name": name, "labelmap": False, "show": False, "singleFile": True})
+        node.SetAttribute(ROLE_ATTRIBUTE, "denoised")
+        node.SetAttribute(ORIGINAL_ATTRIBUTE, original.GetID())
+        node.SetAttribute(SUMMARY_ATTRIBUTE, results.denoised_record(model.model, model.task, summary))
+        if original.GetParentTransformNode() is not None and getattr(slicer.util, "exportNode", None) is None:
+            node.SetAndObserveTransformNodeID(original.GetTransformNodeID())  # the export ignored the transform
+        storage = node.GetStorageNode()
+        if storage is not None:
+            storage.SetFileName("")  # the temporary file is gone; saving the scene writes a new one
+        self.copyWindowLevel(original, node)
+        return node
+
+    def denoisedFor(self, original, model, dose):
+        """The most recent denoised volume of ``original`` made with ``model`` at ``dose`` (None when none)."""
+        made = [
+            node
+            for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+            if node.GetAttribute(ROLE_ATTRIBUTE) == "denoised"
+            and node.GetAttribute(ORIGINAL_ATTRIBUTE) == original.GetID()
+            and results.made_with(node.GetAttribute(SUMMARY_ATTRIBUTE), model.model, dose)
+        ]
+        return made[-1] if made else None
+
+    def fidelityDenoised(self, original, result, model, dose):
+        """The denoised volume to show after a fidelity check: one made before with this model and dose, else
+        the check's own denoised scan (loaded), else None."""
+        denoised = self.denoisedFor(original, model, dose)
+        if denoised is None and "denoised" in result.files:
+            denoised = self.loadDenoisedFile(
+                original, str(result.files["denoised"]), model, result.report.get("denoising", {})
+            )
+        return denoised
+
+    def originalOf(self, node):
+        """The original volume a denoised or difference volume was made from (None when it left the scene)."""
+        return slicer.mrmlScene.GetNodeByID(node.GetAttribute(ORIGINAL_ATTRIBUTE) or "")
