@@ -14,12 +14,15 @@ import os
 import pickle
 import re
 from collections import OrderedDict
+from collections.abc import Iterable
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast, overload
 
 import numpy as np
-from numpy._core.multiarray import scalar  # numpy.core's scalar, without numpy 2's deprecation warning
+
+# numpy.core's scalar, without numpy 2's deprecation warning (numpy's stubs do not declare this private function)
+from numpy._core.multiarray import scalar  # type: ignore[attr-defined]
 
 from .atomic import atomic_output, write_text_atomically
 from .bundle_configs import inference_config, monai_metadata
@@ -28,6 +31,9 @@ from .resources import shipped_path
 
 if TYPE_CHECKING:
     import torch
+
+    from .networks.anatomy_encoder import AnatomyUNet
+    from .networks.dose_estimator import DoseEstimator
 
 # The shipped models: the wheel's copy when lowdose is installed, else the checkout's models/.
 MODELS_DIR = shipped_path("models")
@@ -39,6 +45,10 @@ DEFAULT_MODEL = "dose_unet"
 DEFAULT_NORMALISATION = {"hu_min": -1024.0, "hu_max": 3071.0, "scale_hu": 1000.0}
 
 
+@overload
+def hu_to_input(hu: np.ndarray, normalisation: dict) -> np.ndarray: ...
+@overload
+def hu_to_input(hu: torch.Tensor, normalisation: dict) -> torch.Tensor: ...
 def hu_to_input(hu, normalisation: dict) -> np.ndarray | torch.Tensor:
     """HU -> network input (clipped and scaled)."""
     lo, hi, scale = normalisation["hu_min"], normalisation["hu_max"], normalisation["scale_hu"]
@@ -58,14 +68,14 @@ class DenoisingModel:
 
     name: str
     network: torch.nn.Module
-    dose_estimator: torch.nn.Module | None
+    dose_estimator: DoseEstimator | None
     normalisation: dict
     in_channels: int
     dose_conditioning: bool
     metadata: dict
     path: Path | None = None
     # BioAtt models: the anatomy encoder whose organ presence steers the attention, and its normalisation.
-    anatomy_encoder: torch.nn.Module | None = None
+    anatomy_encoder: AnatomyUNet | None = None
     anatomy_normalisation: dict | None = None
 
     def to(self, device) -> DenoisingModel:
@@ -78,6 +88,7 @@ class DenoisingModel:
         """BioAtt's prior for centre slices ``[B, 1, H, W]`` in HU (None for models without BioAtt)."""
         if self.anatomy_encoder is None:
             return None
+        assert self.anatomy_normalisation is not None  # a BioAtt bundle ships it with the encoder
         return self.anatomy_encoder.organ_presence(hu_to_input(hu, self.anatomy_normalisation))
 
 
@@ -317,12 +328,13 @@ def load_bundle(model: str | Path = DEFAULT_MODEL, device: str | torch.device = 
         )
     try:
         network = _built(bundle.network, state["network"])
-        estimator = None
+        # The bundle's dose estimator and BioAtt's anatomy encoder are the registry's DoseEstimator and AnatomyUNet.
+        estimator: DoseEstimator | None = None
         if bundle.dose_estimator and "dose_estimator" in state:
-            estimator = _built(bundle.dose_estimator, state["dose_estimator"])
-        anatomy = None
+            estimator = cast("DoseEstimator", _built(bundle.dose_estimator, state["dose_estimator"]))
+        anatomy: AnatomyUNet | None = None
         if bundle.anatomy_encoder:
-            anatomy = _built(bundle.anatomy_encoder, state["anatomy_encoder"])
+            anatomy = cast("AnatomyUNet", _built(bundle.anatomy_encoder, state["anatomy_encoder"]))
     except (RuntimeError, TypeError, KeyError) as exc:
         raise LowdoseError(
             f"{bundle.folder}: the weights do not fit this version's {bundle.network_name} network "
@@ -366,7 +378,9 @@ def _json_default(value: Any):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", safe_globals: tuple = ()) -> Any:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", safe_globals: Iterable[Any] = ()
+) -> Any:
     """The contents of a checkpoint file, unpickled by torch's ``weights_only`` loader.
 
     Only tensors, numbers, strings, lists, tuples and dicts (and the ``safe_globals`` a caller allows for a
@@ -422,7 +436,7 @@ def plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return plain(dataclasses.asdict(value))
     if isinstance(value, dict):
-        converted = {plain(k): plain(v) for k, v in value.items()}
+        converted: Any = {plain(k): plain(v) for k, v in value.items()}  # a state dict has a _metadata attribute
         if isinstance(value, OrderedDict):  # a state dict: keep its order and its module versions
             converted = OrderedDict(converted)
             if hasattr(value, "_metadata"):

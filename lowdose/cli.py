@@ -26,8 +26,8 @@ from .resources import sample_ct_path
 from .server import add_parser as add_serve_parser
 
 
-def _parse_dose(text: str) -> float:
-    """A dose fraction as 0.25, 1/4 or 25% (argparse type)."""
+def _parse_dose(text: str) -> float | str:
+    """A dose fraction as 0.25, 1/4 or 25% (argparse type); an empty text gives parse_dose's "auto"."""
     if text.strip().lower() == "auto":
         raise argparse.ArgumentTypeError("a dose fraction is needed here (0.25, 1/4 or 25%), not auto")
     try:
@@ -137,15 +137,20 @@ def cmd_train(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     command = " ".join(["lowdose", *sys.argv[1:]])
     if _config_task(args.config) == "anatomy_encoder":
-        config = AnatomyEncoderConfig.from_yaml(args.config)
+        encoder_config = AnatomyEncoderConfig.from_yaml(args.config)
         if args.epochs:
-            config.epochs = args.epochs
+            encoder_config.epochs = args.epochs
         _check_training_outputs(
-            config.output_dir,
+            encoder_config.output_dir,
             args.bundle,
-            [*config.images, *config.labels, *config.validation_images, *config.validation_labels],
+            [
+                *encoder_config.images,
+                *encoder_config.labels,
+                *encoder_config.validation_images,
+                *encoder_config.validation_labels,
+            ],
         )
-        train_anatomy_encoder(config, bundle_dir=args.bundle, progress=not args.quiet, command=command)
+        train_anatomy_encoder(encoder_config, bundle_dir=args.bundle, progress=not args.quiet, command=command)
         return
     config = TrainConfig.from_yaml(args.config)
     if args.epochs:

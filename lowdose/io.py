@@ -19,13 +19,14 @@ import tempfile
 import zlib
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from .atomic import atomic_output, default_mode
 from .errors import CTInputError, CTOutputError
@@ -33,8 +34,8 @@ from .limits import InputLimits
 from .volume import PADDING_THRESHOLD_HU, CTVolume
 
 GRID_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
+EXPLICIT_VR_LITTLE_ENDIAN = UID("1.2.840.10008.1.2.1")
 # Positions of consecutive slices may differ by this much (mm) and still count as one regular grid.
 SLICE_SPACING_TOLERANCE_MM = 0.01
 # A step this close (fraction of the series' usual step) to a whole multiple k >= 2 of it is k - 1 missing slices.
@@ -100,6 +101,8 @@ def _load_grid_file(path: Path, limits: InputLimits) -> CTVolume:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise CTInputError(path, f"not a readable {_grid_suffix(path)} image ({_first_line(exc)})") from None
+    suffix = _grid_suffix(path)
+    assert suffix is not None  # load_ct sends only files with a grid suffix here
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CTInputError(
             path,
@@ -132,7 +135,7 @@ def _load_grid_file(path: Path, limits: InputLimits) -> CTVolume:
         spacing_mm=image.GetSpacing(),
         origin_mm=image.GetOrigin(),
         direction=np.array(image.GetDirection()).reshape(3, 3),
-        metadata={"format": _grid_suffix(path).lstrip("."), "path": str(path), "source_dtype": str(hu.dtype)},
+        metadata={"format": suffix.lstrip("."), "path": str(path), "source_dtype": str(hu.dtype)},
     )
 
 
@@ -535,7 +538,7 @@ def _assemble_series(source: Path, items: list, limits: InputLimits) -> CTVolume
     regular = bool(np.all(np.abs(positions - expected) < SLICE_SPACING_TOLERANCE_MM * 10)) and (
         len(items) < 3 or float(np.ptp(np.diff(along_normal))) < SLICE_SPACING_TOLERANCE_MM
     )
-    metadata = {
+    metadata: dict[str, Any] = {
         "format": "dicom",
         "path": str(source),
         "dicom_headers": headers,
@@ -905,6 +908,7 @@ def _save_grid_file(volume: CTVolume, path: Path, dtype: str) -> None:
     image.SetOrigin(volume.origin_mm)
     image.SetDirection(tuple(volume.direction.reshape(-1)))
     suffix = _grid_suffix(path)
+    assert suffix is not None  # save_ct sends only paths with a grid suffix here
     with atomic_output(path, suffix) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=suffix != ".nii")
 
@@ -939,7 +943,21 @@ def _save_dicom_series(volume: CTVolume, folder: Path, description: str) -> None
         raise
 
 
-def _derived_datasets(volume: CTVolume, description: str) -> list:
+# Elements of a source header that describe its own pixel data: dropped from each derived slice.
+_SOURCE_PIXEL_KEYWORDS = (
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
+    "PixelPaddingRangeLimit",
+    "SmallestPixelValueInSeries",
+    "LargestPixelValueInSeries",
+    "PixelData",
+    "LossyImageCompression",
+    "LossyImageCompressionRatio",
+    "LossyImageCompressionMethod",
+)
+
+
+def _derived_datasets(volume: CTVolume, description: str) -> list[Dataset]:
     """One DICOM dataset per slice: a DERIVED\\SECONDARY CT series of the source, same geometry, int16 HU."""
     nz, ny, nx = volume.shape
     sources = volume.metadata.get("dicom_headers")
@@ -963,18 +981,10 @@ def _derived_datasets(volume: CTVolume, description: str) -> list:
     datasets = []
     for k in range(nz):
         source = sources[k] if sources is not None else None
-        ds = copy.deepcopy(source if source is not None else template)
-        for keyword in (
-            "SmallestImagePixelValue",
-            "LargestImagePixelValue",
-            "PixelPaddingRangeLimit",
-            "SmallestPixelValueInSeries",
-            "LargestPixelValueInSeries",
-            "PixelData",
-            "LossyImageCompression",
-            "LossyImageCompressionRatio",
-            "LossyImageCompressionMethod",
-        ):
+        base = source if source is not None else template
+        assert base is not None  # the new study header stands in whenever there are no source headers
+        ds = copy.deepcopy(base)
+        for keyword in _SOURCE_PIXEL_KEYWORDS:
             if keyword in ds:
                 delattr(ds, keyword)
         for keyword, uid in missing_uids.items():
@@ -1024,7 +1034,7 @@ def _derived_datasets(volume: CTVolume, description: str) -> list:
     return datasets
 
 
-def _new_study_header():
+def _new_study_header() -> Dataset:
     """Header for a series whose source was not DICOM: a new anonymous patient and study."""
     ds = Dataset()
     ds.PatientName = "Anonymous"

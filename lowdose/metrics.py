@@ -42,10 +42,11 @@ def apply_window(hu, window: str | tuple[float, float]) -> np.ndarray:
 
 def field_of_view(*images) -> np.ndarray:
     """Voxels that are inside the field of view in every image (no scanner padding)."""
-    mask = None
+    mask: np.ndarray | None = None
     for image in images:
         inside = image.field_of_view_mask() if isinstance(image, CTVolume) else _hu(image) > PADDING_THRESHOLD_HU
         mask = inside if mask is None else mask & inside
+    assert mask is not None, "field_of_view needs at least one image"
     return mask
 
 

@@ -21,15 +21,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .noise import extract_patches, noise_power_spectrum, patch_size_px, uniform_patches
 from .volume import CTVolume
 
-__all__ = ["ScannerGeometry", "simulate_low_dose", "MU_WATER_PER_MM", "FULL_DOSE_PHOTONS", "ELECTRONIC_NOISE_PHOTONS"]
+__all__ = [
+    "ScannerGeometry",
+    "SourceNoiseModel",
+    "simulate_low_dose",
+    "source_noise_model",
+    "MU_WATER_PER_MM",
+    "FULL_DOSE_PHOTONS",
+    "ELECTRONIC_NOISE_PHOTONS",
+]
 
 # Linear attenuation of water at ~70 keV, the effective energy of a filtered 120 kVp beam
 # (NIST XCOM: 0.193 cm^2/g at 70 keV). It converts HU to attenuation and back; the added noise in
@@ -56,6 +66,14 @@ MODULATION_RANGE = (0.1, 10.0)
 
 # Counts below this (photon equivalents) are clipped before the log, as scanners do for starved rays.
 MIN_COUNTS = 1.0
+# Body bowtie filter (used with ``match_source=True``): the incident flux falls with the fan angle to this
+# fraction at the edge of the 50 cm scan field, as a Gaussian in the angle (body bowties of Siemens/GE
+# scanners pass about 5-15 % at the fan edge; FDA digiNoise models one too).
+BOWTIE_EDGE_FLUX = 0.1
+# Source matching: slices simulated to calibrate the kernel and the photon level, and the passes over them.
+CALIBRATION_SLICES = 3
+CALIBRATION_PASSES = 3
+CALIBRATION_DOSE = 0.25  # the photon level found at 1/4 dose serves every dose (quantum noise scales with it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +123,7 @@ def simulate_low_dose(
     electronic_noise_photons: float = ELECTRONIC_NOISE_PHOTONS,
     slice_thickness_mm: float | None = None,
     slices_per_batch: int = 16,
+    match_source: bool | SourceNoiseModel = False,
 ) -> CTVolume:
     """The CT as it would look at ``dose_fraction`` of its dose (0.25 = quarter dose), in HU.
 
@@ -116,24 +135,27 @@ def simulate_low_dose(
     Slices are processed ``slices_per_batch`` at a time (memory grows with it: about 45 MB per
     512x512 slice) on all of torch's threads. The input volume is not modified.
 
+    ``match_source=True`` makes the added noise look like this scanner's own (the physics a real low-dose
+    scan of this patient would have): the source's noise is measured in its uniform soft tissue (noise
+    power spectrum, lowdose.noise); the reconstruction filter is shaped so the added noise has the same
+    spectrum (a sharp kernel's noise stays sharp), and the photon level is set so the added noise is
+    sqrt(1/d - 1) times the source's own; a bowtie makes the periphery noisier; the tube current follows
+    the DICOM ``XRayTubeCurrent`` of each slice when present. Without uniform soft tissue to measure, the
+    default model is used and ``metadata["lowdose_noise_match"]`` says why. A ``SourceNoiseModel``
+    (``source_noise_model(whole_series)``) applies a calibration made once to any part of that series, e.g.
+    the few slices a training sampler simulates at a time.
+
     Example: ``low = simulate_low_dose(load_ct("ct.nii.gz"), 0.25, seed=0)``
     """
     d = _checked_dose_fraction(dose_fraction)
-    if seed is not None and not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer or None; got {seed!r}")
+    slice_thickness_mm = _checked_settings(
+        volume, seed, slice_thickness_mm, full_dose_photons, electronic_noise_photons, slices_per_batch
+    )
     geometry = geometry or ScannerGeometry()
-    if slice_thickness_mm is None:
-        slice_thickness_mm = _slice_thickness_mm(volume)
-    if not slice_thickness_mm > 0 or not full_dose_photons > 0 or not electronic_noise_photons >= 0:
-        raise ValueError(
-            "slice_thickness_mm and full_dose_photons must be positive, " "electronic_noise_photons non-negative"
-        )
-    if slices_per_batch < 1:
-        raise ValueError(f"slices_per_batch must be at least 1; got {slices_per_batch}")
     description = (
         f"lowdose simulated {_percent(d)} dose " f"({'seed ' + str(seed) if seed is not None else 'unseeded'})"
     )
-    metadata = dict(
+    metadata: dict[str, Any] = dict(
         lowdose_dose_fraction=d, lowdose_seed=None if seed is None else int(seed), lowdose_description=description
     )
     if d == 1.0:
@@ -150,20 +172,45 @@ def simulate_low_dose(
     electronic_std = electronic_noise_photons * math.sqrt(scale * _Plan.VIEW_DECIMATION)
 
     # One child seed per slice: the noise of a slice does not depend on how slices are batched.
-    children = np.random.SeedSequence(None if seed is None else int(seed)).spawn(nz)
-    slice_seeds = [int(c.generate_state(1, dtype=np.uint64)[0]) >> 1 for c in children]
+    children = np.random.SeedSequence(None if seed is None else int(seed)).spawn(nz + 1)
+    slice_seeds = [int(c.generate_state(1, dtype=np.uint64)[0]) >> 1 for c in children[:nz]]
+    currents = np.ones(nz)
+    if match_source is not False:
+        photons, currents, metadata["lowdose_noise_match"] = _matched(
+            plan, volume, fov, photons, electronic_std, match_source, children[nz]
+        )
 
     out = volume.hu.copy()
     with tqdm(total=nz, desc=f"simulating {_percent(d)} dose", unit="slice", disable=not progress) as bar:
         for z0 in range(0, nz, slices_per_batch):
             z1 = min(nz, z0 + slices_per_batch)
-            inside = torch.from_numpy(np.ascontiguousarray(fov[z0:z1]))
-            delta_hu = _extra_noise_hu(plan, volume.hu[z0:z1], inside, photons, d, electronic_std, slice_seeds[z0:z1])
-            keep = inside & plan.scan_fov
-            block = out[z0:z1]
-            block[keep.numpy()] += delta_hu[keep].numpy()
+            _add_noise(out, z0, z1, plan, volume, fov, photons * currents[z0:z1], d, electronic_std, slice_seeds)
             bar.update(z1 - z0)
     return volume.with_hu(out, **metadata)
+
+
+def _add_noise(out, z0, z1, plan, volume, fov, photons, dose, electronic_std, slice_seeds) -> None:
+    """Add slices z0:z1's extra noise to ``out`` inside the reconstructed and the scan field of view."""
+    inside = torch.from_numpy(np.ascontiguousarray(fov[z0:z1]))
+    delta_hu = _extra_noise_hu(plan, volume.hu[z0:z1], inside, photons, dose, electronic_std, slice_seeds[z0:z1])
+    keep = inside & plan.scan_fov
+    block = out[z0:z1]
+    block[keep.numpy()] += delta_hu[keep].numpy()
+
+
+def _checked_settings(volume, seed, slice_thickness_mm, full_dose_photons, electronic_noise_photons, batch) -> float:
+    """The slice thickness to simulate (given or from the headers), after checking every setting."""
+    if seed is not None and not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer or None; got {seed!r}")
+    if slice_thickness_mm is None:
+        slice_thickness_mm = _slice_thickness_mm(volume)
+    if not slice_thickness_mm > 0 or not full_dose_photons > 0 or not electronic_noise_photons >= 0:
+        raise ValueError(
+            "slice_thickness_mm and full_dose_photons must be positive, electronic_noise_photons non-negative"
+        )
+    if batch < 1:
+        raise ValueError(f"slices_per_batch must be at least 1; got {batch}")
+    return float(slice_thickness_mm)
 
 
 def _checked_dose_fraction(dose_fraction) -> float:
@@ -184,16 +231,24 @@ def _extra_noise_hu(
     plan: _Plan,
     hu_slices: np.ndarray,
     inside: torch.Tensor,
-    photons: float,
+    photons: float | np.ndarray,
     dose: float,
     electronic_std: float,
     seeds: list[int],
 ) -> torch.Tensor:
-    """The noise (HU) that ``dose`` adds to a batch of slices: projected, drawn per ray, reconstructed."""
+    """The noise (HU) that ``dose`` adds to a batch of slices: projected, drawn per ray, reconstructed.
+
+    ``photons`` is one number, or one per slice (tube current of each slice).
+    """
     hu = torch.from_numpy(np.ascontiguousarray(hu_slices))
     mu = torch.where(inside, (hu / 1000.0 + 1.0) * MU_WATER_PER_MM, 0.0).clamp_(min=0.0)
     line = plan.forward_project(mu)
-    counts = (photons * _tube_current_modulation(line, plan.channels))[..., None] * torch.exp(-line)
+    per_slice = torch.as_tensor(np.broadcast_to(np.asarray(photons, dtype=np.float64), (hu.shape[0],)).copy())
+    angular = _tube_current_modulation(line, plan.channels)
+    if plan.slice_currents_given:  # the DICOM current of each slice sets its level; attenuation only the angles
+        angular = angular / angular.mean(dim=1, keepdim=True)
+    modulation = per_slice.float()[:, None] * angular
+    counts = modulation[..., None] * plan.bowtie * torch.exp(-line)
     delta_p = _log_noise(counts, dose, electronic_std, seeds)
     return plan.reconstruct(delta_p) * (1000.0 / MU_WATER_PER_MM)
 
@@ -278,6 +333,8 @@ class _Plan:
         self.pixel_y = yy[self.scan_fov].float()
         self.symmetries, self.symmetry_sources = self._symmetries(xx, yy, flat)
         self.filter_fft, self.filter_length = self._filter()
+        self.bowtie = torch.ones(self.channels)  # relative incident flux per channel (no bowtie by default)
+        self.slice_currents_given = False  # True: each slice's tube current comes from its DICOM header
 
     # --------------------------------------------------------------------------- forward projection
 
@@ -343,11 +400,12 @@ class _Plan:
 
     # ------------------------------------------------------------------------- filtered back projection
 
-    def _filter(self):
+    def _filter(self, gain=None):
         """FFT of the equiangular fan-beam ramp filter, Hann-apodised like a soft-tissue kernel.
 
         The cut-off is 1.4x the pixel Nyquist frequency (capped at the detector's): at the pixel
-        Nyquist the window has fallen to 0.18, so little noise aliases onto the pixel grid.
+        Nyquist the window has fallen to 0.18, so little noise aliases onto the pixel grid. ``gain``
+        (a function of frequency in cycles/mm at the isocentre) reshapes the window: another kernel.
         """
         g = self.geometry
         dgamma = g.channel_angle_rad
@@ -364,11 +422,18 @@ class _Plan:
         cutoff_lp_mm = min(1.4 / (2 * pixel_mm), 1.0 / (2 * g.channel_spacing_at_isocentre_mm))
         cutoff = cutoff_lp_mm * g.channel_spacing_at_isocentre_mm  # cycles per channel
         window = torch.where(freq < cutoff, 0.5 * (1 + torch.cos(math.pi * freq / cutoff)), 0.0)
+        if gain is not None:
+            freq_mm = freq / g.channel_spacing_at_isocentre_mm
+            window = torch.where(freq < 0.5, torch.as_tensor(gain(freq_mm.numpy()), dtype=torch.float64), 0.0)
         kernel = torch.fft.ifft(torch.fft.fft(ramp) * window).real
         angle = k * dgamma
         fan = torch.where(k == 0, torch.ones_like(angle), angle / torch.sin(torch.where(k == 0, 1.0, angle)))
         kernel = 0.5 * fan**2 * kernel
         return torch.fft.rfft(kernel).to(torch.complex64), length
+
+    def set_kernel(self, gain) -> None:
+        """Reconstruct with the window ``gain(f)`` (f in cycles/mm at the isocentre) instead of the Hann window."""
+        self.filter_fft, self.filter_length = self._filter(gain)
 
     def reconstruct(self, sinogram: torch.Tensor) -> torch.Tensor:
         """Fan-beam FBP of ``sinogram`` [B, views, channels] (line integrals) -> [B, ny, nx] per mm."""
@@ -467,6 +532,156 @@ class _Plan:
             sources.append(flat[rows, cols])
         assert all(bool((s >= 0).all()) for s in sources), "pixel grid symmetry broken"
         return symmetries, sources
+
+
+# ------------------------------------------------------------------------------- matching the source
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceNoiseModel:
+    """One series' noise as the simulator reproduces it: the reconstruction window's gain over frequency (its
+    kernel) and the full-dose photon level (its dose), calibrated on the series itself."""
+
+    frequency_per_mm: tuple[float, ...]
+    kernel_gain: tuple[float, ...]
+    photons: float  # per simulated view and channel at the series' mean tube current
+    source_std_hu: float
+    source_mean_f_per_mm: float
+    added_std_hu: float  # at CALIBRATION_DOSE
+    added_mean_f_per_mm: float
+    patches: int
+
+    def summary(self) -> dict:
+        """What was matched, for the simulated volume's metadata."""
+        return {
+            "matched": True,
+            "source_std_hu": round(self.source_std_hu, 2),
+            "source_mean_f_per_mm": round(self.source_mean_f_per_mm, 3),
+            f"added_std_hu_at_{CALIBRATION_DOSE:g}": round(self.added_std_hu, 2),
+            "added_mean_f_per_mm": round(self.added_mean_f_per_mm, 3),
+            "patches": self.patches,
+        }
+
+
+def source_noise_model(
+    volume: CTVolume, seed: int = 0, geometry: ScannerGeometry | None = None
+) -> SourceNoiseModel | None:
+    """Calibrate the simulator to ``volume``'s own noise once (None when it has too little uniform soft tissue).
+
+    Pass the result as ``simulate_low_dose(part, dose, match_source=model)`` for any part of the same series.
+    """
+    nz, ny, nx = volume.shape
+    sx, sy = volume.spacing_mm[0], volume.spacing_mm[1]
+    fov = volume.field_of_view_mask()
+    plan = _Plan(geometry or ScannerGeometry(), nx, ny, sx, sy, _body_radius_mm(volume.hu, fov, sx, sy))
+    scale = _slice_thickness_mm(volume) / REFERENCE_SLICE_THICKNESS_MM
+    photons = FULL_DOSE_PHOTONS * scale * _Plan.VIEW_DECIMATION
+    electronic_std = ELECTRONIC_NOISE_PHOTONS * math.sqrt(scale * _Plan.VIEW_DECIMATION)
+    currents = _dicom_slice_currents(volume)
+    plan.slice_currents_given = bool(np.ptp(currents) > 0)
+    plan.bowtie = _bowtie(plan)
+    model = _calibrated_model(plan, volume, fov, photons, electronic_std, currents, np.random.SeedSequence(seed))
+    return model if isinstance(model, SourceNoiseModel) else None
+
+
+def _matched(plan, volume, fov, photons, electronic_std, match_source, seed_sequence) -> tuple[float, np.ndarray, dict]:
+    """Set ``plan`` up for the source's noise (bowtie, kernel); the photons, each slice's tube current and a
+    summary of what was matched (or why it could not be)."""
+    currents = _dicom_slice_currents(volume)
+    plan.slice_currents_given = bool(np.ptp(currents) > 0)
+    plan.bowtie = _bowtie(plan)
+    model: SourceNoiseModel | str = (
+        match_source
+        if isinstance(match_source, SourceNoiseModel)
+        else _calibrated_model(plan, volume, fov, photons, electronic_std, currents, seed_sequence)
+    )
+    if isinstance(model, str):
+        return photons, currents, {"matched": False, "reason": model}
+    plan.set_kernel(_window_from(plan, np.asarray(model.frequency_per_mm), np.asarray(model.kernel_gain)))
+    return model.photons, currents, model.summary()
+
+
+def _bowtie(plan: _Plan) -> torch.Tensor:
+    """Relative incident flux per channel behind a body bowtie: 1 at the centre, BOWTIE_EDGE_FLUX at 250 mm."""
+    edge = math.asin(min(250.0 / plan.geometry.source_to_isocentre_mm, 0.95))
+    return torch.exp(math.log(BOWTIE_EDGE_FLUX) * (plan.gammas / edge) ** 2).float()
+
+
+def _dicom_slice_currents(volume: CTVolume) -> np.ndarray:
+    """Each slice's tube current relative to the series mean, from DICOM XRayTubeCurrent (else Exposure); ones
+    when the headers do not say (the attenuation-driven modulation then stands alone)."""
+    headers = volume.metadata.get("dicom_headers") or []
+    values = []
+    for ds in headers:
+        value = ds.get("XRayTubeCurrent", None) or ds.get("Exposure", None)
+        try:
+            values.append(float(value))
+        except (TypeError, ValueError):
+            return np.ones(volume.shape[0])
+    if len(values) != volume.shape[0] or min(values) <= 0:
+        return np.ones(volume.shape[0])
+    currents = np.asarray(values)
+    return currents / currents.mean()
+
+
+def _calibrated_model(plan, volume, fov, photons, electronic_std, currents, seed_sequence) -> SourceNoiseModel | str:
+    """Calibrate the kernel (NPS shape) and the photon level (noise std) on a few slices of the source, at
+    CALIBRATION_DOSE; the reason as text when the source has too little uniform soft tissue to measure."""
+    pixel_mm = float(volume.spacing_mm[0])
+    size = patch_size_px(pixel_mm)
+    corners = uniform_patches(volume.hu, pixel_mm)
+    if len(corners) < 8:
+        return f"too little uniform soft tissue to measure the source's noise ({len(corners)} patches, 8 needed)"
+    source = noise_power_spectrum(extract_patches(volume.hu, corners, size), pixel_mm)
+    counts = np.bincount([z for z, _, _ in corners], minlength=volume.shape[0])
+    chosen = sorted(np.argsort(counts)[::-1][:CALIBRATION_SLICES].tolist())
+    local = [(chosen.index(z), y, x) for z, y, x in corners if z in chosen]
+    dose = CALIBRATION_DOSE
+    target_std = math.sqrt(1.0 / dose - 1.0) * source.std_hu
+    seeds = [int(s) >> 1 for s in seed_sequence.generate_state(len(chosen), dtype=np.uint64)]
+    inside = torch.from_numpy(np.ascontiguousarray(fov[chosen]))
+    freq, gain = source.frequency_per_mm, np.ones_like(source.frequency_per_mm)
+    for calibration in range(CALIBRATION_PASSES):
+        slices = volume.hu[chosen]
+        noise = _extra_noise_hu(plan, slices, inside, photons * currents[chosen], dose, electronic_std, seeds)
+        added = noise_power_spectrum(extract_patches(noise.numpy(), local, size), pixel_mm)
+        photons *= (added.std_hu / target_std) ** 2  # quantum noise variance goes as 1 / photons
+        if calibration < CALIBRATION_PASSES - 1:
+            gain = gain * _shape_correction(source.nps, added.nps)
+            plan.set_kernel(_window_from(plan, freq, gain))
+    return SourceNoiseModel(
+        frequency_per_mm=tuple(float(f) for f in freq),
+        kernel_gain=tuple(float(g) for g in gain),
+        photons=float(photons),
+        source_std_hu=source.std_hu,
+        source_mean_f_per_mm=source.mean_per_mm,
+        added_std_hu=added.std_hu,
+        added_mean_f_per_mm=added.mean_per_mm,
+        patches=source.patches,
+    )
+
+
+def _shape_correction(source_nps: np.ndarray, added_nps: np.ndarray) -> np.ndarray:
+    """Per-frequency amplitude factor that turns the added noise's spectrum shape into the source's."""
+    source = source_nps / max(source_nps.sum(), 1e-12)
+    added = added_nps / max(added_nps.sum(), 1e-12)
+    ratio = np.sqrt(np.where(added > 0, source / np.maximum(added, 1e-20), 1.0))
+    ratio = np.convolve(np.pad(ratio, 1, mode="edge"), np.ones(3) / 3, mode="valid")  # 3-bin smoothing
+    return np.clip(ratio, 0.25, 4.0)
+
+
+def _window_from(plan: _Plan, freq: np.ndarray, gain: np.ndarray):
+    """The reconstruction window: the default Hann window times ``gain`` measured at ``freq`` (cycles/mm)."""
+    g = plan.geometry
+    pixel_mm = max(plan.sx, plan.sy)
+    cutoff = min(1.4 / (2 * pixel_mm), 1.0 / (2 * g.channel_spacing_at_isocentre_mm))
+
+    def window(f_mm: np.ndarray) -> np.ndarray:
+        hann = np.where(f_mm < cutoff, 0.5 * (1 + np.cos(np.pi * f_mm / cutoff)), 0.0)
+        # Beyond the pixel grid's Nyquist the image cannot show the noise: keep the last measured factor.
+        return hann * np.interp(f_mm, freq, gain, left=gain[0], right=gain[-1])
+
+    return window
 
 
 # --------------------------------------------------------------------------------------- helpers

@@ -8,7 +8,7 @@ is a 3x3 matrix whose columns are the unit vectors of the x, y and z array axes 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -52,7 +52,7 @@ class CTVolume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.hu.shape)
+        return cast(tuple[int, int, int], tuple(self.hu.shape))  # __post_init__ checked that hu is 3-D
 
     @property
     def is_regular_grid(self) -> bool:

@@ -151,7 +151,7 @@ def test_outputs_get_the_permissions_of_plain_files_not_of_temporary_ones(tmp_pa
     whoever the umask allows, e.g. a PACS gateway account reading the server's outputs."""
     import os
 
-    from lowdose.bundle import _atomic_torch_save
+    from lowdose.bundle import atomic_torch_save
 
     old = os.umask(0o022)
     try:
@@ -161,7 +161,7 @@ def test_outputs_get_the_permissions_of_plain_files_not_of_temporary_ones(tmp_pa
             save_ct(volume, tmp_path / "v.mha"),
             save_ct(volume, tmp_path / "series"),
         ]
-        _atomic_torch_save({"weights": 1}, tmp_path / "model.pt")
+        atomic_torch_save({"weights": 1}, tmp_path / "model.pt")
     finally:
         os.umask(old)
     for path in [*written[:2], tmp_path / "model.pt", *sorted((tmp_path / "series").iterdir())]:

@@ -339,7 +339,7 @@ def test_lowdose_checkpoints_hold_only_what_weights_only_loading_reads(tiny_run,
 
     import torch
 
-    from lowdose.bundle import _atomic_torch_save, load_checkpoint
+    from lowdose.bundle import atomic_torch_save, load_checkpoint
 
     root, config, history = tiny_run
     for path in (
@@ -356,7 +356,7 @@ def test_lowdose_checkpoints_hold_only_what_weights_only_loading_reads(tiny_run,
     class Record:
         psnr: float
 
-    _atomic_torch_save(
+    atomic_torch_save(
         {
             "psnr": np.float64(31.5),
             "epoch": np.int64(3),
@@ -419,3 +419,24 @@ def test_a_checkpoint_that_runs_code_is_refused_by_resume_export_and_load(tiny_r
     with pytest.raises(LowdoseError, match=f"{weights}: refused"):
         load_bundle(tmp_path / "evil_bundle")
     assert not marker.exists()
+
+
+def test_training_pairs_can_carry_each_series_own_noise(tmp_path):
+    """data.match_source: the sampler calibrates the simulator once per series (kernel, noise level) and its
+    patches carry that noise; the config switch parses and an unknown key is still refused."""
+    from lowdose.bundle import DEFAULT_NORMALISATION
+    from lowdose.errors import LowdoseError
+    from lowdose.training import TrainConfig
+    from lowdose.training.data import PairSampler, load_sources
+
+    series = str(shared("lungpetctdx_A0001_philips/kernel_L"))
+    config = TrainConfig.from_dict({"data": {"train": [series], "match_source": True}})
+    assert config.data.match_source is True
+    with pytest.raises(LowdoseError, match="unknown key"):
+        TrainConfig.from_dict({"data": {"train": [series], "match_sources": True}})
+    source = load_sources([series], "simulated")
+    sampler = PairSampler(source, [0.25], 3, DEFAULT_NORMALISATION, 64, 2, 2, 0.2, seed=1, match_source=True)
+    [model] = sampler.noise_models
+    assert model and model.source_std_hu > 20  # a sharp lung kernel: ~39 HU in soft tissue
+    items = sampler.epoch(0)
+    assert items and items[0]["low"].shape == (3, 64, 64)

@@ -17,12 +17,14 @@ Their weights are frozen; gradients still flow to the input, which is what a los
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from ..bundle import Bundle, hu_to_input, load_checkpoint
 from ..errors import LowdoseError
 from ..networks import build_network
+from ..networks.anatomy_encoder import AnatomyUNet
 from .base import AnatomyEncoder
 from .external import TimmEncoder, TotalSegmentatorEncoder
 from .groups import ANATOMY_GROUPS
@@ -42,7 +44,8 @@ class LowdoseAnatomyEncoder(AnatomyEncoder):
                 f"{folder}: not an anatomy encoder bundle (it is a "
                 f"{found.metadata.get('lowdose_kind', 'denoiser')})"
             )
-        self.network = build_network(found.network_name, **found.network_kwargs)
+        # An anatomy encoder bundle's network is the registry's AnatomyUNet.
+        self.network = cast(AnatomyUNet, build_network(found.network_name, **found.network_kwargs))
         state = load_checkpoint(found.weights)
         try:
             self.network.load_state_dict(state["network"])
@@ -91,7 +94,7 @@ def load_anatomy_encoder(spec: str = "anatomy_encoder", device: str | torch.devi
             raise LowdoseError(
                 f"anatomy encoder {spec!r}: use totalsegmentator, totalsegmentator:fast or totalsegmentator:full"
             )
-        encoder = TotalSegmentatorEncoder(fast=mode == "fast")
+        encoder: AnatomyEncoder = TotalSegmentatorEncoder(fast=mode == "fast")
     elif spec.startswith("timm:"):
         _, model_name, checkpoint = (spec.split(":", 2) + ["", ""])[:3]
         if not model_name or not checkpoint:

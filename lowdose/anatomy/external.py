@@ -14,6 +14,7 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -111,18 +112,7 @@ class TotalSegmentatorEncoder(AnatomyEncoder):
                 f"{folder}: not a single-channel 3-D CT model (inputs {input_channels}, normalisation "
                 f"{scheme}, axes {transpose}); use TotalSegmentator's task 'total' weights"
             )
-
-        checkpoint_path = folder / "fold_0" / "checkpoint_final.pth"
-        checkpoint = load_checkpoint(checkpoint_path, safe_globals=nnunet_checkpoint_globals())
-        try:
-            network.load_state_dict(checkpoint["network_weights"])
-        except (OSError, RuntimeError, KeyError, TypeError, EOFError, ValueError) as exc:
-            raise LowdoseError(
-                f"{checkpoint_path}: its weights do not load into the network its plans.json "
-                f"describes ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                "download the weights again (totalseg_download_weights) and copy the whole "
-                "folder"
-            ) from None
+        _load_nnunet_weights(network, folder / "fold_0" / "checkpoint_final.pth")
 
         encoder = network.encoder
         strides = [list(s) for s in encoder.strides]
@@ -363,6 +353,20 @@ class TimmEncoder(AnatomyEncoder):
         }
 
 
+def _load_nnunet_weights(network: torch.nn.Module, checkpoint_path: Path) -> None:
+    """An nnU-Net checkpoint's trained weights into the network its plans.json describes."""
+    checkpoint = load_checkpoint(checkpoint_path, safe_globals=nnunet_checkpoint_globals())
+    try:
+        network.load_state_dict(checkpoint["network_weights"])
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError, ValueError) as exc:
+        raise LowdoseError(
+            f"{checkpoint_path}: its weights do not load into the network its plans.json "
+            f"describes ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "download the weights again (totalseg_download_weights) and copy the whole "
+            "folder"
+        ) from None
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, unwrapped and with DDP / torch.compile prefixes removed."""
     if path.name.endswith(".safetensors"):
@@ -374,7 +378,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 "safetensors), or save the weights with torch.save"
             ) from None
         try:
-            checkpoint = load_file(str(path), device="cpu")
+            checkpoint: Any = load_file(str(path), device="cpu")  # unwrapped and checked below
         except Exception as exc:  # safetensors raises its own error types for damaged files
             raise LowdoseError(f"{path}: unreadable safetensors file ({exc})") from None
     else:

@@ -71,10 +71,7 @@ def check_fidelity(
     volumes = _load_scans(original, denoised, reference)
     timings["loading"] = time.perf_counter() - t
 
-    label_maps: dict[str, np.ndarray] = {}
-    label_sources: dict[str, str] = {}
-    for role, given in labels.items():
-        label_maps[role], label_sources[role] = _given_labels(given, volumes[role], role)
+    label_maps, label_sources = _given_label_maps(labels, volumes)
     to_segment = [r for r in volumes if r not in label_maps]
     timings["segmentation"] = {}
     if to_segment:
@@ -211,6 +208,15 @@ def _check_same_grid(original: CTVolume, other: CTVolume, role: str) -> None:
             f"{problem}: the {role} scan must be on the original's voxel grid "
             "(the check compares voxel by voxel; resample it first)",
         )
+
+
+def _given_label_maps(labels: dict, volumes: dict[str, CTVolume]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The precomputed label maps by role, and where each came from."""
+    label_maps: dict[str, np.ndarray] = {}
+    label_sources: dict[str, str] = {}
+    for role, given in labels.items():
+        label_maps[role], label_sources[role] = _given_labels(given, volumes[role], role)
+    return label_maps, label_sources
 
 
 def _given_labels(given, volume: CTVolume, role: str) -> tuple[np.ndarray, str]:

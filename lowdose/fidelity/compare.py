@@ -134,7 +134,12 @@ def overlap_metrics(
     volume change when only one is (Dice is then 0).
     """
     n_test, n_base = int(mask_test.sum()), int(mask_base.sum())
-    result = {"dice": None, **{nsd_key(t): None for t in tolerances_mm}, "hd95_mm": None, "volume_change_pct": None}
+    result: dict[str, float | None] = {
+        "dice": None,
+        **{nsd_key(t): None for t in tolerances_mm},
+        "hd95_mm": None,
+        "volume_change_pct": None,
+    }
     if n_test == 0 and n_base == 0:
         return result
     intersection = int(np.logical_and(mask_test, mask_base).sum())

@@ -13,6 +13,7 @@ import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from ..totalseg import (
     totalsegmentator_weights_dir,
 )
 from ..volume import CTVolume
+
+if TYPE_CHECKING:
+    from ..anatomy.encoders import LowdoseAnatomyEncoder
 
 __all__ = [
     "LPS_TO_RAS",
@@ -300,7 +304,8 @@ class AnatomyGroupSegmenter(Segmenter):
     def __init__(self, bundle: str = "anatomy_encoder", device: str = "cpu", batch_size: int = 4):
         from ..anatomy import load_anatomy_encoder  # torch (4 s): `lowdose --help` loads this module
 
-        self.encoder = load_anatomy_encoder(bundle, device)
+        # A bundle (name or folder) loads as lowdose's own encoder, the one that segments.
+        self.encoder = cast("LowdoseAnatomyEncoder", load_anatomy_encoder(bundle, device))
         self.device, self.batch_size = device, batch_size
 
     @property

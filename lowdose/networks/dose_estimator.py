@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +60,9 @@ class DoseEstimator(nn.Module):
         self.regressor = nn.Sequential(nn.Linear(width + noise_filters, 64), nn.LeakyReLU(0.1), nn.Linear(64, 1))
         # log(dose) = -softplus(z) keeps the dose <= 1; the bias puts z where it gives the initial dose.
         target = -math.log(initial_dose_fraction)
-        nn.init.zeros_(self.regressor[-1].weight)
-        nn.init.constant_(self.regressor[-1].bias, math.log(math.expm1(target)))
+        output = cast(nn.Linear, self.regressor[-1])
+        nn.init.zeros_(output.weight)
+        nn.init.constant_(output.bias, math.log(math.expm1(target)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local_mean = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)

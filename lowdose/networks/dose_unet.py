@@ -20,6 +20,8 @@ class DoseEmbedding(nn.Module):
     features of a continuous value let unseen doses (1/3, 1/8) fall between the trained ones.
     """
 
+    frequencies: torch.Tensor  # a buffer
+
     def __init__(self, embedding_dim: int = 64, num_frequencies: int = 4):
         super().__init__()
         # Periods 16, 8, 4, 2 in log-dose (1/2..1/20 spans 2.3): none so fine that it would oscillate
@@ -89,6 +91,7 @@ class OrganPriorAttention(nn.Module):
     def __init__(self, num_organs: int):
         super().__init__()
         self.maps = nn.Conv2d(2, num_organs, 7, padding=3)
+        assert self.maps.bias is not None  # a Conv2d has a bias unless made with bias=False
         nn.init.zeros_(self.maps.weight)
         nn.init.zeros_(self.maps.bias)
 
@@ -180,6 +183,7 @@ class DoseAwareUNet(nn.Module):
             self.attention = nn.ModuleList(OrganPriorAttention(organ_attention) for _ in features)
         self.head = nn.Conv2d(features[0], self.unshuffle**2, 3, padding=1)
         # Zero noise estimate at initialisation: training starts from the identity, never below the input.
+        assert self.head.bias is not None  # a Conv2d has a bias unless made with bias=False
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -198,6 +202,7 @@ class DoseAwareUNet(nn.Module):
             )
         dose_embedding = None
         if self.dose_conditioning:
+            assert self.dose_embedding is not None  # made with dose_conditioning
             if dose_fraction is None:
                 raise ValueError("this network is dose-conditioned: pass dose_fraction (e.g. from DoseEstimator)")
             dose_fraction = torch.as_tensor(dose_fraction, dtype=x.dtype, device=x.device).reshape(-1)

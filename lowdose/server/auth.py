@@ -13,6 +13,7 @@ import hmac
 import os
 import secrets
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import LowdoseError
@@ -45,7 +46,7 @@ class ServerToken:
         )
 
 
-def state_dir(base: dict | None = None) -> Path:
+def state_dir(base: Mapping[str, str] | None = None) -> Path:
     """The server's state folder: ``$XDG_STATE_HOME/lowdose`` (default ``~/.local/state/lowdose``)."""
     env = os.environ if base is None else base
     root = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -53,16 +54,18 @@ def state_dir(base: dict | None = None) -> Path:
 
 
 def resolve_token(
-    token_file: str | os.PathLike | None = None, state_folder: str | os.PathLike | None = None, env: dict | None = None
+    token_file: str | os.PathLike | None = None,
+    state_folder: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> ServerToken:
     """The token the server will require: ``LOWDOSE_TOKEN``, else ``token_file``, else the state folder's file
     (made with a new random token, mode 0600, when it does not exist)."""
-    env = os.environ if env is None else env
-    if env.get(TOKEN_ENV):
-        return ServerToken(_checked(env[TOKEN_ENV], TOKEN_ENV), TOKEN_ENV)
+    environ = os.environ if env is None else env
+    if environ.get(TOKEN_ENV):
+        return ServerToken(_checked(environ[TOKEN_ENV], TOKEN_ENV), TOKEN_ENV)
     if token_file:
         return read_token_file(Path(token_file).expanduser())
-    path = Path(state_folder).expanduser() if state_folder else state_dir(env)
+    path = Path(state_folder).expanduser() if state_folder else state_dir(environ)
     path = path / TOKEN_FILE_NAME
     if path.exists():
         return read_token_file(path)

@@ -182,6 +182,7 @@ class _GuardedRequest:
             await send_json(self._send, status, payload, headers)
 
     async def _flush_held(self) -> None:
+        assert self.held is not None  # called only while a response is held back
         start, body = self.held["start"], self.held["body"]
         status = start["status"]
         if self.too_large:

@@ -11,6 +11,7 @@ import argparse
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import LowdoseError
@@ -163,24 +164,7 @@ def serve(
     for key, value in options.items():
         argv += ["--conf", key, str(value)]
     env = server_environment(host, port, os.environ)
-    if no_auth:
-        env[NO_AUTH_ENV] = "1"
-        env.pop(TOKEN_FILE_ENV, None)
-        said = "authentication is OFF (--no-auth): any program on this machine can use the server"
-    else:
-        env.pop(NO_AUTH_ENV, None)
-        token = resolve_token(token_file, state_dir, env)
-        if token.source != TOKEN_ENV:
-            env[TOKEN_FILE_ENV] = token.source
-        where = (
-            f"in {token.source}" + (" (made now)" if token.created else "")
-            if token.source != TOKEN_ENV
-            else f"from ${TOKEN_ENV}"
-        )
-        said = (
-            f"clients must send 'Authorization: Bearer <token>'; the token is {where} "
-            "(`lowdose serve --show-token` prints it)"
-        )
+    said = _set_authentication(env, no_auth, token_file, state_dir)
     if dry_run:
         print(" ".join(argv))
         return
@@ -198,6 +182,28 @@ def serve(
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, argv, env)
+
+
+def _set_authentication(env: dict[str, str], no_auth: bool, token_file: str | None, state_dir: str | None) -> str:
+    """Tell the server in ``env`` how to authenticate (no auth, or the token file to read); returns what
+    clients need to know, for the start-up message."""
+    if no_auth:
+        env[NO_AUTH_ENV] = "1"
+        env.pop(TOKEN_FILE_ENV, None)
+        return "authentication is OFF (--no-auth): any program on this machine can use the server"
+    env.pop(NO_AUTH_ENV, None)
+    token = resolve_token(token_file, state_dir, env)
+    if token.source != TOKEN_ENV:
+        env[TOKEN_FILE_ENV] = token.source
+    where = (
+        f"in {token.source}" + (" (made now)" if token.created else "")
+        if token.source != TOKEN_ENV
+        else f"from ${TOKEN_ENV}"
+    )
+    return (
+        f"clients must send 'Authorization: Bearer <token>'; the token is {where} "
+        "(`lowdose serve --show-token` prints it)"
+    )
 
 
 def app_folder() -> Path:
@@ -222,7 +228,7 @@ def default_models_dir() -> Path:
     return models_dirs()[0].resolve()
 
 
-def server_environment(host: str, port: int, base: dict) -> dict:
+def server_environment(host: str, port: int, base: Mapping[str, str]) -> dict[str, str]:
     """The environment MONAI Label's server runs in: offline, no sessions, no MLflow, no MONAI Label auth."""
     env = dict(base)
     env.setdefault("MONAI_LABEL_SESSIONS", "false")  # upload-once sessions are not used by lowdose's tasks

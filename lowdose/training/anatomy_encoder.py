@@ -15,6 +15,7 @@ import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -211,7 +212,7 @@ def train_anatomy_encoder(
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     objective = AnatomyEncoderObjective(network, slices, validation, config, rng, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_cosine(objective.steps_per_epoch * config.epochs))
-    history = {
+    history: dict[str, Any] = {
         "epochs": [],
         "config": config.to_dict(),
         "commands": [command] if command else [],
@@ -234,7 +235,7 @@ def evaluate_anatomy_encoder(network, validation, device) -> dict:
     if not validation:
         return {}
     network.eval()
-    dices = {}
+    dices: dict[str, list[float]] = {}
     with torch.inference_mode():
         for image, truth in validation:
             prediction = np.concatenate(
@@ -252,7 +253,7 @@ def evaluate_anatomy_encoder(network, validation, device) -> dict:
 def export_anatomy_bundle(folder: str | Path, config: AnatomyEncoderConfig, network_state: dict, history: dict) -> Path:
     """The anatomy encoder as a MONAI bundle (``lowdose_kind: anatomy_encoder``) with its model card."""
     last = history["epochs"][-1] if history["epochs"] else {}
-    metadata = {
+    metadata: dict[str, Any] = {
         "task": "CT anatomy encoder: 11 anatomy groups (segmentation and per-slice presence) from TotalSegmentator "
         "labels",
         "lowdose_kind": "anatomy_encoder",

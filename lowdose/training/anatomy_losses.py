@@ -14,6 +14,7 @@ All work on the denoiser's normalised images (``hu_to_input``); encoders receive
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..errors import LowdoseError
 from ..networks import build_network
+from ..networks.macnet import MACNet
 from ..windows import SOFT_TISSUE, bounds
 
 SOFT_TISSUE_BOUNDS = bounds(SOFT_TISSUE)  # -150..250 HU: what the discriminator sees
@@ -37,6 +39,8 @@ class MACLoss(nn.Module):
       it among its ``window`` x ``window`` neighbours (hard negatives: nearby anatomy that looks alike).
     """
 
+    offsets: torch.Tensor  # a buffer
+
     def __init__(
         self,
         global_points: int = 32,
@@ -47,7 +51,7 @@ class MACLoss(nn.Module):
         ema: float = 0.99,
     ):
         super().__init__()
-        self.online = build_network("macnet")
+        self.online = cast(MACNet, build_network("macnet"))
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         dim = self.online.global_head.out_channels
         self.predictor = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, dim))
@@ -64,8 +68,8 @@ class MACLoss(nn.Module):
         """EMA step of the target network (after each optimiser step)."""
         for t, o in zip(self.target.parameters(), self.online.parameters()):
             t.mul_(self.ema).add_(o.detach(), alpha=1 - self.ema)
-        for t, o in zip(self.target.buffers(), self.online.buffers()):
-            t.copy_(o)
+        for target_buffer, online_buffer in zip(self.target.buffers(), self.online.buffers()):
+            target_buffer.copy_(online_buffer)
 
     @staticmethod
     def _sample(features: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

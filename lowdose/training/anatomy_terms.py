@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..anatomy import load_anatomy_encoder
+from ..anatomy import AnatomyEncoder, load_anatomy_encoder
 from ..anatomy.encoders import LowdoseAnatomyEncoder
 from ..bundle import output_to_hu
 from ..errors import LowdoseError
@@ -38,19 +38,25 @@ class AnatomyTerms(nn.Module, Hook):
         self.encoder = load_anatomy_encoder(config.encoder, device) if config.needs_encoder else None
         if config.bioatt:  # fail now, not after the first epoch, when the encoder gives no organ presence
             with torch.no_grad():
-                self.num_organs = self.encoder.organ_presence(torch.zeros(1, 1, 64, 64, device=device)).shape[1]
+                self.num_organs = self.loaded_encoder.organ_presence(torch.zeros(1, 1, 64, 64, device=device)).shape[1]
         self.mac = MACLoss().to(device) if config.mac_weight > 0 else None
         self.semantic = SemanticContrastiveLoss(self.encoder) if config.semantic_contrastive_weight > 0 else None
         self.adversary = None
         self.discriminator_optimiser = None
         if config.adversarial_weight > 0:
             with torch.no_grad():
-                channels = [f.shape[1] for f in self.encoder.features(torch.zeros(1, 1, 64, 64, device=device))]
+                channels = [f.shape[1] for f in self.loaded_encoder.features(torch.zeros(1, 1, 64, 64, device=device))]
             self.adversary = AnatomyAwareAdversary(self.encoder, channels).to(device)
             self.discriminator_optimiser = torch.optim.AdamW(
                 self.adversary.discriminator.parameters(), lr=config.discriminator_learning_rate, betas=(0.5, 0.999)
             )
-        self._normal_features = None
+        self._normal_features: list[torch.Tensor] | None = None
+
+    @property
+    def loaded_encoder(self) -> AnatomyEncoder:
+        """The anatomy encoder, for the terms that read it (it is loaded whenever one of them is on)."""
+        assert self.encoder is not None  # config.needs_encoder: BioAtt, the semantic or the adversarial term
+        return self.encoder
 
     def network_kwargs(self, kwargs: dict) -> dict:
         """The denoiser's arguments with BioAtt's attention slots (one per organ group) when BioAtt is on."""
@@ -63,6 +69,7 @@ class AnatomyTerms(nn.Module, Hook):
         if self.mac is not None:
             state["mac"] = self.mac.state_dict()
         if self.adversary is not None:
+            assert self.discriminator_optimiser is not None  # made with the adversary
             state["discriminator"] = self.adversary.discriminator.state_dict()
             state["discriminator_optimiser"] = self.discriminator_optimiser.state_dict()
         return state
@@ -71,6 +78,7 @@ class AnatomyTerms(nn.Module, Hook):
         if self.mac is not None and "mac" in state:
             self.mac.load_state_dict(state["mac"])
         if self.adversary is not None and "discriminator" in state:
+            assert self.discriminator_optimiser is not None  # made with the adversary
             self.adversary.discriminator.load_state_dict(state["discriminator"])
             self.discriminator_optimiser.load_state_dict(state["discriminator_optimiser"])
 
@@ -100,22 +108,22 @@ class AnatomyTerms(nn.Module, Hook):
     def slice_organ_probabilities(self, hu: np.ndarray) -> np.ndarray:
         """BioAtt's prior of one whole low-dose slice (HU, [H, W]): what training patches of it carry."""
         slice_hu = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None].to(self.device)
-        return self.encoder.organ_presence(slice_hu)[0].cpu().numpy()
+        return self.loaded_encoder.organ_presence(slice_hu)[0].cpu().numpy()
 
     @torch.no_grad()
     def organ_probabilities(self, low: torch.Tensor) -> torch.Tensor:
         """BioAtt's prior: organ-presence probabilities of whole low-dose centre slices (validation, as at
         inference)."""
         centre = low[:, low.shape[1] // 2 : low.shape[1] // 2 + 1]
-        return self.encoder.organ_presence(self.hu(centre))
+        return self.loaded_encoder.organ_presence(self.hu(centre))
 
     def generator_losses(self, prediction: torch.Tensor, normal: torch.Tensor, low: torch.Tensor) -> dict:
         """Weighted terms to add to the pixel loss, by history name (each already multiplied by its weight)."""
         terms = {}
-        normal_features = None
+        normal_features: list[torch.Tensor] | None = None
         if self.semantic is not None or self.adversary is not None:
             with torch.no_grad():
-                normal_features = self.encoder.features(self.hu(normal))
+                normal_features = self.loaded_encoder.features(self.hu(normal))
         if self.mac is not None:
             terms["mac_loss"] = self.config.mac_weight * self.mac(prediction, normal)
         if self.semantic is not None:
@@ -124,6 +132,7 @@ class AnatomyTerms(nn.Module, Hook):
                 self.hu(prediction), self.hu(normal), self.hu(centre), normal_features
             )
         if self.adversary is not None:
+            assert normal_features is not None  # computed above whenever the adversary is on
             terms["adversarial_loss"] = self.config.adversarial_weight * self.adversary.generator_loss(
                 self.hu(prediction), normal_features
             )
@@ -137,6 +146,8 @@ class AnatomyTerms(nn.Module, Hook):
         if self.mac is not None:
             self.mac.update_target()
         if self.adversary is not None:
+            assert self.discriminator_optimiser is not None  # made with the adversary
+            assert self._normal_features is not None  # kept by generator_losses of this step
             prediction, normal = step.outputs["prediction"].detach(), step.outputs["normal"]
             loss = self.adversary.discriminator_loss(self.hu(prediction), self.hu(normal), self._normal_features)
             self.discriminator_optimiser.zero_grad(set_to_none=True)

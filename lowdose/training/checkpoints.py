@@ -73,7 +73,9 @@ class RunCheckpoints(Hook):
     def after_epoch(self, record: EpochRecord) -> None:
         row = record.as_dict()
         self.history["epochs"].append(row)
-        score = record.figures.get("val_psnr_abdomen", -record.losses["loss"])
+        loss = record.losses["loss"]
+        assert loss is not None  # the denoising objective records its loss every epoch
+        score = record.figures.get("val_psnr_abdomen", -loss)
         is_best = score > self.best or self.config.optim.selection == "last"
         self.best = max(self.best, score)
         state = {

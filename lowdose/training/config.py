@@ -36,6 +36,9 @@ class DataConfig:
     # flips and rotations -- on a CPU the simulator, not the network, is then no longer the bottleneck.
     simulation_pool: int = 0
     paired_dose: float | None = None  # paired mode: the dose fraction of the real low-dose series
+    # Simulated noise calibrated to each series' own (kernel texture, noise level; lowdose.simulate
+    # match_source): what a real low-dose scan of that scanner would hold. Off: the simulator's fixed model.
+    match_source: bool = False
 
 
 @dataclasses.dataclass

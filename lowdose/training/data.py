@@ -108,8 +108,15 @@ class PairSampler:
         seed: int,
         cache_dir: str | None = None,
         pool_size: int = 0,
+        match_source: bool = False,
     ):
         self.cache_dir = cache_dir
+        # One calibration per series (seconds each), reused for every run of slices simulated from it.
+        self.noise_models = (
+            [simulate.source_noise_model(volume, seed=seed) or False for volume in source.normal]
+            if match_source
+            else None
+        )
         self.source, self.doses, self.channels = source, [float(d) for d in doses], channels
         self.normalisation = normalisation
         self.patch_size, self.patches_per_slice = patch_size, patches_per_slice
@@ -143,6 +150,7 @@ class PairSampler:
             source = (
                 f"{volume.metadata.get('path', v)}|{lo}|{hi}|{dose:.6f}|{seed}|"
                 f"{simulate.FULL_DOSE_PHOTONS}|{simulate.ELECTRONIC_NOISE_PHOTONS}|{simulate.ScannerGeometry()}"
+                f"|{self.noise_models[v] if self.noise_models else ''}"
             )
             key = hashlib.sha1(source.encode()).hexdigest()[:20]
             cache = Path(self.cache_dir) / f"{key}.npy"
@@ -153,7 +161,8 @@ class PairSampler:
             spacing_mm=volume.spacing_mm,
             metadata={key: value for key, value in volume.metadata.items() if key == "padding_value_hu"},
         )
-        low = simulate.simulate_low_dose(stack, dose, seed=seed).hu
+        match = self.noise_models[v] if self.noise_models else False
+        low = simulate.simulate_low_dose(stack, dose, seed=seed, match_source=match).hu
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
@@ -203,6 +212,7 @@ class PairSampler:
         # neighbour, about 3x cheaper than simulating every 2.5-D slab on its own.
         runs = max(1, self.slices_per_epoch // RUN_LENGTH)
         half = self.channels // 2
+        picks: list[tuple[int, float | None, int | None]]  # (candidate index, dose, noise seed): the pool's or new
         if self.pool:
             picks = [self.pool[int(i)] for i in rng.choice(len(self.pool), size=runs, replace=len(self.pool) < runs)]
         else:
@@ -220,6 +230,7 @@ class PairSampler:
             if self.source.low is not None:
                 low_run, dose = self.source.low[v].hu[lo:hi], self.source.paired_dose
             elif dose is not None:
+                assert noise_seed is not None  # a pooled pick: its dose and its noise seed
                 low_run = self._pooled(pick, volume, v, lo, hi, dose, noise_seed)
             else:
                 dose = float(rng.choice(self.doses))
@@ -282,18 +293,24 @@ class PairSampler:
 
 
 def validation_set(
-    volumes: list[CTVolume], doses: list[float], channels: int, slices_per_volume: int, seed: int = 12345
+    volumes: list[CTVolume],
+    doses: list[float],
+    channels: int,
+    slices_per_volume: int,
+    seed: int = 12345,
+    match_source: bool = False,
 ) -> list[dict]:
     """Fixed full slices for validation: the same simulated noise every epoch (HU, not normalised)."""
     items = []
     for v, volume in enumerate(volumes):
+        match = (simulate.source_noise_model(volume, seed=seed) or False) if match_source else False
         candidates = body_slices(volume, 0.2) or list(range(volume.shape[0]))
         picks = [candidates[int(i)] for i in np.linspace(0, len(candidates) - 1, slices_per_volume).round()]
         for dose in doses:
             for k in sorted(set(picks)):
                 normal = slab(volume.hu, k, channels)
                 stack = CTVolume(hu=normal, spacing_mm=volume.spacing_mm)
-                low = simulate.simulate_low_dose(stack, dose, seed=seed + 1000 * v + k).hu
+                low = simulate.simulate_low_dose(stack, dose, seed=seed + 1000 * v + k, match_source=match).hu
                 items.append(
                     {"low_hu": low, "normal_hu": normal[channels // 2], "dose": float(dose), "volume": v, "slice": k}
                 )

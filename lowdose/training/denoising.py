@@ -16,6 +16,7 @@ from torch import nn
 
 from ..bundle import hu_to_input, output_to_hu
 from ..metrics import psnr, ssim
+from ..networks.dose_estimator import DoseEstimator
 from ..windows import bounds
 from .config import OptimConfig
 from .data import PairSampler
@@ -40,7 +41,7 @@ class DenoisingNetworks:
     is dose-conditioned, and BioAtt's organ prior (whole low-dose slabs -> organ probabilities) when it has one."""
 
     network: nn.Module
-    estimator: nn.Module | None
+    estimator: DoseEstimator | None
     conditioned: bool
     organ_prior: Callable[[torch.Tensor], torch.Tensor] | None = None
 

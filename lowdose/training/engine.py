@@ -13,7 +13,7 @@ import dataclasses
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,17 +45,17 @@ class StepLoss:
     ``dose_loss``, ``mac_loss``) are averaged into the epoch record; ``outputs`` are for hooks (the prediction)."""
 
     total: torch.Tensor
-    figures: dict[str, torch.Tensor | float]
+    figures: Mapping[str, torch.Tensor | float]
     outputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 class LossMeter:
     """The per-step figures of one epoch by name, in the order first seen."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.values: dict[str, list[float]] = {}
 
-    def add(self, figures: dict[str, torch.Tensor | float]) -> None:
+    def add(self, figures: Mapping[str, torch.Tensor | float]) -> None:
         for name, value in figures.items():
             value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
             self.values.setdefault(name, []).append(value)
@@ -85,7 +85,7 @@ class EpochRecord:
     """One epoch of a training history; ``as_dict`` is its entry in history.json (keys in this order)."""
 
     epoch: int  # 1-based
-    losses: dict[str, float | None]
+    losses: Mapping[str, float | None]
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     figures: dict[str, Any] = dataclasses.field(default_factory=dict)
     cpu_minutes: float | None = None
@@ -193,7 +193,7 @@ class Trainer:
         optimiser: torch.optim.Optimizer,
         scheduler,
         *,
-        parameters: Sequence[torch.nn.Parameter] = (),
+        parameters: Iterable[torch.nn.Parameter] = (),
         clip_grad_norm: float | None = None,
         hooks: Sequence[Hook] = (),
         progress: bool = True,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..bundle import atomic_torch_save as atomic_save
 from ..bundle import load_checkpoint
@@ -47,16 +48,18 @@ class DoseEstimatorObjective(Objective):
         normalisation: dict,
         device,
     ):
+        assert model.estimator is not None  # stage 2 trains the dose estimator
         self.model, self.sampler, self.validation, self.batch_size = model, sampler, validation, batch_size
+        self.estimator: nn.Module = model.estimator
         self.normalisation, self.device = normalisation, device
         self.slices_per_epoch = sum(1 for _ in sampler.whole_slices(0))  # reads the pool once (cached afterwards)
         self.steps_per_epoch = math.ceil(self.slices_per_epoch / batch_size)
 
     def train_mode(self) -> None:
-        self.model.estimator.train()
+        self.estimator.train()
 
     def batches(self, epoch: int) -> Iterator[list]:
-        batch = []
+        batch: list = []
         for item in self.sampler.whole_slices(1000 + epoch):
             if batch and item[0].shape != batch[0][0].shape:  # series differ in size: batch alike slices
                 yield batch
@@ -71,7 +74,7 @@ class DoseEstimatorObjective(Objective):
     def loss(self, batch: list) -> StepLoss:
         low = torch.from_numpy(np.stack([b[0] for b in batch])).to(self.device)
         dose = torch.tensor([b[1] for b in batch], dtype=torch.float32, device=self.device)
-        loss = F.smooth_l1_loss(self.model.estimator(low), dose.log(), beta=0.1)
+        loss = F.smooth_l1_loss(self.estimator(low), dose.log(), beta=0.1)
         return StepLoss(loss, {"dose_loss": loss})
 
     def validate(self) -> dict:
@@ -100,13 +103,15 @@ def train_estimator_stage(
 ) -> dict:
     """Stage 2 on the best checkpoint's denoiser and estimator; the estimator is written back into that
     checkpoint. Returns the stage's history: per-epoch records, slices per epoch, CPU and wall minutes."""
+    estimator = model.estimator
+    assert estimator is not None  # stage 2 runs only for a network with a dose estimator
     best_path = out / "checkpoint_best.pt"
     best_state = load_checkpoint(best_path, map_location=device)
     model.network.load_state_dict(best_state["network"])  # the exported denoiser, for val_psnr_abdomen_auto
     if best_state.get("dose_estimator") is not None:
-        model.estimator.load_state_dict(best_state["dose_estimator"])
+        estimator.load_state_dict(best_state["dose_estimator"])
     optimiser = torch.optim.AdamW(
-        model.estimator.parameters(), lr=config.optim.estimator_learning_rate, weight_decay=config.optim.weight_decay
+        estimator.parameters(), lr=config.optim.estimator_learning_rate, weight_decay=config.optim.weight_decay
     )
     objective = DoseEstimatorObjective(
         model, sampler, validation, config.optim.estimator_batch_size, normalisation, device
@@ -118,13 +123,13 @@ def train_estimator_stage(
         objective,
         optimiser,
         scheduler,
-        parameters=model.estimator.parameters(),
+        parameters=estimator.parameters(),
         clip_grad_norm=1.0,
         hooks=[LogEpochs(records, log, "dose estimator ")],
         progress=progress,
     )
     trainer.fit(0, epochs)
-    best_state["dose_estimator"] = model.estimator.state_dict()
+    best_state["dose_estimator"] = estimator.state_dict()
     atomic_save(best_state, best_path)
     cpu_minutes, wall_minutes = trainer.budget.minutes()
     return {

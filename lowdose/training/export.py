@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 from ..atomic import write_text_atomically
 from ..bundle import Bundle, load_checkpoint, save_bundle
@@ -43,7 +44,7 @@ def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, history: dict 
 def _metadata(config: TrainConfig, state: dict, history: dict) -> dict:
     """The bundle metadata of a run: its data and doses, the shipped epoch and its validation figures."""
     exported = state.get("epoch", 0) + 1
-    shipped = next((r for r in history.get("epochs", []) if r.get("epoch") == exported), {})
+    shipped: dict[str, Any] = next((r for r in history.get("epochs", []) if r.get("epoch") == exported), {})
     metadata = {
         "training": {
             "data_mode": config.data.mode,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -17,6 +18,7 @@ from ..bundle import DEFAULT_NORMALISATION, Bundle, load_checkpoint
 from ..device import pick_device
 from ..errors import LowdoseError
 from ..networks import build_network, count_gflops, count_parameters
+from ..networks.dose_estimator import DoseEstimator
 from .anatomy_terms import AnatomyTerms
 from .checkpoints import RunCheckpoints, new_history, write_history
 from .config import TrainConfig
@@ -102,21 +104,23 @@ def _anatomy_terms(config: TrainConfig, normalisation: dict, device) -> AnatomyT
 def _build_model(config: TrainConfig, anatomy: AnatomyTerms | None, device) -> DenoisingNetworks:
     """The network (with BioAtt's attention when on; the config then records it), the dose estimator, and
     a bundle's weights when fine-tuning."""
-    bioatt = anatomy is not None and config.anatomy.bioatt
-    if bioatt:
-        config.network.kwargs = anatomy.network_kwargs(config.network.kwargs)
+    bioatt = anatomy if anatomy is not None and config.anatomy.bioatt else None  # the terms, when BioAtt is on
+    if bioatt is not None:
+        config.network.kwargs = bioatt.network_kwargs(config.network.kwargs)
     kwargs = dict(config.network.kwargs)
     network = build_network(config.network.name, **kwargs).to(device)
     estimator = None
     if config.network.dose_estimator:
-        estimator = build_network("dose_estimator", **config.network.dose_estimator_kwargs).to(device)
+        estimator = cast(
+            DoseEstimator, build_network("dose_estimator", **config.network.dose_estimator_kwargs).to(device)
+        )
     if config.init_bundle:
         _load_initial_weights(config, network, estimator)
     return DenoisingNetworks(
         network,
         estimator,
         bool(kwargs.get("dose_conditioning", False)),
-        anatomy.organ_probabilities if bioatt else None,
+        bioatt.organ_probabilities if bioatt is not None else None,
     )
 
 
@@ -139,14 +143,20 @@ def _denoising_objective(
         config.seed,
         data.simulation_cache,
         data.simulation_pool,
+        data.match_source,
     )
     validation_volumes = load_sources(data.validation, "simulated").normal if data.validation else []
     validation = (
-        validation_set(validation_volumes, data.validation_doses, channels, data.validation_slices)
+        validation_set(
+            validation_volumes, data.validation_doses, channels, data.validation_slices, match_source=data.match_source
+        )
         if validation_volumes
         else []
     )
-    slice_prior = anatomy.slice_organ_probabilities if model.organ_prior is not None else None
+    slice_prior = None
+    if model.organ_prior is not None:
+        assert anatomy is not None  # the organ prior is BioAtt's, given by the anatomy terms
+        slice_prior = anatomy.slice_organ_probabilities
     return DenoisingObjective(
         model,
         sampler,
@@ -201,6 +211,7 @@ def _carried_budget(history: dict) -> Budget:
 
 def _load_initial_weights(config: TrainConfig, network, estimator) -> None:
     """Fine-tuning: start from a trained bundle's weights (it must have the same network and arguments)."""
+    assert config.init_bundle is not None  # called only when the config fine-tunes a bundle
     bundle = Bundle.find(config.init_bundle)
 
     def comparable(kwargs):  # BioAtt's attention may be added to a network trained without it (starts as identity)
