@@ -24,6 +24,7 @@ from .bundle import DEFAULT_MODEL, hu_to_input, load_bundle, output_to_hu
 from .device import pick_device
 from .errors import LowdoseError
 from .slabs import body_slices, slab
+from .strength import parse_strength, strength_label
 from .volume import CTVolume
 
 # Slices used to estimate a volume's dose: evenly spread over the body, median of their estimates.
@@ -45,6 +46,7 @@ class DenoiseResult:
             ``given (model is not dose-conditioned)`` or ``not used``.
         seconds: wall time of denoising, dose estimate included.
         device: the torch device it ran on (``cpu``, ``cuda:0``, ...).
+        strength: the fraction of the network's noise removal applied (1 = all; lowdose.strength).
     """
 
     volume: CTVolume
@@ -53,6 +55,7 @@ class DenoiseResult:
     dose_source: str
     seconds: float
     device: str
+    strength: float = 1.0
 
     @property
     def dose_estimated(self) -> bool:
@@ -62,7 +65,8 @@ class DenoiseResult:
     def description(self) -> str:
         """The series description of the derived series, e.g. ``lowdose denoised (dose_unet, dose 0.25 given)``."""
         dose_text = "" if self.dose_fraction is None else f", dose {self.dose_fraction:.3g} {self.dose_source}"
-        return f"lowdose denoised ({self.model}{dose_text})"
+        strength_text = "" if self.strength >= 1.0 else f", strength {strength_label(self.strength)}"
+        return f"lowdose denoised ({self.model}{dose_text}{strength_text})"
 
     def summary(self) -> dict:
         """The plain fields (JSON-ready): model, dose_fraction, dose_source, description, seconds, device."""
@@ -73,6 +77,7 @@ class DenoiseResult:
             "description": self.description,
             "seconds": self.seconds,
             "device": self.device,
+            "strength": self.strength,
         }
 
 
@@ -132,8 +137,12 @@ class Denoiser:
         return value, source
 
     @torch.inference_mode()
-    def __call__(self, volume: CTVolume, dose: float | str = "auto", progress: bool = False) -> DenoiseResult:
-        """The denoised volume (HU, same geometry) and how it was made; ``dose`` is a fraction or ``auto``."""
+    def __call__(
+        self, volume: CTVolume, dose: float | str = "auto", progress: bool = False, strength: float | str = "high"
+    ) -> DenoiseResult:
+        """The denoised volume (HU, same geometry) and how it was made; ``dose`` is a fraction or ``auto``;
+        ``strength`` low/medium/high or a number in [0, 1] (lowdose.strength; default high: the full output)."""
+        strength_value = parse_strength(strength)
         started = time.time()
         dose_value, dose_source = self._dose(volume, dose)
         hu = volume.hu
@@ -150,6 +159,8 @@ class Denoiser:
                 extra["organ_probabilities"] = self.model.organ_probabilities(centre)
             y = network(x, dose_tensor, **extra) if dose_tensor is not None or extra else network(x)
             out[start : start + len(indices)] = output_to_hu(y[:, 0].float().cpu().numpy(), self.model.normalisation)
+        if strength_value < 1.0:  # keep the rest of the scan's own noise, with its own texture
+            out = hu + np.float32(strength_value) * (out - hu)
         # Keep what the network never saw: padding outside the field of view and HU beyond its range.
         untouched = ~volume.field_of_view_mask() | (hu > self.model.normalisation["hu_max"])
         out[untouched] = hu[untouched]
@@ -160,6 +171,7 @@ class Denoiser:
             dose_source=dose_source,
             seconds=round(time.time() - started, 2),
             device=str(self.device),
+            strength=strength_value,
         )
 
 
@@ -175,12 +187,14 @@ def denoise(
     dose: float | str = "auto",
     device: str = "auto",
     progress: bool = False,
+    strength: float | str = "high",
 ) -> DenoiseResult:
-    """Denoise a low-dose CT volume with a shipped model (``dose``: fraction or ``auto``).
+    """Denoise a low-dose CT volume with a shipped model (``dose``: fraction or ``auto``; ``strength``: low,
+    medium, high or a number in [0, 1], lowdose.strength).
 
     Example: ``result = denoise(load_ct("low.nii.gz")); save_ct(result.volume, "out", description=result.description)``
     """
-    return get_denoiser(str(model), device)(volume, dose=dose, progress=progress)
+    return get_denoiser(str(model), device)(volume, dose=dose, progress=progress, strength=strength)
 
 
 class _CallableModule(types.ModuleType):

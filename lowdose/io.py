@@ -403,8 +403,13 @@ def _nrrd_layout(path: Path) -> _DataLayout:
     else:
         data, offset = path, header_end
     skip = _header_int(path, fields, "byte skip")
+    return _layout(size, components, component_bytes, pixel_type, data, offset, encoding, skip)
+
+
+def _layout(size, components, component_bytes, pixel_type, data: Path, offset: int, encoding: str, skip: int):
+    """Where an ITK-style header's voxels are; ``skip`` -1 means the voxels are the last bytes of the file."""
     voxels = math.prod(size) * components
-    if skip == -1 and encoding == "raw":  # the voxels are the last bytes of the data file
+    if skip == -1 and encoding == "raw":
         offset, skip = max(data.stat().st_size - voxels * component_bytes, offset), 0
     return _DataLayout(
         shape_text="x".join(map(str, size)) + f" {pixel_type}",
@@ -435,19 +440,8 @@ def _metaimage_layout(path: Path) -> _DataLayout:
     compressed = fields.get("compresseddata", "false").lower() == "true"
     binary = fields.get("binarydata", "true").lower() == "true"
     encoding = "gzip" if compressed else ("raw" if binary else "ascii")
-    voxels = math.prod(size) * components
-    skip = _header_int(path, fields, "headersize")
-    if skip == -1 and encoding == "raw":  # the voxels are the last bytes of the data file
-        offset, skip = max(data.stat().st_size - voxels * component_bytes, offset), 0
-    return _DataLayout(
-        shape_text="x".join(map(str, size)) + f" {pixel_type}",
-        voxels=voxels,
-        voxel_bytes=component_bytes,
-        data_path=data,
-        data_offset=offset,
-        encoding=encoding,
-        skip=max(skip, 0) if encoding == "raw" else 0,
-    )
+    skip = _header_int(path, fields, "headersize") if encoding == "raw" else 0  # HeaderSize counts raw data only
+    return _layout(size, components, component_bytes, pixel_type, data, offset, encoding, skip)
 
 
 def _load_dicom_folder(folder: Path, series_uid: str | None, limits: InputLimits) -> CTVolume:

@@ -22,6 +22,17 @@ class SegmenterError(LowdoseError):
     """The segmenter cannot run (missing weights, unusable device, ...)."""
 
 
+def read_json_object(path: Path, what: str, remedy: str) -> dict:
+    """The JSON object in one of TotalSegmentator's files; SegmenterError saying ``remedy`` otherwise."""
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SegmenterError(f"{path}: {what} is unreadable ({exc}); {remedy}") from None
+    if not isinstance(content, dict):
+        raise SegmenterError(f"{path}: {what} is not a JSON object; {remedy}")
+    return content
+
+
 class TotalSegmentatorWeightsError(SegmenterError):
     """TotalSegmentator's weights for the requested mode are not where TotalSegmentator looks for them."""
 
@@ -95,16 +106,7 @@ def ensure_usage_statistics_off(home: Path | None = None) -> Path:
     """
     home = Path(home) if home is not None else totalsegmentator_home()
     path = home / "config.json"
-    config = {}
-    if path.exists():
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise SegmenterError(
-                f"{path}: TotalSegmentator's config file is unreadable ({exc}); fix or " "delete it"
-            ) from None
-        if not isinstance(config, dict):
-            raise SegmenterError(f"{path}: TotalSegmentator's config file is not a JSON object; fix or delete it")
+    config = read_json_object(path, "TotalSegmentator's config file", "fix or delete it") if path.exists() else {}
     if config.get("send_usage_stats") is False and config.get("statistics_disclaimer_shown"):
         return path
     config.setdefault("totalseg_id", "totalseg_lowdose")

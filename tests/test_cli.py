@@ -254,3 +254,15 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip().splitlines() == ["lowdose simulate: interrupted"]
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_strength_is_checked_by_the_command_line(capsys):
+    from lowdose.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["denoise", "in.nii.gz", "out.nii.gz"]).strength == 0.7  # medium by default
+    assert parser.parse_args(["denoise", "a", "b", "--strength", "high"]).strength == 1.0
+    assert parser.parse_args(["demo", "--strength", "0.55"]).strength == 0.55
+    with pytest.raises(SystemExit) as refused:
+        parser.parse_args(["denoise", "a", "b", "--strength", "max"])
+    assert refused.value.code == 2 and "strength must be low, medium, high" in capsys.readouterr().err

@@ -256,6 +256,12 @@ def test_denoise_datastore_image_returns_json_and_multipart(server):
 
     from requests_toolbelt.multipart.decoder import MultipartDecoder
 
+    response = _infer(server, image=STUDY_ID, output="json", params={"dose": 0.5, "strength": "low"})
+    assert response.status_code == 200, response.text
+    assert response.json()["strength"] == 0.4 and response.json()["description"].endswith("strength low)")
+    assert summary["strength"] == 0.7  # the server's default: medium
+    _assert_clean_error(_infer(server, image=STUDY_ID, params={"strength": "max"}), 400, "strength must be")
+
     response = _infer(server, image=STUDY_ID, output=None, params={"dose": 0.5})
     assert response.status_code == 200, response.text
     parts = {

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import socket
 import sys
 import threading
@@ -48,6 +49,7 @@ from LowDoseDenoiseLib.dose import parse_dose  # noqa: E402
 from LowDoseDenoiseLib.jobs import BackgroundJob  # noqa: E402
 from LowDoseDenoiseLib.results import fidelity_label_names, fidelity_rows  # noqa: E402
 from LowDoseDenoiseLib.settings import JsonConsentStore  # noqa: E402
+from LowDoseDenoiseLib.strength import parse_strength  # noqa: E402
 
 MODEL_TASK = "denoise_dose_unet"
 MAX_UPLOAD_MB = 8
@@ -345,7 +347,9 @@ class _StandIn(http.server.BaseHTTPRequestHandler):
         self._answer()
 
     def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        sent = re.search(rb'name="params"\r\n\r\n(.*?)\r\n--', body, re.S)  # the request's params field
+        self.server.params.append(json.loads(sent.group(1)) if sent else None)
         self._answer()
 
     def _answer(self):
@@ -365,6 +369,7 @@ class _StandIn(http.server.BaseHTTPRequestHandler):
 def stand_in():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StandIn)
     httpd.authorization = []
+    httpd.params = []  # the params JSON of each POST
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
@@ -430,6 +435,44 @@ def test_the_token_goes_with_every_request_and_a_401_from_anywhere_is_an_authent
     with pytest.raises(AuthenticationError, match="lowdose serve --show-token") as caught:
         client.denoise(small_ct, MODEL_TASK)
     assert caught.value.token_given and token not in str(caught.value)
+
+
+def test_the_strength_goes_in_the_params_of_denoise_and_fidelity_and_a_bad_one_is_never_sent(
+    stand_in, consent, small_ct
+):
+    url = f"http://127.0.0.1:{stand_in.server_address[1]}"
+    consent.allow(url)
+    client = LowDoseClient(url, consent)
+    stand_in.reply = (200, *_multipart({"model": "x", "strength": 0.7}, small_ct.read_bytes()))
+    client.denoise(small_ct, MODEL_TASK)  # the default: medium
+    client.denoise(small_ct, MODEL_TASK, dose="1/4", strength="low")
+    client.denoise(small_ct, MODEL_TASK, strength=" High ")
+    client.denoise(small_ct, MODEL_TASK, strength=0.55)
+    report = {"study": {"verdict": "kept"}, "structures": []}
+    stand_in.reply = (200, "application/json", json.dumps(report).encode())
+    client.fidelity(small_ct, "dose_unet", labels=False)
+    client.fidelity(small_ct, "dose_unet", labels=False, strength="high")
+    sent = stand_in.params
+    assert [p["strength"] for p in sent] == ["medium", "low", "high", 0.55, "medium", "high"]
+    assert sent[1]["dose"] == "1/4" and sent[0]["output_format"] == "nifti"
+    assert sent[4]["denoise_model"] == "dose_unet" and sent[4]["labels"] is False
+
+    stand_in.params.clear()
+    for bad in ("strong", 1.5, -0.1, "nan"):
+        with pytest.raises(ValueError, match="strength must"):
+            client.denoise(small_ct, MODEL_TASK, strength=bad)
+        with pytest.raises(ValueError, match="strength must"):
+            client.fidelity(small_ct, "dose_unet", strength=bad)
+    assert stand_in.params == []  # refused before anything was sent
+
+
+def test_strength_text():
+    assert parse_strength(None) == parse_strength("") == parse_strength("Medium") == "medium"
+    assert parse_strength("LOW") == "low" and parse_strength("high") == "high"
+    assert parse_strength("0.5") == parse_strength("50%") == parse_strength(0.5) == 0.5
+    for bad in ("max", "1.01", "-1", "inf", True):
+        with pytest.raises(ValueError, match="strength must"):
+            parse_strength(bad)
 
 
 def test_dose_text_and_server_addresses():

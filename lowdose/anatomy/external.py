@@ -10,7 +10,6 @@ normalisation its network was trained with, and returns that network's feature m
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import warnings
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from ..bundle import load_checkpoint, nnunet_checkpoint_globals
 from ..errors import LowdoseError
-from ..totalseg import check_model_folder, required_model_folders, totalsegmentator_weights_dir
+from ..totalseg import check_model_folder, read_json_object, required_model_folders, totalsegmentator_weights_dir
 from .base import AnatomyEncoder
 
 
@@ -190,15 +189,11 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise LowdoseError(
-            f"{path}: unreadable ({exc}); download TotalSegmentator's weights again and copy the " "whole folder"
-        ) from None
-    if not isinstance(content, dict):
-        raise LowdoseError(f"{path}: not a JSON object; download TotalSegmentator's weights again")
-    return content
+    return read_json_object(
+        path,
+        "this TotalSegmentator model file",
+        "download TotalSegmentator's weights again and " "copy the whole folder",
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ timm

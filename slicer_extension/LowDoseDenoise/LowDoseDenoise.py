@@ -34,6 +34,7 @@ from LowDoseDenoiseLib.dose import DOSE_CHOICES, dose_label
 from LowDoseDenoiseLib.jobs import start_upload
 from LowDoseDenoiseLib.messages import denoise_tooltip
 from LowDoseDenoiseLib.settings import DEFAULT_SERVER_URL, JsonConsentStore, MemorySettings, ModuleSettings
+from LowDoseDenoiseLib.strength import DEFAULT_STRENGTH, STRENGTH_CHOICES, parse_strength, strength_label
 from LowDoseDenoiseSlicer import ROLE_ATTRIBUTE, SUMMARY_ATTRIBUTE
 from LowDoseDenoiseSlicer.request_section import RequestSection
 from LowDoseDenoiseSlicer.results_section import ResultsSection
@@ -122,7 +123,8 @@ class LowDoseDenoiseWidget(
         self.onServerUrlEdited(self.serverUrl())
 
     def fillChoices(self):
-        """The addresses used before, the dose menu, the denoised-volume list and the fidelity table's columns."""
+        """The addresses used before, the dose and strength menus, the denoised-volume list and the fidelity
+        table's columns."""
         self.ui.serverUrlComboBox.clear()
         self.ui.serverUrlComboBox.addItems(self.logic.settings.server_urls())
         self.ui.serverUrlComboBox.setEditText(self.logic.settings.server_url())
@@ -134,6 +136,13 @@ class LowDoseDenoiseWidget(
             self.ui.doseComboBox.setCurrentIndex(index)
         else:
             self.ui.doseComboBox.setEditText(self.logic.settings.dose())
+        self.ui.strengthComboBox.clear()
+        for choice in STRENGTH_CHOICES:
+            self.ui.strengthComboBox.addItem(strength_label(choice), choice)
+        index = self.ui.strengthComboBox.findData(self.logic.settings.strength())
+        self.ui.strengthComboBox.setCurrentIndex(
+            index if index >= 0 else self.ui.strengthComboBox.findData(DEFAULT_STRENGTH)
+        )
         self.ui.denoisedVolumeSelector.addAttribute("vtkMRMLScalarVolumeNode", ROLE_ATTRIBUTE, "denoised")
         self.ui.denoisedVolumeSelector.setMRMLScene(slicer.mrmlScene)
         self.ui.fidelityTable.setColumnCount(len(results.FIDELITY_COLUMNS))
@@ -205,31 +214,36 @@ class LowDoseDenoiseLogic(ScriptedLoadableModuleLogic, VolumeNodes, ComparisonVi
 
     # -- requests (the network in a BackgroundJob; the scene is touched only in the GUI thread)
 
-    def startDenoise(self, volumeNode, url, model, dose="auto", token=None):
-        """Export the volume and start the request; poll the returned BackgroundJob (result: DenoiseResult)."""
+    def startDenoise(self, volumeNode, url, model, dose="auto", token=None, strength=DEFAULT_STRENGTH):
+        """Export the volume and start the request; poll the returned BackgroundJob (result: DenoiseResult).
+        ``strength``: "low", "medium", "high" or a number in [0, 1] (ValueError, nothing sent, when bad)."""
+        strength = parse_strength(strength)
         return start_upload(
             self.client(url, token),
             lambda: self.exportVolume(volumeNode),
-            lambda client, path, **follow: client.denoise(path, model.task, dose=dose, **follow),
+            lambda client, path, **follow: client.denoise(path, model.task, dose=dose, strength=strength, **follow),
             name="lowdose-denoise",
         )
 
-    def startFidelity(self, volumeNode, url, model, dose="auto", token=None):
+    def startFidelity(self, volumeNode, url, model, dose="auto", token=None, strength=DEFAULT_STRENGTH):
         """Export the volume and start the fidelity check (result: FidelityResult with the label maps)."""
+        strength = parse_strength(strength)
         return start_upload(
             self.client(url, token),
             lambda: self.exportVolume(volumeNode),
-            lambda client, path, **follow: client.fidelity(path, model.model, dose=dose, labels=True, **follow),
+            lambda client, path, **follow: client.fidelity(
+                path, model.model, dose=dose, labels=True, strength=strength, **follow
+            ),
             name="lowdose-fidelity",
         )
 
-    def denoise(self, volumeNode, url, model, dose="auto", timeout=None, token=None):
+    def denoise(self, volumeNode, url, model, dose="auto", timeout=None, token=None, strength=DEFAULT_STRENGTH):
         """Denoise and load the result, waiting while Slicer stays responsive (for scripts and the self-test)."""
         if isinstance(model, str):
             model = next(
                 (m for m in self.client(url, token).models() if model in (m.task, m.model)), None
             ) or ModelInfo(task=model, model=model)
-        job = self.startDenoise(volumeNode, url, model, dose, token=token)
+        job = self.startDenoise(volumeNode, url, model, dose, token=token, strength=strength)
         job.wait(timeout, between=slicer.app.processEvents)
         if not job.done:
             job.cancel()
@@ -237,7 +251,7 @@ class LowDoseDenoiseLogic(ScriptedLoadableModuleLogic, VolumeNodes, ComparisonVi
             raise Cancelled("no result in the given time")
         if job.error is not None:
             raise job.error
-        return self.loadDenoised(volumeNode, job.result, model)
+        return self.loadDenoised(volumeNode, job.result, model, strength)
 
 
 #
@@ -340,7 +354,7 @@ class LowDoseDenoiseTest(ScriptedLoadableModuleTest):
         self.consent.allow(self.url)
         model = self.firstModel()
         volume = self.phantom()
-        denoised = self.logic.denoise(volume, self.url, model, dose="1/4", timeout=1800)
+        denoised = self.logic.denoise(volume, self.url, model, dose="1/4", timeout=1800, strength="low")
         self.assertTrue(denoised.IsA("vtkMRMLScalarVolumeNode") and not denoised.IsA("vtkMRMLLabelMapVolumeNode"))
         self.assertIn(volume.GetName(), denoised.GetName())
         self.assertIn(model.model, denoised.GetName())
@@ -350,6 +364,10 @@ class LowDoseDenoiseTest(ScriptedLoadableModuleTest):
         self.assertTrue(np.isfinite(b).all() and -3100 <= b.min() and b.max() <= 4100)
         summary = json.loads(denoised.GetAttribute(SUMMARY_ATTRIBUTE))
         self.assertAlmostEqual(summary["dose_fraction"], 0.25, places=6)
+        self.assertAlmostEqual(summary["strength"], 0.4, places=6)
+        self.assertTrue(denoised.GetName().endswith("_low"), denoised.GetName())
+        self.assertEqual(self.logic.denoisedFor(volume, model, 0.25, "low"), denoised)
+        self.assertIsNone(self.logic.denoisedFor(volume, model, 0.25, "high"))  # another strength: not it
 
         self.delayDisplay("Side by side, linked, same window/level")
         self.logic.showSideBySide(volume, denoised)

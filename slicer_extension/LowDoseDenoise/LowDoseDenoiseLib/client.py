@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode, urlsplit
 
+from .strength import DEFAULT_STRENGTH, parse_strength
+
 if TYPE_CHECKING:  # settings imports this module
     from .settings import ConsentStore
 
@@ -332,7 +334,7 @@ class LowDoseClient:
 
         client = LowDoseClient("http://127.0.0.1:8000", settings.JsonConsentStore("consent.json"), token=token)
         client.consent.allow(client.url)            # after asking the user
-        result = client.denoise("ct.nrrd", client.models()[0].task, dose="auto")
+        result = client.denoise("ct.nrrd", client.models()[0].task, dose="auto", strength="medium")
         print(result.path, result.summary["dose_fraction"])
     """
 
@@ -419,11 +421,14 @@ class LowDoseClient:
         progress: Callable[[Progress], None] | None = None,
         cancel: threading.Event | None = None,
         result_dir=None,
+        strength=DEFAULT_STRENGTH,
     ) -> DenoiseResult:
         """Send the CT in ``volume_path`` (NRRD/NIfTI/MHA, HU) to infer task ``task``; the denoised CT comes back
-        to a NIfTI file in a new temporary folder (under ``result_dir`` when given)."""
+        to a NIfTI file in a new temporary folder (under ``result_dir`` when given). ``strength``: "low",
+        "medium", "high" or a number in [0, 1] (``strength.parse_strength``; ValueError, nothing sent, when bad)."""
+        strength = parse_strength(strength)
         volume_path = self._check_upload(volume_path)
-        params = {"dose": dose, "output_format": "nifti"}
+        params = {"dose": dose, "strength": strength, "output_format": "nifti"}
         if output_dtype:
             params["output_dtype"] = output_dtype
         folder = Path(tempfile.mkdtemp(prefix="lowdose-slicer-", dir=result_dir))
@@ -450,11 +455,15 @@ class LowDoseClient:
         cancel: threading.Event | None = None,
         result_dir=None,
         fast: bool = True,
+        strength=DEFAULT_STRENGTH,
     ) -> FidelityResult:
         """Run the server's fidelity check on the low-dose CT in ``volume_path`` denoised with ``model`` (a
-        model name such as "dose_unet"); with ``labels`` the label maps and the denoised CT come back too."""
+        model name such as "dose_unet") at ``strength`` (as for ``denoise``); with ``labels`` the label maps and
+        the denoised CT come back too."""
+        strength = parse_strength(strength)
         volume_path = self._check_upload(volume_path)
-        params = {"denoise_model": model, "dose": dose, "labels": bool(labels), "fast": bool(fast)}
+        params = {"denoise_model": model, "dose": dose, "strength": strength}
+        params.update(labels=bool(labels), fast=bool(fast))
         folder = Path(tempfile.mkdtemp(prefix="lowdose-slicer-fidelity-", dir=result_dir))
         try:
             parts = self._infer(

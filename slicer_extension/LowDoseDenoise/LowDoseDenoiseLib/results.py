@@ -1,9 +1,11 @@
 """The server's answers made ready for display: the fidelity report as table rows and cells, the structures'
-names and colours, and the record kept on each denoised volume (which model and dose made it)."""
+names and colours, and the record kept on each denoised volume (which model, dose and strength made it)."""
 
 from __future__ import annotations
 
 import json
+
+from .strength import strength_fraction, strength_name
 
 FIDELITY_COLUMNS = (
     "structure",
@@ -109,24 +111,45 @@ def structure_colour(value: int) -> tuple[float, float, float]:
 # ----------------------------------------------------------------------------------------- denoised volumes
 
 
-def denoised_volume_name(original_name: str, model_name: str) -> str:
-    """The name of a denoised volume: ``<input>_denoised_<model>`` (the scene makes it unique)."""
-    return f"{original_name}_denoised_{model_name}"
+def denoised_volume_name(original_name: str, model_name: str, strength=None) -> str:
+    """The name of a denoised volume: ``<input>_denoised_<model>_<strength>`` ("..._medium", "..._0.5"; without
+    the strength when None). The scene makes it unique."""
+    name = f"{original_name}_denoised_{model_name}"
+    return name if strength is None else f"{name}_{strength_name(strength)}"
 
 
-def denoised_record(model_name: str, task: str, summary: dict) -> str:
-    """The JSON text kept on a denoised volume: the model, its task and the server's summary (dose used...)."""
-    return json.dumps({"model": model_name, "task": task, **summary})
+def denoised_record(model_name: str, task: str, summary: dict, strength=None) -> str:
+    """The JSON text kept on a denoised volume: the model, its task and the server's summary (dose used,
+    strength...). ``strength``, the strength asked for, is recorded (as a fraction) when the summary has none."""
+    record = {"model": model_name, "task": task, **summary}
+    if record.get("strength") is None and strength is not None:
+        record["strength"] = strength_fraction(strength)
+    return json.dumps(record)
 
 
-def made_with(record: str | None, model_name: str, dose) -> bool:
+def record_strength(record: str | None) -> float | None:
+    """The strength (fraction of the noise removal applied) a denoised volume's record says; 1.0 (all) for a
+    record without one, made before strengths existed; None for an unreadable record."""
+    try:
+        summary = json.loads(record or "")
+        value = summary.get("strength", 1.0) if isinstance(summary, dict) else None
+        return None if value is None else strength_fraction(value)
+    except (ValueError, AttributeError):  # not JSON, or a strength that is not one
+        return None
+
+
+def made_with(record: str | None, model_name: str, dose, strength="medium") -> bool:
     """Whether the denoised volume with this record was made by ``model_name`` at ``dose``: the same fraction,
-    or for "auto" a dose the model estimated. An unreadable record matches nothing."""
+    or for "auto" a dose the model estimated, and at ``strength`` (the same fraction of the noise removal).
+    An unreadable record matches nothing."""
     try:
         summary = json.loads(record or "{}")
     except ValueError:
         return False
     if not isinstance(summary, dict) or summary.get("model") != model_name:
+        return False
+    found = record_strength(record)
+    if found is None or abs(found - strength_fraction(strength)) > 1e-6:
         return False
     if dose == "auto":
         return summary.get("dose_source") == "estimated"

@@ -1,5 +1,5 @@
 """What the module remembers between sessions: server addresses, each server's permission and token, the last
-model and dose, and the time limits.
+model, dose and strength, and the time limits.
 
 Everything is kept in a store with QSettings' ``value(key)`` / ``setValue(key, value)`` / ``sync()``: Slicer's
 settings in the module (``qt.QSettings()``), a ``MemorySettings`` in tests, so none of this needs Slicer.
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .client import Timeouts, normalise_token, server_key
+from .strength import DEFAULT_STRENGTH
 
 GROUP = "LowDoseDenoise"
 DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
@@ -204,6 +205,13 @@ class ModuleSettings:
 
     def set_dose(self, dose: str) -> None:
         self.set("Dose", dose)
+
+    def strength(self) -> str:
+        """The last denoising strength chosen ("low", "medium", "high"); "medium" at first."""
+        return str(self.get("Strength", DEFAULT_STRENGTH))
+
+    def set_strength(self, strength: str) -> None:
+        self.set("Strength", strength)
 
     def timeouts(self) -> Timeouts:
         """Time limits from ``{Connect,Response,Idle}TimeoutSeconds``; the default for any missing or unreadable."""

@@ -12,16 +12,17 @@ import slicer
 from LowDoseDenoiseLib import messages, results
 from LowDoseDenoiseLib.client import Cancelled
 from LowDoseDenoiseLib.dose import dose_choice, parse_dose
+from LowDoseDenoiseLib.strength import parse_strength
 
 from . import waitCursor
 
 
 class RequestSection:
     """Slots of the requests; state on the widget: ``job`` (the BackgroundJob under way, or None), ``jobKind``
-    (messages.DENOISE or messages.FIDELITY) and ``jobContext`` (input volume ID, model, dose)."""
+    (messages.DENOISE or messages.FIDELITY) and ``jobContext`` (input volume ID, model, dose, strength)."""
 
     def prepareRequest(self):
-        """(volume, model, dose) when everything needed is there and sending is allowed, else None."""
+        """(volume, model, dose, strength) when everything needed is there and sending is allowed, else None."""
         volume, model, url = self.ui.inputVolumeSelector.currentNode(), self.currentModel(), self.serverUrl()
         if volume is None or model is None:
             slicer.util.errorDisplay(messages.NEEDS_VOLUME_AND_MODEL)
@@ -29,6 +30,7 @@ class RequestSection:
         doseText = dose_choice(self.ui.doseComboBox.currentText)
         try:
             dose = parse_dose(doseText) if model.dose_aware else "auto"
+            strength = parse_strength(self.ui.strengthComboBox.currentText)
             if not self.logic.consent.is_allowed(url) and not self.askConsent(url):
                 return None
         except ValueError as exc:
@@ -36,26 +38,31 @@ class RequestSection:
             return None
         if model.dose_aware:
             self.logic.settings.set_dose(doseText)
-        return volume, model, dose
+        self.logic.settings.set_strength(strength)
+        return volume, model, dose, strength
 
     def onDenoise(self):
         request = self.prepareRequest()
         if request is not None:
-            volume, model, dose = request
+            volume, model, dose, strength = request
             self.startJob(
                 messages.DENOISE,
                 request,
-                lambda: self.logic.startDenoise(volume, self.serverUrl(), model, dose, token=self.serverToken()),
+                lambda: self.logic.startDenoise(
+                    volume, self.serverUrl(), model, dose, token=self.serverToken(), strength=strength
+                ),
             )
 
     def onFidelity(self):
         request = self.prepareRequest()
         if request is not None:
-            volume, model, dose = request
+            volume, model, dose, strength = request
             self.startJob(
                 messages.FIDELITY,
                 request,
-                lambda: self.logic.startFidelity(volume, self.serverUrl(), model, dose, token=self.serverToken()),
+                lambda: self.logic.startFidelity(
+                    volume, self.serverUrl(), model, dose, token=self.serverToken(), strength=strength
+                ),
             )
 
     def startJob(self, kind, request, start):
@@ -68,8 +75,9 @@ class RequestSection:
         except Exception as exc:
             self.showError(f"Could not start the {kind} request", exc)
             return
-        volume, model, dose = request
+        volume, model, dose, strength = request
         self.jobKind, self.jobContext = kind, {"volumeID": volume.GetID(), "model": model, "dose": dose}
+        self.jobContext["strength"] = strength
         self.ui.statusLabel.setText(messages.request_started(kind))
         self.ui.progressBar.setRange(0, 100)
         self.ui.progressBar.setValue(0)
@@ -129,7 +137,7 @@ class RequestSection:
             self.ui.statusLabel.setText(messages.INPUT_REMOVED)
             return
         with waitCursor():
-            denoised = self.logic.loadDenoised(original, result, context["model"])
+            denoised = self.logic.loadDenoised(original, result, context["model"], context["strength"])
             self.showPair(original, denoised)
         self.ui.statusLabel.setText(messages.denoise_done(result.summary, denoised.GetName()))
 
@@ -139,7 +147,9 @@ class RequestSection:
             self.ui.statusLabel.setText(messages.INPUT_REMOVED)
             return
         with waitCursor():
-            denoised = self.logic.fidelityDenoised(original, result, context["model"], context["dose"])
+            denoised = self.logic.fidelityDenoised(
+                original, result, context["model"], context["dose"], context["strength"]
+            )
             self.logic.hideSegmentations(self.fidelitySegmentations)  # an earlier check's structures
             self.fidelityResult = result
             self.fidelitySegmentations = self.logic.loadFidelitySegmentations(original, denoised, result)

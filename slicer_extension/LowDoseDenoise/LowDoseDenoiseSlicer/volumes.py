@@ -46,20 +46,23 @@ class VolumeNodes:
             raise ValueError(f"could not write {volumeNode.GetName()} to a temporary file")
         return path, folder
 
-    def loadDenoised(self, original, result, model):
-        """Load a DenoiseResult as a scalar volume (HU) named after the input and the model."""
+    def loadDenoised(self, original, result, model, strength="medium"):
+        """Load a DenoiseResult as a scalar volume (HU) named after the input, the model and the strength."""
         try:
-            return self.loadDenoisedFile(original, str(result.path), model, result.summary)
+            return self.loadDenoisedFile(original, str(result.path), model, result.summary, strength)
         finally:
             shutil.rmtree(str(result.folder), ignore_errors=True)
 
-    def loadDenoisedFile(self, original, path, model, summary):
-        """Load a denoised CT file beside ``original``, with the record of how it was made."""
-        name = slicer.mrmlScene.GenerateUniqueName(results.denoised_volume_name(original.GetName(), model.model))
+    def loadDenoisedFile(self, original, path, model, summary, strength="medium"):
+        """Load a denoised CT file beside ``original``, with the record of how it was made (the server's summary;
+        ``strength``, the strength asked for, when the summary does not say)."""
+        record = results.denoised_record(model.model, model.task, summary, strength)
+        name = results.denoised_volume_name(original.GetName(), model.model, results.record_strength(record))
+        name = slicer.mrmlScene.GenerateUniqueName(name)
         node = slicer.util.loadVolume(path, {"name": name, "labelmap": False, "show": False, "singleFile": True})
         node.SetAttribute(ROLE_ATTRIBUTE, "denoised")
         node.SetAttribute(ORIGINAL_ATTRIBUTE, original.GetID())
-        node.SetAttribute(SUMMARY_ATTRIBUTE, results.denoised_record(model.model, model.task, summary))
+        node.SetAttribute(SUMMARY_ATTRIBUTE, record)
         if original.GetParentTransformNode() is not None and getattr(slicer.util, "exportNode", None) is None:
             node.SetAndObserveTransformNodeID(original.GetTransformNodeID())  # the export ignored the transform
         storage = node.GetStorageNode()
@@ -68,24 +71,25 @@ class VolumeNodes:
         self.copyWindowLevel(original, node)
         return node
 
-    def denoisedFor(self, original, model, dose):
-        """The most recent denoised volume of ``original`` made with ``model`` at ``dose`` (None when none)."""
+    def denoisedFor(self, original, model, dose, strength="medium"):
+        """The most recent denoised volume of ``original`` made with ``model`` at ``dose`` and ``strength`` (None
+        when none)."""
         made = [
             node
             for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
             if node.GetAttribute(ROLE_ATTRIBUTE) == "denoised"
             and node.GetAttribute(ORIGINAL_ATTRIBUTE) == original.GetID()
-            and results.made_with(node.GetAttribute(SUMMARY_ATTRIBUTE), model.model, dose)
+            and results.made_with(node.GetAttribute(SUMMARY_ATTRIBUTE), model.model, dose, strength)
         ]
         return made[-1] if made else None
 
-    def fidelityDenoised(self, original, result, model, dose):
-        """The denoised volume to show after a fidelity check: one made before with this model and dose, else
-        the check's own denoised scan (loaded), else None."""
-        denoised = self.denoisedFor(original, model, dose)
+    def fidelityDenoised(self, original, result, model, dose, strength="medium"):
+        """The denoised volume to show after a fidelity check: one made before with this model, dose and
+        strength, else the check's own denoised scan (loaded), else None."""
+        denoised = self.denoisedFor(original, model, dose, strength)
         if denoised is None and "denoised" in result.files:
             denoised = self.loadDenoisedFile(
-                original, str(result.files["denoised"]), model, result.report.get("denoising", {})
+                original, str(result.files["denoised"]), model, result.report.get("denoising", {}), strength
             )
         return denoised
 

@@ -19,6 +19,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from lowdose import save_ct
 from lowdose.bundle import Bundle
 from lowdose.dose import parse_dose
+from lowdose.strength import DEFAULT_STRENGTH, parse_strength
 
 from ..datastore import PacsDatastore
 from ..inputs import read_ct
@@ -57,6 +58,7 @@ class DenoiseTask(InferTask):
             "CT in Hounsfield units in, denoised CT out, same geometry",
             config={
                 "dose": "auto",
+                "strength": DEFAULT_STRENGTH,
                 "output_dtype": options.output_dtype,
                 "output_format": "nifti",
                 "store_to_pacs": options.store_to_pacs,
@@ -83,6 +85,7 @@ class DenoiseTask(InferTask):
 
     def __call__(self, request):
         dose = parse_dose(request.get("dose", "auto"))
+        strength = parse_strength(request.get("strength", DEFAULT_STRENGTH))
         dtype = str(request.get("output_dtype", self.options.output_dtype))
         if dtype not in ("int16", "float32"):
             raise ValueError(f"output_dtype must be int16 or float32; got {dtype!r}")
@@ -91,7 +94,8 @@ class DenoiseTask(InferTask):
             raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}; got {output_format!r}")
 
         volume = read_ct(request["image"], self.options.input_limits())
-        result = denoiser(self.bundle.folder, self.options.device, self.options.batch_size)(volume, dose=dose)
+        model = denoiser(self.bundle.folder, self.options.device, self.options.batch_size)
+        result = model(volume, dose=dose, strength=strength)
         denoised, description = result.volume, result.description
         if not denoised.is_regular_grid:
             output_format = "dicom"  # tilted or irregular slices have no NIfTI grid; DICOM keeps each position
@@ -109,6 +113,7 @@ class DenoiseTask(InferTask):
             "model": self.model_name,
             "dose_fraction": result.dose_fraction,
             "dose_source": result.dose_source,
+            "strength": result.strength,
             "description": description,
             "seconds": result.seconds,
             "device": result.device,

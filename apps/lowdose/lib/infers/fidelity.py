@@ -22,6 +22,7 @@ from lowdose import save_ct
 from lowdose.dose import parse_dose
 from lowdose.fidelity import TotalSegmentatorSegmenter, check_fidelity
 from lowdose.fidelity.report import json_safe
+from lowdose.strength import DEFAULT_STRENGTH, parse_strength
 
 from ..inputs import read_ct
 from ..models import denoiser
@@ -44,6 +45,7 @@ class FidelityTask(InferTask):
             config={
                 "denoise_model": default_model,
                 "dose": "auto",
+                "strength": DEFAULT_STRENGTH,
                 "labels": False,
                 "reference_image": "",
                 "fast": True,
@@ -62,6 +64,7 @@ class FidelityTask(InferTask):
         if name not in models:
             raise ValueError(f"denoise_model {name!r} is not served here; available: {', '.join(models)}")
         dose = parse_dose(request.get("dose", "auto"))
+        strength = parse_strength(request.get("strength", DEFAULT_STRENGTH))
         reference = None
         if request.get("reference_image"):
             reference_id = str(request["reference_image"])
@@ -70,7 +73,8 @@ class FidelityTask(InferTask):
             reference = _anonymous(read_ct(self._fetch(reference_id, request), self.options.input_limits()))
 
         original = _anonymous(read_ct(request["image"], self.options.input_limits()))
-        denoised = denoiser(models[name].folder, self.options.device, self.options.batch_size)(original, dose=dose)
+        model = denoiser(models[name].folder, self.options.device, self.options.batch_size)
+        denoised = model(original, dose=dose, strength=strength)
         work = Path(tempfile.mkdtemp(prefix="lowdose-fidelity-", dir=request.get("result_dir")))
         segmenter = _Segmenter(fast=_true(request.get("fast", True)), device=self.options.device, progress=False)
         fidelity = check_fidelity(
@@ -86,6 +90,7 @@ class FidelityTask(InferTask):
             "model": name,
             "dose_fraction": denoised.dose_fraction,
             "dose_source": denoised.dose_source,
+            "strength": denoised.strength,
             "description": denoised.description,
         }
         log.info("fidelity of %s: %s", name, fidelity.verdict)

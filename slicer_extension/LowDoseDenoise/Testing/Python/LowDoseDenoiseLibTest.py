@@ -23,7 +23,7 @@ if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
 from LowDoseDenoiseLib import client as lib  # noqa: E402
-from LowDoseDenoiseLib import dose, messages, results, settings  # noqa: E402
+from LowDoseDenoiseLib import dose, messages, results, settings, strength  # noqa: E402
 from LowDoseDenoiseLib.jobs import BackgroundJob, start_upload  # noqa: E402
 
 TOKEN = "s3cret-token-value"
@@ -191,6 +191,18 @@ class ClientTest(FolderTestCase):
         finally:
             listener.close()
 
+    def test_a_bad_strength_is_refused_before_anything_is_sent(self):
+        volume = self.folder / "v.nii"
+        volume.write_bytes(nifti_header() + bytes(512))
+        client = lib.LowDoseClient("http://127.0.0.1:9", settings.JsonConsentStore(self.folder / "consent.json"))
+        client.consent.allow(client.url)  # port 9: nothing listens, yet no connection is even tried
+        for bad in ("strong", 1.5, -0.1, "nan", True):
+            with self.assertRaises(ValueError) as caught:
+                client.denoise(volume, "denoise_x", strength=bad)
+            self.assertIn("strength", str(caught.exception))
+            with self.assertRaises(ValueError):
+                client.fidelity(volume, "x", strength=bad)
+
     def test_closed_port_is_server_unreachable(self):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -342,6 +354,9 @@ class SettingsTest(FolderTestCase):
             ("http://gpu:8000", ["http://gpu:8000", "http://127.0.0.1:8000"]),
         )
         self.assertEqual((module.dose(), module.model_task()), ("1/4", "denoise_redcnn"))
+        self.assertEqual(module.strength(), "medium")  # the default, for settings from before strengths
+        module.set_strength("low")
+        self.assertEqual((store.values["LowDoseDenoise/Strength"], module.strength()), ("low", "low"))
         self.assertEqual(module.timeouts(), lib.Timeouts(response=3600.0))
         module.consent().allow("http://gpu:8000")
         module.tokens().set("http://gpu:8000", TOKEN)
@@ -446,7 +461,7 @@ class ResultsTest(unittest.TestCase):
 
     def test_a_denoised_volume_is_found_by_model_and_dose(self):
         self.assertEqual(results.denoised_volume_name("chest CT", "dose_unet"), "chest CT_denoised_dose_unet")
-        given = results.denoised_record(
+        given = results.denoised_record(  # made before strengths existed: all the noise removed ("high")
             "dose_unet", "denoise_dose_unet", {"dose_fraction": 0.25, "dose_source": "given", "seconds": 3.2}
         )
         self.assertEqual(
@@ -459,15 +474,68 @@ class ResultsTest(unittest.TestCase):
                 "seconds": 3.2,
             },
         )
-        self.assertTrue(results.made_with(given, "dose_unet", 0.25))
-        self.assertTrue(results.made_with(given, "dose_unet", 1 / 4 + 1e-9))
-        self.assertFalse(results.made_with(given, "dose_unet", 0.2))
-        self.assertFalse(results.made_with(given, "redcnn", 0.25))
-        self.assertFalse(results.made_with(given, "dose_unet", "auto"))  # the dose was given, not estimated
-        estimated = results.denoised_record("dose_unet", "t", {"dose_fraction": 0.31, "dose_source": "estimated"})
+        self.assertTrue(results.made_with(given, "dose_unet", 0.25, "high"))
+        self.assertTrue(results.made_with(given, "dose_unet", 1 / 4 + 1e-9, 1.0))
+        self.assertFalse(results.made_with(given, "dose_unet", 0.2, "high"))
+        self.assertFalse(results.made_with(given, "redcnn", 0.25, "high"))
+        self.assertFalse(results.made_with(given, "dose_unet", "auto", "high"))  # the dose was given, not estimated
+        self.assertFalse(results.made_with(given, "dose_unet", 0.25))  # the default strength is medium
+        estimated = results.denoised_record(
+            "dose_unet", "t", {"dose_fraction": 0.31, "dose_source": "estimated", "strength": 0.7}
+        )
         self.assertTrue(results.made_with(estimated, "dose_unet", "auto"))
         for junk in (None, "", "{not json", "[1, 2]", '{"model": "dose_unet", "dose_fraction": "a lot"}'):
             self.assertFalse(results.made_with(junk, "dose_unet", 0.25), junk)
+        self.assertFalse(results.made_with('{"model": "dose_unet", "strength": "a lot"}', "dose_unet", "auto"))
+
+    def test_a_volume_denoised_at_another_strength_is_not_taken_for_it(self):
+        summary = {"dose_fraction": 0.25, "dose_source": "given", "strength": 0.7, "description": "x, strength medium"}
+        medium = results.denoised_record("dose_unet", "denoise_dose_unet", summary, "low")  # the server's wins
+        self.assertEqual(json.loads(medium)["strength"], 0.7)
+        self.assertEqual(results.record_strength(medium), 0.7)
+        self.assertTrue(results.made_with(medium, "dose_unet", 0.25, "medium"))
+        self.assertTrue(results.made_with(medium, "dose_unet", 0.25, 0.7))
+        self.assertFalse(results.made_with(medium, "dose_unet", 0.25, "low"))
+        self.assertFalse(results.made_with(medium, "dose_unet", 0.25, "high"))
+        # a summary without the strength (the fidelity check's) records the strength asked for
+        low = results.denoised_record("dose_unet", "t", {"dose_fraction": 0.25, "dose_source": "given"}, "low")
+        self.assertEqual(results.record_strength(low), 0.4)
+        self.assertTrue(results.made_with(low, "dose_unet", 0.25, "low"))
+        self.assertFalse(results.made_with(low, "dose_unet", 0.25, "medium"))
+        self.assertEqual(results.record_strength('{"model": "x"}'), 1.0)
+        for junk in (None, "", "{not json", '{"strength": 7}'):
+            self.assertIsNone(results.record_strength(junk), junk)
+        name = results.denoised_volume_name
+        self.assertEqual(name("chest CT", "dose_unet", "medium"), "chest CT_denoised_dose_unet_medium")
+        self.assertEqual(name("chest CT", "dose_unet", 0.7), "chest CT_denoised_dose_unet_medium")
+        self.assertEqual(name("chest CT", "dose_unet", 1.0), "chest CT_denoised_dose_unet_high")
+        self.assertEqual(name("chest CT", "dose_unet", 0.55), "chest CT_denoised_dose_unet_0.55")
+
+
+class StrengthTest(unittest.TestCase):
+    """strength.py: the denoising strength as the user gives it (low / medium / high, or a fraction)."""
+
+    def test_parse_strength(self):
+        self.assertEqual(strength.STRENGTH_CHOICES, ("low", "medium", "high"))
+        for empty in (None, "", "  "):
+            self.assertEqual(strength.parse_strength(empty), "medium")
+        for text, expected in (("low", "low"), (" High ", "high"), ("Medium", "medium"), ("MEDIUM x", "medium")):
+            self.assertEqual(strength.parse_strength(text), expected, text)
+        for text, expected in (("0.5", 0.5), ("0", 0.0), ("1", 1.0), ("55%", 0.55), (0.3, 0.3), (1, 1.0)):
+            self.assertAlmostEqual(strength.parse_strength(text), expected, msg=text)
+        for bad in ("strong", "1.5", "-0.1", "150%", "nan", "inf", 2, True, "lowest"):
+            with self.assertRaises(ValueError) as caught:
+                strength.parse_strength(bad)
+            self.assertIn("strength must", str(caught.exception), bad)
+
+    def test_fractions_names_and_menu_texts(self):
+        self.assertEqual([strength.strength_fraction(c) for c in strength.STRENGTH_CHOICES], [0.4, 0.7, 1.0])
+        self.assertEqual(strength.strength_fraction(0.55), 0.55)
+        self.assertEqual([strength.strength_name(f) for f in (0.4, 0.7, 1.0, 0.55)], ["low", "medium", "high", "0.55"])
+        labels = [strength.strength_label(c) for c in strength.STRENGTH_CHOICES]
+        self.assertEqual(labels, ["Low", "Medium", "High"])
+        for choice, label in zip(strength.STRENGTH_CHOICES, labels):
+            self.assertEqual(strength.parse_strength(label), choice)
 
 
 class MessagesTest(unittest.TestCase):
