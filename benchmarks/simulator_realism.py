@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lowdose.io import load_ct  # noqa: E402
-from lowdose.noise import extract_patches, noise_power_spectrum, patch_size_px, uniform_patches  # noqa: E402
+from lowdose.noise import patch_spectrum, uniform_patches  # noqa: E402
 from lowdose.simulate import simulate_low_dose  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "ct"
@@ -55,9 +55,8 @@ def measure(path: Path, dose: float, slices: int, seed: int, match_source: bool)
     low = simulate_low_dose(part, dose, seed=seed, match_source=match_source)
     seconds = time.perf_counter() - started
     corners = uniform_patches(part.hu, pixel_mm)
-    size = patch_size_px(pixel_mm)
-    source = noise_power_spectrum(extract_patches(part.hu, corners, size), pixel_mm)
-    added = noise_power_spectrum(extract_patches(low.hu - part.hu, corners, size), pixel_mm)
+    source = patch_spectrum(part.hu, corners, pixel_mm)
+    added = patch_spectrum(low.hu - part.hu, corners, pixel_mm)
     expected_ratio = math.sqrt(1.0 / dose - 1.0)
     return {
         "pixel_mm": pixel_mm,

@@ -22,7 +22,7 @@ from lowdose.denoise import Denoiser  # noqa: E402
 from lowdose.figures import body_zoom, side_by_side_png  # noqa: E402
 from lowdose.io import load_ct  # noqa: E402
 from lowdose.metrics import compare, soft_tissue_mask  # noqa: E402
-from lowdose.noise import extract_patches, noise_power_spectrum, patch_size_px, uniform_patches  # noqa: E402
+from lowdose.noise import patch_spectrum, uniform_patches  # noqa: E402
 from lowdose.resources import sample_ct_path  # noqa: E402
 from lowdose.simulate import simulate_low_dose  # noqa: E402
 from lowdose.strength import STRENGTHS  # noqa: E402
@@ -30,11 +30,11 @@ from lowdose.strength import STRENGTHS  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def noise_figures(image_hu: np.ndarray, normal, corners, size: int) -> dict:
+def noise_figures(image_hu: np.ndarray, normal, corners) -> dict:
     """The image's own noise in uniform soft tissue (detrended patches): its level and its texture (NPS mean
     frequency), and the error against the normal dose in soft tissue."""
     tissue = soft_tissue_mask(normal.hu) & normal.field_of_view_mask()
-    spectrum = noise_power_spectrum(extract_patches(image_hu, corners, size), normal.spacing_mm[0])
+    spectrum = patch_spectrum(image_hu, corners, normal.spacing_mm[0])
     return {
         "noise_std_hu": spectrum.std_hu,
         "noise_mean_f_per_mm": spectrum.mean_per_mm,
@@ -51,15 +51,15 @@ def main() -> int:
     normal = load_ct(sample_ct_path())
     low = simulate_low_dose(normal, args.dose, seed=args.seed)
     pixel_mm = normal.spacing_mm[0]
-    corners, size = uniform_patches(normal.hu, pixel_mm), patch_size_px(pixel_mm)
+    corners = uniform_patches(normal.hu, pixel_mm)
     denoiser = Denoiser(args.model, device="cpu")
     images = {"low dose": low.hu}
-    rows = {"normal dose": noise_figures(normal.hu, normal, corners, size)}
-    rows["low dose"] = {**noise_figures(low.hu, normal, corners, size), **compare(normal, low)}
+    rows = {"normal dose": noise_figures(normal.hu, normal, corners)}
+    rows["low dose"] = {**noise_figures(low.hu, normal, corners), **compare(normal, low)}
     for name in STRENGTHS:
         result = denoiser(low, dose="auto", strength=name)
         images[f"{name} ({STRENGTHS[name]:g})"] = result.volume.hu
-        rows[name] = {**noise_figures(result.volume.hu, normal, corners, size), **compare(normal, result.volume)}
+        rows[name] = {**noise_figures(result.volume.hu, normal, corners), **compare(normal, result.volume)}
     k = normal.shape[0] // 2
     side_by_side_png(
         RESULTS / "strength.png",

@@ -118,6 +118,12 @@ def extract_patches(hu: np.ndarray, corners: list[tuple[int, int, int]], size: i
     return np.stack([hu[z, y : y + size, x : x + size] for z, y, x in corners]).astype(np.float32)
 
 
+def patch_spectrum(hu: np.ndarray, corners: list[tuple[int, int, int]], pixel_mm: float) -> NoiseSpectrum:
+    """The NPS of volume ``hu`` in the patches at ``corners`` (from ``uniform_patches`` with the same pixel size)."""
+    size = patch_size_px(pixel_mm)
+    return noise_power_spectrum(extract_patches(hu, corners, size), pixel_mm)
+
+
 def uniform_patches(
     hu: np.ndarray,
     pixel_mm: float,
@@ -140,11 +146,10 @@ def source_noise_spectrum(hu: np.ndarray, pixel_mm: float, slices: list[int] | N
     spleen or muscle that is small next to the noise (checked against the difference of neighbouring thin
     slices in tests/test_noise.py).
     """
-    size = patch_size_px(pixel_mm)
     corners = uniform_patches(hu, pixel_mm, slices)
     if not corners:
         raise ValueError("no uniform soft-tissue region found to measure the noise in")
-    return noise_power_spectrum(extract_patches(hu, corners, size), pixel_mm)
+    return patch_spectrum(hu, corners, pixel_mm)
 
 
 def slice_difference_spectrum(hu: np.ndarray, pixel_mm: float, slices: list[int] | None = None) -> NoiseSpectrum:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .noise import extract_patches, noise_power_spectrum, patch_size_px, uniform_patches
+from .noise import patch_spectrum, uniform_patches
 from .volume import CTVolume
 
 __all__ = [
@@ -161,16 +161,10 @@ def simulate_low_dose(
     if d == 1.0:
         return volume.with_hu(volume.hu.copy(), **metadata)
 
-    nz, ny, nx = volume.shape
-    sx, sy = volume.spacing_mm[0], volume.spacing_mm[1]
-    fov = volume.field_of_view_mask()
-    scale = slice_thickness_mm / REFERENCE_SLICE_THICKNESS_MM
-    plan = _Plan(geometry, nx, ny, sx, sy, _body_radius_mm(volume.hu, fov, sx, sy))
-    # Each simulated view stands for VIEW_DECIMATION scanner views: it gets their photons and their
-    # summed electronic noise, so the dose and the noise stay those of the full view count.
-    photons = full_dose_photons * scale * _Plan.VIEW_DECIMATION
-    electronic_std = electronic_noise_photons * math.sqrt(scale * _Plan.VIEW_DECIMATION)
-
+    nz = volume.shape[0]
+    plan, fov, photons, electronic_std = _set_up(
+        volume, geometry, slice_thickness_mm, full_dose_photons, electronic_noise_photons
+    )
     # One child seed per slice: the noise of a slice does not depend on how slices are batched.
     children = np.random.SeedSequence(None if seed is None else int(seed)).spawn(nz + 1)
     slice_seeds = [int(c.generate_state(1, dtype=np.uint64)[0]) >> 1 for c in children[:nz]]
@@ -570,16 +564,10 @@ def source_noise_model(
 
     Pass the result as ``simulate_low_dose(part, dose, match_source=model)`` for any part of the same series.
     """
-    nz, ny, nx = volume.shape
-    sx, sy = volume.spacing_mm[0], volume.spacing_mm[1]
-    fov = volume.field_of_view_mask()
-    plan = _Plan(geometry or ScannerGeometry(), nx, ny, sx, sy, _body_radius_mm(volume.hu, fov, sx, sy))
-    scale = _slice_thickness_mm(volume) / REFERENCE_SLICE_THICKNESS_MM
-    photons = FULL_DOSE_PHOTONS * scale * _Plan.VIEW_DECIMATION
-    electronic_std = ELECTRONIC_NOISE_PHOTONS * math.sqrt(scale * _Plan.VIEW_DECIMATION)
-    currents = _dicom_slice_currents(volume)
-    plan.slice_currents_given = bool(np.ptp(currents) > 0)
-    plan.bowtie = _bowtie(plan)
+    plan, fov, photons, electronic_std = _set_up(
+        volume, geometry or ScannerGeometry(), _slice_thickness_mm(volume), FULL_DOSE_PHOTONS, ELECTRONIC_NOISE_PHOTONS
+    )
+    currents = _with_source_physics(plan, volume)
     model = _calibrated_model(plan, volume, fov, photons, electronic_std, currents, np.random.SeedSequence(seed))
     return model if isinstance(model, SourceNoiseModel) else None
 
@@ -587,9 +575,7 @@ def source_noise_model(
 def _matched(plan, volume, fov, photons, electronic_std, match_source, seed_sequence) -> tuple[float, np.ndarray, dict]:
     """Set ``plan`` up for the source's noise (bowtie, kernel); the photons, each slice's tube current and a
     summary of what was matched (or why it could not be)."""
-    currents = _dicom_slice_currents(volume)
-    plan.slice_currents_given = bool(np.ptp(currents) > 0)
-    plan.bowtie = _bowtie(plan)
+    currents = _with_source_physics(plan, volume)
     model: SourceNoiseModel | str = (
         match_source
         if isinstance(match_source, SourceNoiseModel)
@@ -599,6 +585,29 @@ def _matched(plan, volume, fov, photons, electronic_std, match_source, seed_sequ
         return photons, currents, {"matched": False, "reason": model}
     plan.set_kernel(_window_from(plan, np.asarray(model.frequency_per_mm), np.asarray(model.kernel_gain)))
     return model.photons, currents, model.summary()
+
+
+def _set_up(volume: CTVolume, geometry, slice_thickness_mm: float, full_dose_photons: float, electronic_photons: float):
+    """The projection plan of ``volume``'s slice grid, its field-of-view mask, and the photons and electronic
+    noise per simulated view and channel for its slice thickness."""
+    _, ny, nx = volume.shape
+    sx, sy = volume.spacing_mm[0], volume.spacing_mm[1]
+    fov = volume.field_of_view_mask()
+    plan = _Plan(geometry, nx, ny, sx, sy, _body_radius_mm(volume.hu, fov, sx, sy))
+    scale = slice_thickness_mm / REFERENCE_SLICE_THICKNESS_MM
+    # Each simulated view stands for VIEW_DECIMATION scanner views: it gets their photons and their
+    # summed electronic noise, so the dose and the noise stay those of the full view count.
+    photons = full_dose_photons * scale * _Plan.VIEW_DECIMATION
+    electronic_std = electronic_photons * math.sqrt(scale * _Plan.VIEW_DECIMATION)
+    return plan, fov, photons, electronic_std
+
+
+def _with_source_physics(plan: _Plan, volume: CTVolume) -> np.ndarray:
+    """Give ``plan`` a bowtie and each slice's DICOM tube current; the relative currents."""
+    currents = _dicom_slice_currents(volume)
+    plan.slice_currents_given = bool(np.ptp(currents) > 0)
+    plan.bowtie = _bowtie(plan)
+    return currents
 
 
 def _bowtie(plan: _Plan) -> torch.Tensor:
@@ -628,11 +637,10 @@ def _calibrated_model(plan, volume, fov, photons, electronic_std, currents, seed
     """Calibrate the kernel (NPS shape) and the photon level (noise std) on a few slices of the source, at
     CALIBRATION_DOSE; the reason as text when the source has too little uniform soft tissue to measure."""
     pixel_mm = float(volume.spacing_mm[0])
-    size = patch_size_px(pixel_mm)
     corners = uniform_patches(volume.hu, pixel_mm)
     if len(corners) < 8:
         return f"too little uniform soft tissue to measure the source's noise ({len(corners)} patches, 8 needed)"
-    source = noise_power_spectrum(extract_patches(volume.hu, corners, size), pixel_mm)
+    source = patch_spectrum(volume.hu, corners, pixel_mm)
     counts = np.bincount([z for z, _, _ in corners], minlength=volume.shape[0])
     chosen = sorted(np.argsort(counts)[::-1][:CALIBRATION_SLICES].tolist())
     local = [(chosen.index(z), y, x) for z, y, x in corners if z in chosen]
@@ -644,7 +652,7 @@ def _calibrated_model(plan, volume, fov, photons, electronic_std, currents, seed
     for calibration in range(CALIBRATION_PASSES):
         slices = volume.hu[chosen]
         noise = _extra_noise_hu(plan, slices, inside, photons * currents[chosen], dose, electronic_std, seeds)
-        added = noise_power_spectrum(extract_patches(noise.numpy(), local, size), pixel_mm)
+        added = patch_spectrum(noise.numpy(), local, pixel_mm)
         photons *= (added.std_hu / target_std) ** 2  # quantum noise variance goes as 1 / photons
         if calibration < CALIBRATION_PASSES - 1:
             gain = gain * _shape_correction(source.nps, added.nps)

@@ -20,7 +20,6 @@ from lib.trainers import FineTuneTask
 from monailabel.interfaces.app import MONAILabelApp
 
 import lowdose
-from lowdose.errors import LowdoseError
 
 log = logging.getLogger("lowdose.app")
 
@@ -113,8 +112,8 @@ class LowdoseApp(MONAILabelApp):
         """Run a task on an upload or a datastore image (a PACS series is fetched into the request's folder)."""
         image = request.get("image")
         if not request.get("uploaded"):
-            if not isinstance(image, str) or not self.has_image(image):
-                raise LowdoseError(f"no image {str(image)[:80]!r} in the datastore")
+            # Both readers below check the id (a study of the folder, or a series the PACS holds) and raise
+            # LowdoseError otherwise: a server path given as an image id never gets read.
             request = {**request, "image_id": image}  # a PACS result may be stored back
             if isinstance(self._datastore, PacsDatastore):
                 into = Path(request["result_dir"]) if request.get("result_dir") else None

@@ -34,11 +34,6 @@ class InferQueue:
         self._lock = threading.Lock()
         self._durations: collections.deque[float] = collections.deque(maxlen=20)
 
-    @property
-    def admitted(self) -> int:
-        """Jobs running or waiting."""
-        return self._admitted
-
     def admit(self) -> _Place:
         """A place in the line (release it when the request ends); QueueFull when the line is full."""
         with self._lock:

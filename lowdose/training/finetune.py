@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from pathlib import Path
 
 from ..bundle import Bundle
 from ..errors import LowdoseError
+from ..names import is_safe_name
 from .config import TrainConfig
 
 FINETUNE_MARK = "finetune"
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class FineTuneRequestError(LowdoseError):
@@ -66,7 +65,7 @@ def checked_finetune_request(body, models_dir: Path, source_model: str) -> dict:
     if not isinstance(overwrite, bool):
         raise FineTuneRequestError("overwrite must be true or false")
     output = body.get("output_model", f"{source_model}_finetuned")
-    if not isinstance(output, str) or not MODEL_NAME.fullmatch(output) or ".." in output:
+    if not is_safe_name(output):
         raise FineTuneRequestError(
             f"output_model {str(output)[:80]!r} is not a valid name (letters, digits, '.', "
             "'_' and '-' only, at most 128, no '..')"

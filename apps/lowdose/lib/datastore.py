@@ -10,7 +10,6 @@ has time limits, and a PACS that cannot be reached is a ``ServiceUnavailableErro
 from __future__ import annotations
 
 import logging
-import re
 import tempfile
 import threading
 import time
@@ -24,12 +23,11 @@ from monailabel.datastore.local import LocalDatastore
 from pydicom.dataset import Dataset
 
 from lowdose.errors import LowdoseError, ServiceUnavailableError
+from lowdose.names import is_dicom_uid, is_safe_name
 
 log = logging.getLogger("lowdose.app")
 
 LOCAL_EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.mha"]
-DICOM_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SERIES_LIST_SECONDS = 30
 STATUS_TIMEOUT = 0.4  # seconds /info/ may spend asking the PACS (it answers within 1 s even when the PACS is down)
 UNAVAILABLE_RETRY_SECONDS = 10  # after a failed call, /info/ says "unavailable" without asking again for this long
@@ -41,7 +39,7 @@ class StudiesFolder(LocalDatastore):
     """A folder of CT files; an image id is a file's name without extension and never reaches outside it."""
 
     def get_image_uri(self, image_id: str) -> str:
-        if not isinstance(image_id, str) or not STUDY_NAME.fullmatch(image_id) or ".." in image_id:
+        if not is_safe_name(image_id):
             raise LowdoseError(f"{str(image_id)[:80]!r} is not a study name of the datastore")
         if image_id not in self.list_images():
             raise LowdoseError(f"no study {image_id!r} in the datastore")
@@ -66,11 +64,7 @@ def has_image(datastore, image_id: str) -> bool:
     """Whether ``image_id`` names an image of ``datastore`` (and nothing else, e.g. a path)."""
     if isinstance(datastore, PacsDatastore):
         return datastore.has_series(image_id)
-    if not isinstance(image_id, str) or not STUDY_NAME.fullmatch(image_id) or ".." in image_id:
-        return False
-    if image_id not in datastore.list_images():
-        return False
-    try:
+    try:  # StudiesFolder.get_image_uri checks the name, the listing and that the file is inside the folder
         datastore.get_image_uri(image_id)
     except LowdoseError:
         return False
@@ -177,7 +171,7 @@ class PacsDatastore(DICOMWebDatastore):
             return sorted(self._series)
 
     def has_series(self, series_uid: str) -> bool:
-        if not isinstance(series_uid, str) or len(series_uid) > 64 or not DICOM_UID.match(series_uid):
+        if not is_dicom_uid(series_uid):
             return False
         if series_uid in self.list_images():
             return True
@@ -215,7 +209,7 @@ class PacsDatastore(DICOMWebDatastore):
 
     def download_series(self, image_id: str, into: Path) -> Path:
         """Fetch the series' DICOM files, as stored (compressed ones too), into a new folder under ``into``."""
-        if not isinstance(image_id, str) or len(image_id) > 64 or not DICOM_UID.match(image_id):
+        if not is_dicom_uid(image_id):
             raise LowdoseError(f"{str(image_id)[:80]!r} is not a SeriesInstanceUID")
         folder = Path(tempfile.mkdtemp(prefix="series-", dir=into))
         found = self._pacs_call(

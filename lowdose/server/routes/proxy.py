@@ -17,8 +17,9 @@ from fastapi.responses import Response
 from monailabel.config import settings as monailabel_settings
 
 from ...errors import ServiceUnavailableError
+from ...names import is_dicom_uid
 from ..messages import json_error
-from ..validate import DICOM_UID, RequestError
+from ..validate import RequestError
 
 log = logging.getLogger("lowdose.server")
 
@@ -56,7 +57,7 @@ def _is_resource(parts: list[str]) -> bool:
             return _is_view(parts[k:])
         if k + 1 == len(parts):
             return True  # a search below the previous level, e.g. studies/{uid}/series
-        if not DICOM_UID.fullmatch(parts[k + 1]) or len(parts[k + 1]) > 64:
+        if not is_dicom_uid(parts[k + 1]):
             return False
         k += 2
     return k == len(parts) or _is_view(parts[k:])

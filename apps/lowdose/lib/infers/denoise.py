@@ -7,7 +7,6 @@ study (new UIDs, description naming model and dose; the original is untouched).
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import tempfile
 import zipfile
@@ -19,6 +18,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from lowdose import save_ct
 from lowdose.bundle import Bundle
 from lowdose.dose import parse_dose
+from lowdose.names import is_safe_name
 from lowdose.strength import DEFAULT_STRENGTH, parse_strength
 
 from ..datastore import PacsDatastore
@@ -29,13 +29,12 @@ from ..options import AppOptions
 log = logging.getLogger("lowdose.app")
 
 OUTPUT_FORMATS = ("nifti", "dicom")
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def discover_models(options: AppOptions) -> dict[str, Bundle]:
     """The denoising bundles served: those of ``options.models_dir`` (named by ``options.models`` when given) whose
     names a client can send; name -> ``Bundle``. Other kinds of bundle (the anatomy encoder) are left out."""
-    found = {name: bundle for name, bundle in Bundle.all_in(options.models_dir).items() if MODEL_NAME.fullmatch(name)}
+    found = {name: bundle for name, bundle in Bundle.all_in(options.models_dir).items() if is_safe_name(name)}
     if options.models:
         missing = [m for m in options.models if m not in found]
         if missing:
