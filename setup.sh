@@ -33,6 +33,6 @@ echo "setup.sh: creating .venv and installing the pinned dependencies (first run
 .venv/bin/python -m pip install -qq --no-deps -r requirements.txt
 .venv/bin/python -m pip install -qq --no-deps --no-build-isolation -e .
 # A smoke test of the set: every package the project uses imports (torchvision beside torch, JPEG 2000).
-.venv/bin/python -c "import lowdose, torch, torchvision, monai, monailabel, totalsegmentator, nnunetv2, SimpleITK, pydicom, pylibjpeg, openjpeg, skimage, bm3d, tqdm, yaml"
+.venv/bin/python -c "import lowdose, torch, torchvision, monai, monailabel, totalsegmentator, nnunetv2, SimpleITK, pydicom, pylibjpeg, openjpeg, skimage, bm3d, tqdm, yaml, ray, pyarrow"
 echo "$want" > "$stamp"
 echo "setup.sh: ready (.venv)" >&2

@@ -84,6 +84,11 @@ class DenoisingModel:
                 module.to(device)
         return self
 
+    @property
+    def dose_estimator_in_plane(self) -> bool:
+        """True when the dose estimator reads each slice alone (not the differences of neighbouring slices)."""
+        return self.dose_estimator is not None and self.dose_estimator.in_channels == 1
+
     def organ_probabilities(self, hu) -> torch.Tensor | None:
         """BioAtt's prior for centre slices ``[B, 1, H, W]`` in HU (None for models without BioAtt)."""
         if self.anatomy_encoder is None:

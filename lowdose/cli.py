@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from .bundle import DEFAULT_MODEL, Bundle, available_models
+from .cohort.command import add_parser as add_cohort_parser
 from .dose import parse_dose
 from .errors import LowdoseError
 from .fidelity.command import add_parser as add_fidelity_parser
@@ -140,7 +141,7 @@ def cmd_denoise(args) -> None:
     result = denoiser(volume, dose=args.dose, progress=not args.quiet, strength=args.strength)
     save_ct(result.volume, args.output, description=result.description)
     if not args.quiet:
-        dose = "n/a" if result.dose_fraction is None else f"{result.dose_fraction:.3g} ({result.dose_source})"
+        dose = "n/a" if result.dose_fraction is None else f"{result.dose_fraction:.3g} ({result.dose_detail})"
         print(
             f"wrote {args.output}: model {result.model}, dose {dose}, strength {strength_label(result.strength)}, "
             f"{result.seconds:.1f} s for {volume.shape[0]} slices"
@@ -295,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the installed models")
     p.set_defaults(func=cmd_models)
     add_fidelity_parser(sub)
+    add_cohort_parser(sub)
     add_serve_parser(sub)
 
     p = sub.add_parser("metrics", help="image-quality figures of a CT against a reference on the same grid")

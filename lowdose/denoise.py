@@ -47,6 +47,8 @@ class DenoiseResult:
         seconds: wall time of denoising, dose estimate included.
         device: the torch device it ran on (``cpu``, ``cuda:0``, ...).
         strength: the fraction of the network's noise removal applied (1 = all; lowdose.strength).
+        dose_detail: how the dose was obtained, in words (e.g. ``read from the in-plane noise of 8 slices
+            (median; slices 0.22 to 0.27)``).
     """
 
     volume: CTVolume
@@ -56,6 +58,7 @@ class DenoiseResult:
     seconds: float
     device: str
     strength: float = 1.0
+    dose_detail: str = ""
 
     @property
     def dose_estimated(self) -> bool:
@@ -74,6 +77,7 @@ class DenoiseResult:
             "model": self.model,
             "dose_fraction": self.dose_fraction,
             "dose_source": self.dose_source,
+            "dose_detail": self.dose_detail,
             "description": self.description,
             "seconds": self.seconds,
             "device": self.device,
@@ -93,7 +97,10 @@ class Denoiser:
     def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", batch_size: int = 0):
         self.device = pick_device(device)
         if self.device.type == "cpu":
-            torch.set_num_threads(os.cpu_count() or 1)
+            # The cores this process may use (a container's or taskset's limit), not the machine's.
+            torch.set_num_threads(
+                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            )
         self.model = load_bundle(model, self.device)
         if int(batch_size) < 0:
             raise LowdoseError(f"batch size must be 0 (automatic) or more; got {batch_size}")
@@ -110,8 +117,9 @@ class Denoiser:
         return torch.from_numpy(hu_to_input(slabs, self.model.normalisation)).to(self.device)
 
     @torch.inference_mode()
-    def estimate_dose(self, volume: CTVolume) -> float:
-        """The dose fraction of a low-dose volume, read from its noise by the model's dose estimator."""
+    def dose_estimates(self, volume: CTVolume) -> np.ndarray:
+        """The dose fraction read by the model's dose estimator from up to DOSE_ESTIMATE_SLICES slices spread
+        over the body, one estimate per slice (an in-plane estimator reads each slice's own noise only)."""
         if self.model.dose_estimator is None:
             raise LowdoseError(f"model {self.name} has no dose estimator; give the dose (--dose 0.25)")
         candidates = body_slices(volume, 0.2) or list(range(volume.shape[0]))
@@ -122,19 +130,30 @@ class Denoiser:
             }
         )
         # One batch: 2.4x faster per slice than one slice at a time (measured, CPU).
-        estimates = self.model.dose_estimator.predict_dose_fraction(self._input(volume.hu, picks))
-        return float(np.median(estimates.float().cpu().numpy()))
+        return self.model.dose_estimator.predict_dose_fraction(self._input(volume.hu, picks)).float().cpu().numpy()
 
-    def _dose(self, volume: CTVolume, dose: float | str) -> tuple[float | None, str]:
-        """The dose fraction to use and how it was obtained (see ``DenoiseResult.dose_source``)."""
-        value, source = None, NOT_USED
+    def estimate_dose(self, volume: CTVolume) -> float:
+        """The dose fraction of a low-dose volume: the median of ``dose_estimates``."""
+        return float(np.median(self.dose_estimates(volume)))
+
+    def _dose(self, volume: CTVolume, dose: float | str) -> tuple[float | None, str, str]:
+        """The dose fraction to use, how it was obtained (``DenoiseResult.dose_source``) and in words."""
+        value, source, detail = None, NOT_USED, ""
         if self.model.dose_conditioning or (dose == "auto" and self.model.dose_estimator is not None):
-            value, source = (self.estimate_dose(volume), ESTIMATED) if dose == "auto" else (float(dose), GIVEN)
+            if dose == "auto":
+                estimates = self.dose_estimates(volume)
+                value, source = float(np.median(estimates)), ESTIMATED
+                reads = "in-plane noise" if self.model.dose_estimator_in_plane else "noise"
+                detail = f"read from the {reads} of {len(estimates)} slice{'s' * (len(estimates) > 1)}"
+                if len(estimates) > 1:
+                    detail += f" (median; slices {estimates.min():.2f} to {estimates.max():.2f})"
+            else:
+                value, source, detail = float(dose), GIVEN, "given"
         elif dose != "auto":
-            value, source = float(dose), GIVEN_NOT_USED
+            value, source, detail = float(dose), GIVEN_NOT_USED, "given, not used: the model is not dose-conditioned"
         if value is not None and not 0 < value <= 1:
             raise LowdoseError(f"dose fraction must be in (0, 1]; got {value}")
-        return value, source
+        return value, source, detail
 
     @torch.inference_mode()
     def __call__(
@@ -144,7 +163,7 @@ class Denoiser:
         ``strength`` low/medium/high or a number in [0, 1] (lowdose.strength; default high: the full output)."""
         strength_value = parse_strength(strength)
         started = time.time()
-        dose_value, dose_source = self._dose(volume, dose)
+        dose_value, dose_source, dose_detail = self._dose(volume, dose)
         hu = volume.hu
         out = np.empty_like(hu)
         network = self.model.network
@@ -169,6 +188,7 @@ class Denoiser:
             model=self.name,
             dose_fraction=dose_value,
             dose_source=dose_source,
+            dose_detail=dose_detail,
             seconds=round(time.time() - started, 2),
             device=str(self.device),
             strength=strength_value,

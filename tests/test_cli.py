@@ -121,6 +121,22 @@ def test_demo_simulates_denoises_and_draws_the_sample(tmp_path):
     assert png.format == "PNG" and png.width > png.height > 600  # three panels, full slice and zoom rows
 
 
+def test_denoise_prints_the_dose_estimate_and_how_it_was_read(tmp_path):
+    """Issue 18: ``lowdose denoise`` says what dose it used and how it got it, here from one lone slice."""
+    from lowdose import save_ct, simulate_low_dose
+
+    low = simulate_low_dose(load_ct(SAMPLE_DICOM).slices(9, 10), 0.25, seed=5)
+    save_ct(low, tmp_path / "low.nii.gz")
+    result = run("denoise", tmp_path / "low.nii.gz", tmp_path / "out.nii.gz", "--quiet")
+    assert result.returncode == 0 and result.stdout == "", result.stderr
+    result = run("denoise", tmp_path / "low.nii.gz", tmp_path / "out2.nii.gz")
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith(f"wrote {tmp_path / 'out2.nii.gz'}"))
+    assert "(read from the in-plane noise of 1 slice)" in line and "model dose_unet, dose 0." in line, line
+    given = run("denoise", tmp_path / "low.nii.gz", tmp_path / "out3.nii.gz", "--dose", "1/4")
+    assert "dose 0.25 (given)" in given.stdout, given.stdout
+
+
 def test_demo_with_a_missing_model_fails_before_simulating(tmp_path):
     result = run("demo", "--out", tmp_path / "demo", "--model", tmp_path / "nowhere")
     _one_line_error(result, "nowhere", "no such model")

@@ -51,7 +51,8 @@ def test_default_model_denoises_a_held_out_quarter_dose_scan_with_its_own_dose_e
 
     normal = load_ct(sample_ct_path())
     normal = normal.slices(8, 12)
-    low = simulate_low_dose(normal, 0.25, seed=7)
+    # the scanner's own noise at a quarter of its dose (the simulator's fixed model adds more: it reads ~0.1)
+    low = simulate_low_dose(normal, 0.25, seed=7, match_source=True)
     denoiser = Denoiser(DEFAULT_MODEL, device="cpu")
     result = denoiser(low, dose="auto")
     out = result.volume
@@ -59,7 +60,7 @@ def test_default_model_denoises_a_held_out_quarter_dose_scan_with_its_own_dose_e
     assert after["psnr_abdomen"] > before["psnr_abdomen"] + 1.0
     assert after["soft_tissue_noise_std_hu"] < 0.7 * before["soft_tissue_noise_std_hu"]
     assert abs(after["soft_tissue_mean_shift_hu"]) < 5.0  # HU kept
-    assert 0.1 < result.dose_fraction < 0.6 and result.dose_source == "estimated" and result.dose_estimated
+    assert 0.15 < result.dose_fraction < 0.4 and result.dose_source == "estimated" and result.dose_estimated
     assert result.model == DEFAULT_MODEL and result.device == "cpu" and result.seconds > 0
     assert result.description == f"lowdose denoised ({DEFAULT_MODEL}, dose {result.dose_fraction:.3g} estimated)"
     assert out.spacing_mm == low.spacing_mm and out.origin_mm == low.origin_mm
@@ -207,3 +208,32 @@ def test_the_data_road_is_offered_at_the_top_of_the_package():
     again = lowdose.denoise(low, dose=0.25, device="cpu")
     assert isinstance(first, lowdose.DenoiseResult) and np.array_equal(first.volume.hu, again.volume.hu)
     assert first.dose_source == "given" and first.description == f"lowdose denoised ({DEFAULT_MODEL}, dose 0.25 given)"
+
+
+def test_default_model_reads_the_dose_of_a_single_slice_in_plane():
+    """Issue 18: the shipped estimator reads one slice's own noise. A lone simulated quarter-dose slice reads
+    as low dose (a 2.5-D estimator read a lone slice as ~1), and routine scans of other scanners, kernels and
+    thicknesses read as routine, a volume and one of its slices alike: a held-out 8 mm Siemens B40f, a held-out
+    5 mm Toshiba FC17 chest, a 3 mm Philips head-and-neck C, a 5 mm GE abdomen. Not met, and said in the model
+    card: the noisiest routine scans (sharp B70f, 1 mm D and B45f, 20-42 HU) still read as 0.1-0.4."""
+    from lowdose.denoise import Denoiser
+
+    from .conftest import shared
+
+    denoiser = Denoiser(DEFAULT_MODEL, device="cpu")
+    assert denoiser.model.dose_estimator_in_plane
+    normal = load_ct(sample_ct_path()).slices(10, 11)
+    low = simulate_low_dose(normal, 0.25, seed=3, match_source=True)
+    result = denoiser(low, dose="auto")
+    assert 0.15 <= result.dose_fraction <= 0.4, result.dose_fraction
+    assert result.dose_detail == "read from the in-plane noise of 1 slice"
+    for series in (
+        "lungpetctdx_A0002_siemens/B40f",
+        "covid19_ny_sbu_slices/A046441/19010101-23.dcm",
+        "hnpetct_HN-CHUS-052_philips",
+        "crlm_1006_ge",
+    ):
+        volume = load_ct(shared(series))
+        middle = volume.shape[0] // 2
+        assert denoiser.estimate_dose(volume) > 0.8, series
+        assert denoiser.estimate_dose(volume.slices(middle, middle + 1)) > 0.8, series

@@ -216,6 +216,22 @@ def test_dose_estimator_is_cheap():
     assert count_gflops(DoseEstimator()) < 2
 
 
+def test_in_plane_dose_estimator_reads_the_centre_slice_only():
+    """Given a 2.5-D slab, a one-channel estimator reads the centre slice: its neighbours (which a single
+    slice or a thick-slice series does not have) change nothing, and a lone slice reads as the slab does."""
+    torch.manual_seed(0)
+    estimator = DoseEstimator(in_channels=1).eval()
+    with torch.no_grad():
+        for p in estimator.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # not the zero-initialised output layer: a real dependence
+        slab = 0.02 * torch.randn(2, 3, 64, 64)
+        other = slab.clone()
+        other[:, [0, 2]] = 0.2 * torch.randn(2, 2, 64, 64)
+        centre = estimator(slab[:, 1:2])
+        assert torch.allclose(estimator(slab), centre) and torch.allclose(estimator(other), centre)
+        assert not torch.allclose(estimator(2 * slab[:, 1:2]), centre)  # it does read the centre's noise
+
+
 # --- dose conditioning ----------------------------------------------------------------------------
 
 

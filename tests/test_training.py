@@ -192,6 +192,63 @@ def test_dose_estimator_stage_trains_on_whole_slices_and_is_what_ships(tiny_run)
     assert low.shape == (3, *source.normal[0].shape[1:]) and dose == 0.5
 
 
+def test_estimator_stage_shows_normal_dose_slices_as_dose_one():
+    """``normal_fraction`` runs are the source itself, labelled 1, so a routine scan learns to read as ~1."""
+    from lowdose.bundle import DEFAULT_NORMALISATION, hu_to_input
+    from lowdose.training.data import PairSampler, load_sources
+
+    source = load_sources([str(shared("lungmask_chest"))], "simulated")
+    sampler = PairSampler(source, [0.25], 1, DEFAULT_NORMALISATION, 48, 2, 8, 0.2, seed=1)
+    slices = list(sampler.whole_slices(0, normal_fraction=0.999))
+    assert slices and all(dose == 1.0 for _, dose in slices)
+    normal = hu_to_input(source.normal[0].hu, DEFAULT_NORMALISATION)
+    values = {np.sort(image.ravel()).tobytes() for image in normal}  # flip-invariant: the slice's sorted pixels
+    assert all(np.sort(low[0].ravel()).tobytes() in values for low, _ in slices)  # no noise added
+    assert all(dose == 0.25 for _, dose in sampler.whole_slices(0))  # off by default: simulated doses only
+
+
+def test_single_slice_fraction_gives_slabs_of_one_slice_repeated():
+    """``data.single_slice_fraction``: training slabs whose neighbours are the centre repeated, as a lone slice
+    reaches the 2.5-D network at inference; none of them without it."""
+    from lowdose.bundle import DEFAULT_NORMALISATION
+    from lowdose.training.data import PairSampler, load_sources
+
+    source = load_sources([str(shared("totalsegmentator/pulmonary_report_ct_cropped.nii.gz"))], "simulated")
+
+    def repeated_share(fraction: float) -> float:
+        sampler = PairSampler(
+            source, [0.25], 3, DEFAULT_NORMALISATION, 48, 2, 8, 0.2, seed=1, single_slice_fraction=fraction
+        )
+        items = sampler.epoch(0)
+        return np.mean(
+            [np.array_equal(i["low"][0], i["low"][1]) and np.array_equal(i["low"][1], i["low"][2]) for i in items]
+        )
+
+    assert repeated_share(0.0) == 0.0
+    assert repeated_share(1.0) == 1.0
+
+
+def test_training_config_checks_the_normal_fraction_and_resolves_init_bundle_folders(tmp_path):
+    raw = json.loads(json.dumps(TINY))
+    raw["data"]["train"] = [str(shared("lungmask_chest"))]
+    raw["init_bundle"] = "../bundles/v1"
+    raw["optim"]["estimator_normal_fraction"] = 0.15
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "train.yaml").write_text(yaml.safe_dump(raw))
+    config = TrainConfig.from_yaml(tmp_path / "configs" / "train.yaml")
+    assert config.init_bundle == str((tmp_path / "bundles" / "v1").resolve())
+    raw["init_bundle"] = "dose_unet"  # a model name stays a name
+    raw["optim"]["estimator_normal_fraction"] = 1.0
+    (tmp_path / "configs" / "train.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(LowdoseError, match="estimator_normal_fraction"):
+        TrainConfig.from_yaml(tmp_path / "configs" / "train.yaml")
+    raw["optim"]["estimator_normal_fraction"] = 0.0
+    raw["data"]["single_slice_fraction"] = 1.5
+    (tmp_path / "configs" / "train.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(LowdoseError, match="single_slice_fraction"):
+        TrainConfig.from_yaml(tmp_path / "configs" / "train.yaml")
+
+
 def test_estimator_stage_needs_a_finished_first_stage(tmp_path):
     raw = json.loads(json.dumps(TINY))
     raw["output_dir"] = "run"

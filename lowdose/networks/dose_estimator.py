@@ -27,6 +27,10 @@ class DoseEstimator(nn.Module):
     There is no normalisation layer: per-image normalisation would divide out the noise amplitude
     being measured.
 
+    With ``in_channels=1`` it reads in-plane noise only: given a 2.5-D slab it takes the centre slice, so a
+    single slice, a thick-slice series and a thin one are read alike (differences between neighbouring
+    slices, which a single slice does not have, play no part).
+
     It is a regressor of a continuous log-dose, not a classifier over the training doses, so doses
     between those it was trained on (1/3, 1/8) get answers between theirs. ``forward`` returns
     ``log(dose_fraction)`` (<= 0) of shape ``[B]``, the quantity to train with an L1 or L2 loss;
@@ -65,6 +69,9 @@ class DoseEstimator(nn.Module):
         nn.init.constant_(output.bias, math.log(math.expm1(target)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > self.in_channels:  # a wider 2.5-D slab: read its centre slice(s) only, in-plane
+            first = (x.shape[1] - self.in_channels) // 2
+            x = x[:, first : first + self.in_channels]
         local_mean = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
         energy = F.avg_pool2d(self.noise_filter_bank(x - local_mean).square(), 4, ceil_mode=True)
         # The floor, far below CT noise energy, bounds the log where clipped air has none; the offset

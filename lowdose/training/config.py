@@ -39,6 +39,9 @@ class DataConfig:
     # Simulated noise calibrated to each series' own (kernel texture, noise level; lowdose.simulate
     # match_source): what a real low-dose scan of that scanner would hold. Off: the simulator's fixed model.
     match_source: bool = False
+    # The share of training slabs whose neighbours are the centre slice repeated, as a lone slice or the end
+    # of a series reaches a 2.5-D network at inference: it learns to denoise those too.
+    single_slice_fraction: float = 0.0
 
 
 @dataclasses.dataclass
@@ -65,6 +68,8 @@ class OptimConfig:
     estimator_epochs: int = 0
     estimator_learning_rate: float = 3e-4
     estimator_batch_size: int = 8
+    # The share of stage 2's slices shown at normal dose (labelled 1), so that a routine scan reads as ~1.
+    estimator_normal_fraction: float = 0.0
 
 
 @dataclasses.dataclass
@@ -132,6 +137,8 @@ class TrainConfig:
         config.output_dir = str((base / config.output_dir).resolve())
         if config.data.simulation_cache:
             config.data.simulation_cache = str((base / config.data.simulation_cache).resolve())
+        if config.init_bundle and ("/" in config.init_bundle or config.init_bundle.startswith(".")):
+            config.init_bundle = str((base / config.init_bundle).resolve())  # a folder, not a name under models/
         return config
 
     @classmethod
@@ -179,6 +186,10 @@ class TrainConfig:
             raise LowdoseError(f"{source}: anatomy loss weights must be 0 (off) or positive")
         if a.bioatt and self.network.name != "dose_unet":
             raise LowdoseError(f"{source}: anatomy.bioatt needs the dose_unet network (it has the attention slots)")
+        if not 0 <= self.data.single_slice_fraction <= 1:
+            raise LowdoseError(f"{source}: data.single_slice_fraction must be in [0, 1]")
+        if not 0 <= self.optim.estimator_normal_fraction < 1:
+            raise LowdoseError(f"{source}: optim.estimator_normal_fraction must be in [0, 1)")
         if self.optim.selection not in ("val_psnr", "last"):
             raise LowdoseError(f"{source}: optim.selection must be 'val_psnr' or 'last', not {self.optim.selection!r}")
         if self.optim.epochs < 1 or self.optim.batch_size < 1:

@@ -109,8 +109,10 @@ class PairSampler:
         cache_dir: str | None = None,
         pool_size: int = 0,
         match_source: bool = False,
+        single_slice_fraction: float = 0.0,
     ):
         self.cache_dir = cache_dir
+        self.single_slice_fraction = single_slice_fraction
         # One calibration per series (seconds each), reused for every run of slices simulated from it.
         self.noise_models = (
             [simulate.source_noise_model(volume, seed=seed) or False for volume in source.normal]
@@ -239,8 +241,11 @@ class PairSampler:
                 normal = slab(normal_run, c - lo, self.channels)
                 if (normal[half] > BODY_HU).mean() < 0.05:
                     continue
+                low = slab(low_run, c - lo, self.channels)
+                if self.single_slice_fraction and rng.random() < self.single_slice_fraction:  # a lone slice
+                    low = np.repeat(low[half : half + 1], self.channels, axis=0)
                 item = {
-                    "low": hu_to_input(slab(low_run, c - lo, self.channels), self.normalisation),
+                    "low": hu_to_input(low, self.normalisation),
                     "normal": hu_to_input(normal[half : half + 1], self.normalisation),
                     "body": (normal[half : half + 1] > BODY_HU).astype(np.float32),
                 }
@@ -260,11 +265,12 @@ class PairSampler:
                     )
         return items
 
-    def whole_slices(self, epoch: int, min_fraction: float = 0.2):
+    def whole_slices(self, epoch: int, min_fraction: float = 0.2, normal_fraction: float = 0.0):
         """Whole low-dose slabs with their dose, as the dose estimator sees slices at inference.
 
         Yields ``(low [C, H, W] normalised, dose)`` for the body slices of every run of the pool (or of
         one epoch's fresh runs without a pool), runs in a random order and each slab randomly flipped.
+        A ``normal_fraction`` of the runs are the source itself, at dose 1.
         """
         if self.source.low is not None:
             raise LowdoseError("the dose estimator is trained on simulated doses; paired data has one dose")
@@ -280,7 +286,10 @@ class PairSampler:
             first = max(0, min(k, volume.shape[0] - RUN_LENGTH))
             centres = list(range(first, min(first + RUN_LENGTH, volume.shape[0])))
             lo, hi = max(0, centres[0] - half), min(volume.shape[0], centres[-1] + half + 1)
-            low_run = self._pooled(pick, volume, v, lo, hi, dose, noise_seed)
+            if normal_fraction and rng.random() < normal_fraction:
+                low_run, dose = volume.hu[lo:hi], 1.0
+            else:
+                low_run = self._pooled(pick, volume, v, lo, hi, dose, noise_seed)
             for c in centres:
                 if (volume.hu[c] > BODY_HU).mean() < min_fraction:
                     continue

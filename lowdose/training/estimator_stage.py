@@ -47,9 +47,11 @@ class DoseEstimatorObjective(Objective):
         batch_size: int,
         normalisation: dict,
         device,
+        normal_fraction: float = 0.0,
     ):
         assert model.estimator is not None  # stage 2 trains the dose estimator
         self.model, self.sampler, self.validation, self.batch_size = model, sampler, validation, batch_size
+        self.normal_fraction = normal_fraction
         self.estimator: nn.Module = model.estimator
         self.normalisation, self.device = normalisation, device
         self.slices_per_epoch = sum(1 for _ in sampler.whole_slices(0))  # reads the pool once (cached afterwards)
@@ -60,7 +62,7 @@ class DoseEstimatorObjective(Objective):
 
     def batches(self, epoch: int) -> Iterator[list]:
         batch: list = []
-        for item in self.sampler.whole_slices(1000 + epoch):
+        for item in self.sampler.whole_slices(1000 + epoch, normal_fraction=self.normal_fraction):
             if batch and item[0].shape != batch[0][0].shape:  # series differ in size: batch alike slices
                 yield batch
                 batch = []
@@ -114,7 +116,13 @@ def train_estimator_stage(
         estimator.parameters(), lr=config.optim.estimator_learning_rate, weight_decay=config.optim.weight_decay
     )
     objective = DoseEstimatorObjective(
-        model, sampler, validation, config.optim.estimator_batch_size, normalisation, device
+        model,
+        sampler,
+        validation,
+        config.optim.estimator_batch_size,
+        normalisation,
+        device,
+        config.optim.estimator_normal_fraction,
     )
     epochs = config.optim.estimator_epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_cosine(epochs * objective.steps_per_epoch))

@@ -144,6 +144,7 @@ def _denoising_objective(
         data.simulation_cache,
         data.simulation_pool,
         data.match_source,
+        data.single_slice_fraction,
     )
     validation_volumes = load_sources(data.validation, "simulated").normal if data.validation else []
     validation = (
@@ -231,5 +232,12 @@ def _load_initial_weights(config: TrainConfig, network, estimator) -> None:
             f"unexpected {unexpected[:3]})"
         )
     if estimator is not None and state.get("dose_estimator") is not None:
-        estimator.load_state_dict(state["dose_estimator"])
+        if bundle.dose_estimator_kwargs == dict(config.network.dose_estimator_kwargs):
+            estimator.load_state_dict(state["dose_estimator"])
+        else:  # e.g. an in-plane estimator replacing a 2.5-D one: it learns from scratch
+            log.info(
+                "dose estimator %s starts untrained (the bundle's is %s)",
+                config.network.dose_estimator_kwargs,
+                bundle.dose_estimator_kwargs,
+            )
     log.info("fine-tuning from %s", bundle.folder)

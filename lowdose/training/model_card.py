@@ -22,25 +22,48 @@ INTENDED_USE = """\
 ## Intended use
 
 Reducing the noise of low-dose CT (about 1/20 to 1/2 of a routine dose) reconstructed with filtered
-back-projection and a soft-tissue kernel, for reading and for downstream analysis, in research and
+back-projection and {kernels}, for reading and for downstream analysis, in research and
 evaluation. Hounsfield units and geometry are kept; voxels outside the field of view and above
 {hu_max:g} HU (metal) are returned unchanged. Check what denoising changed with `lowdose fidelity`.
 
 ## Not intended for
 
 Primary diagnosis without the original images beside it; images that are not CT; iterative or deep-learning
-reconstructions that are already denoised (the model expects FBP noise and would over-smooth); paediatric
-scans, very thick slabs (>5 mm) or sharp bone/lung kernels, none of which were in training.
+reconstructions that are already denoised (the model expects FBP noise and would over-smooth); {not_in_training}
 
 ## Limits
 
+{simulation_limits}
+- Like every network trained with a pixel-wise loss, it smooths: fine low-contrast texture can be lost.
+"""
+
+
+FIXED_SIMULATOR = {
+    "kernels": "a soft-tissue kernel",
+    "not_in_training": "paediatric scans, very thick slabs (>5 mm) or sharp bone/lung kernels, none of which "
+    "were in training.",
+    "simulation_limits": """\
 - Trained on **simulated** low-dose noise (`lowdose.simulate`: projection-domain Poisson + electronic
   noise, Siemens-Definition-like fan-beam geometry); real scanners differ in bowtie filtration, tube-current
   modulation and reconstruction kernel, and the simulated texture is slightly finer than a scanner's.
 - Trained on CPU with a small budget on a handful of public series (listed below); figures are on one
-  held-out series. Treat them as a lower bound of what the architecture can do, not as a clinical validation.
-- Like every network trained with a pixel-wise loss, it smooths: fine low-contrast texture can be lost.
-"""
+  held-out series. Treat them as a lower bound of what the architecture can do, not as a clinical validation.""",
+}
+MATCHED_SIMULATOR = {
+    "kernels": "a smooth to sharp kernel",
+    "not_in_training": "paediatric scans and slabs thicker than 8 mm, which were not in training.",
+    "simulation_limits": """\
+- Trained on **simulated** low-dose noise matched to each training series' own scanner noise
+  (`lowdose.simulate` with `match_source`: fan-beam geometry, bowtie, per-slice tube current from DICOM,
+  electronic noise, and a filter with the source kernel's noise power spectrum), so smooth and sharp kernels
+  of GE, Philips, Siemens and Toshiba scanners were seen. The simulator has no beam hardening, metal or
+  photon-starvation streaks, and its detector limits the noise it can add above 0.71 cycles/mm: the
+  sharpest kernels' finest noise is under-represented.
+- The dose estimate reads the noise of each slice against what a routine scan of that kind held in
+  training: a protocol far noisier or far cleaner than a routine one reads as a higher or lower dose.
+- Trained on CPU with a small budget on public series (listed below); held-out figures are in
+  `benchmarks/results/denoising.md`. Not a clinical validation.""",
+}
 
 
 def model_card(meta: dict, history: dict, parameters: int, gflops: float) -> str:
@@ -51,13 +74,15 @@ def model_card(meta: dict, history: dict, parameters: int, gflops: float) -> str
         lines += [config["description"], ""]
     if config.get("init_bundle"):
         lines += [
-            f"Fine-tuned from the bundle `{config['init_bundle']}`; the figures below are of the fine-tuned " "model.",
+            f"Fine-tuned from the bundle `{repository_relative(config['init_bundle'])}`; the figures below are of "
+            "the fine-tuned model.",
             "",
         ]
     lines += _summary(meta, config, parameters, gflops)
     lines += _anatomy_section(meta)
     training = meta.get("training", {})
-    lines += ["", INTENDED_USE.format(hu_max=meta["normalisation"]["hu_max"]), "## Training data", ""]
+    simulator = MATCHED_SIMULATOR if config.get("data", {}).get("match_source") else FIXED_SIMULATOR
+    lines += ["", INTENDED_USE.format(hu_max=meta["normalisation"]["hu_max"], **simulator), "## Training data", ""]
     lines += [f"- {series}" for series in training.get("train_series", [])]
     lines += ["", "Held out for validation:", ""]
     lines += [f"- {series}" for series in training.get("validation_series", [])]

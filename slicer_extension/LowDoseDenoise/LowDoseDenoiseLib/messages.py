@@ -92,8 +92,11 @@ def progress(report: Progress) -> tuple[str, int | None]:
 
 def denoise_done(summary: dict, volume_name: str) -> str:
     """The status line after a denoised volume was loaded: the server's description (dose used and whether it
-    was given or estimated) and its time."""
-    return f"Done: {summary.get('description', volume_name)} " f"in {summary.get('seconds') or 0:.1f} s on the server."
+    was given or estimated, and how an estimate was read) and its time."""
+    done = f"Done: {summary.get('description', volume_name)} in {summary.get('seconds') or 0:.1f} s on the server."
+    if summary.get("dose_source") == "estimated" and summary.get("dose_detail"):
+        done += f" The dose was {summary['dose_detail']}."
+    return done
 
 
 def error_text(what: str, error: BaseException) -> tuple[str, bool]:

@@ -112,6 +112,7 @@ class DenoiseTask(InferTask):
             "model": self.model_name,
             "dose_fraction": result.dose_fraction,
             "dose_source": result.dose_source,
+            "dose_detail": result.dose_detail,
             "strength": result.strength,
             "description": description,
             "seconds": result.seconds,

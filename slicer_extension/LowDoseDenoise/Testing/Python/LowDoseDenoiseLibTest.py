@@ -596,6 +596,16 @@ class MessagesTest(unittest.TestCase):
             "Done: dose_unet at 25 % (given) in 3.2 s on the server.",
         )
         self.assertEqual(messages.denoise_done({}, "ct_denoised"), "Done: ct_denoised in 0.0 s on the server.")
+        estimated = {
+            "description": "d",
+            "seconds": 1,
+            "dose_source": "estimated",
+            "dose_detail": "read from the in-plane noise of 1 slice",
+        }
+        self.assertEqual(
+            messages.denoise_done(estimated, "x"),
+            "Done: d in 1.0 s on the server. The dose was read from the in-plane noise of 1 slice.",
+        )
 
     def test_foreseen_errors_speak_for_themselves_others_point_to_the_log(self):
         for error in (lib.ServerError(404, "no model named 'x'"), ValueError("bad dose"), OSError("disk full")):
