@@ -424,7 +424,7 @@ def test_a_study_is_read_from_the_pacs_by_its_study_instance_uid(tmp_path):
     study: the study's CT series is chosen (not the derived one, though it has more slices) and fetched whole."""
     import pydicom
 
-    from lowdose.cohort.pacs import choose_ct_series, fetch_study_series
+    from lowdose.dicomweb import choose_ct_series, fetch_study_series
 
     from .server_fixtures import start_orthanc, stop_orthanc, upload_to_orthanc
 

@@ -12,12 +12,12 @@ import shlex
 import sys
 
 from ..bundle import DEFAULT_MODEL
+from ..dicomweb import ENV_PACS_URL
 from ..dose import parse_dose
 from ..fidelity.command import load_thresholds
 from ..limits import InputLimits
 from ..strength import DEFAULT_STRENGTH, parse_strength
 from .engine import run_cohort
-from .pacs import ENV_PACS_URL
 from .results import OUTPUT_FORMATS, CohortSettings
 from .schedulers import TRANSFERS, RayOptions, RayScheduler, SequentialScheduler
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from .._version import __version__
 from ..atomic import write_text_atomically
+from ..dicomweb import ENV_PACS_URL
 from ..errors import CTOutputError, LowdoseError
 from ..io import check_output_folder
-from .pacs import ENV_PACS_URL
 from .report import write_report
 from .results import DONE, FAILED, PENDING, CohortSettings, CohortSummary, StudyResult
 from .schedulers import RayScheduler, SequentialScheduler

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from .._version import __version__
+from ..dicomweb import fetch_study_series
 from ..errors import LowdoseError
 from ..io import load_ct, save_ct
-from .pacs import fetch_study_series
 from .report import write_thumbnail
 from .results import DONE, FAILED, CohortSettings, StructureFigures, StudyResult
 from .store import commit, new_staging, pack, seal, settings_key, study_folder, unpack

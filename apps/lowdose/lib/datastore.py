@@ -22,6 +22,7 @@ from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from pydicom.dataset import Dataset
 
+from lowdose.dicomweb import TimedSession
 from lowdose.errors import LowdoseError, ServiceUnavailableError
 from lowdose.names import is_dicom_uid, is_safe_name
 
@@ -69,19 +70,6 @@ def has_image(datastore, image_id: str) -> bool:
     except LowdoseError:
         return False
     return True
-
-
-class TimedSession(requests.Session):
-    """A requests session whose every call has the PACS time limits unless the caller sets its own."""
-
-    def __init__(self, connect: float, read: float, auth=None):
-        super().__init__()
-        self.timeouts = (connect, read)
-        self.auth = auth
-
-    def request(self, *args, **kwargs):
-        kwargs.setdefault("timeout", self.timeouts)
-        return super().request(*args, **kwargs)
 
 
 class PacsDatastore(DICOMWebDatastore):

@@ -1,7 +1,7 @@
 """Reading a study's CT series from a PACS over DICOMweb (QIDO-RS to choose the series, WADO-RS to fetch it).
 
 The server's PACS datastore (apps/lowdose) is MONAI Label's and lives in a door; this is the library's own,
-plain reader for cohorts: time limits on every call, no retries that would hang a cohort on a PACS that is
+plain reader (used by cohorts): time limits on every call, no retries that would hang a cohort on a PACS that is
 down, and the download bounded by ``InputLimits`` before ``load_ct`` reads it. Credentials come from
 ``LOWDOSE_PACS_USERNAME`` / ``LOWDOSE_PACS_PASSWORD`` (or the server's ``MONAI_LABEL_DATASTORE_USERNAME`` /
 ``MONAI_LABEL_DATASTORE_PASSWORD``).
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import requests
 
-from ..errors import LowdoseError, ServiceUnavailableError
-from ..limits import InputLimits
-from ..names import is_dicom_uid
+from .errors import LowdoseError, ServiceUnavailableError
+from .limits import InputLimits
+from .names import is_dicom_uid
 
 ENV_PACS_URL = "LOWDOSE_PACS_URL"
 # Series lowdose wrote (derived, denoised) are never taken as a study's CT.
@@ -25,8 +25,9 @@ DERIVED_PREFIX = "lowdose"
 _TAG_SERIES_UID, _TAG_MODALITY, _TAG_DESCRIPTION, _TAG_COUNT = "0020000E", "00080060", "0008103E", "00201209"
 
 
-class _TimedSession(requests.Session):
-    """A requests session whose every call has time limits unless the caller sets its own."""
+class TimedSession(requests.Session):
+    """A requests session whose every call has time limits unless the caller sets its own (the server's PACS
+    datastore uses it too)."""
 
     def __init__(self, connect: float, read: float, auth=None):
         super().__init__()
@@ -44,7 +45,7 @@ def pacs_client(url: str, connect_timeout: float = 5.0, read_timeout: float = 12
 
     user = os.environ.get("LOWDOSE_PACS_USERNAME") or os.environ.get("MONAI_LABEL_DATASTORE_USERNAME")
     password = os.environ.get("LOWDOSE_PACS_PASSWORD") or os.environ.get("MONAI_LABEL_DATASTORE_PASSWORD")
-    session = _TimedSession(connect_timeout, read_timeout, (user, password) if user and password else None)
+    session = TimedSession(connect_timeout, read_timeout, (user, password) if user and password else None)
     client = DICOMwebClient(url=url.rstrip("/"), session=session)
     client.set_http_retry_params(retry=False)
     return client
