@@ -263,7 +263,10 @@ def test_bioatt_fine_tunes_from_a_bundle_without_attention(encoder_bundle, tmp_p
     history = train(TrainConfig.from_dict(tuned), progress=False, bundle_dir=tmp_path / "tuned_bundle")
     assert np.isfinite(history["epochs"][0]["loss"])
     card = (tmp_path / "tuned_bundle" / "docs" / "README.md").read_text()
-    assert f"Fine-tuned from the bundle `{tmp_path / 'plain'}`" in card and "BioAtt organ-prior attention" in card
+    from lowdose.training.model_card import repository_relative  # paths as a reader of the repository has them
+
+    assert f"Fine-tuned from the bundle `{repository_relative(str(tmp_path / 'plain'))}`" in card
+    assert "BioAtt organ-prior attention" in card
     other = dict(json.loads(json.dumps(tuned)), output_dir=str(tmp_path / "other"))
     other["network"]["kwargs"]["features"] = [8, 32]
     with pytest.raises(LowdoseError, match="fine-tuning needs the same"):
