@@ -38,7 +38,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from normal_dose_noise import SERIES as ROUTINE_SERIES  # noqa: E402  (a sibling script: benchmarks/ is on the path)
+
 from lowdose import load_ct, sample_ct_path, simulate  # noqa: E402
+from lowdose.atomic import write_text_atomically  # noqa: E402
 from lowdose.bundle import DEFAULT_MODEL  # noqa: E402
 from lowdose.denoise import Denoiser  # noqa: E402
 from lowdose.figures import body_zoom, side_by_side_png  # noqa: E402
@@ -79,25 +82,9 @@ TEST_SERIES = (
     TestSeries("sample", "sample", "Siemens Biograph mCT", "Br38f", "abdomen", 1, "validation"),
 )
 
-# Every shared normal-dose series, for "a routine scan reads as about 1" (training series included).
-NORMAL_DOSE_SERIES = (
-    "sample",
-    "tcia_pancreatic_ct_cbct_seg",
-    "dcmqa_ge_head",
-    "lungmask_chest",
-    "lungpetctdx_A0001_philips/kernel_L",
-    "lungpetctdx_A0001_philips/kernel_B",
-    "lungpetctdx_A0002_siemens/B70f",
-    "lungpetctdx_A0002_siemens/B40f",
-    "lidc_idri_0001_ge",
-    "lidc_idri_0314_philips",
-    "crlm_1004_ge",
-    "crlm_1006_ge",
-    "hnpetct_HN-CHUS-052_philips",
-    "nsclc_radiogenomics_R01-001_siemens",
-    "totalsegmentator/example_ct_dicom",
-    *(str(p.relative_to(CT)) for p in sorted((CT / "covid19_ny_sbu_slices").glob("*/*.dcm"))),
-)
+# Every shared normal-dose series, for "a routine scan reads as about 1" (training series included): those
+# whose routine noise benchmarks/normal_dose_noise.py measures, with the sample and lungmask's two slices.
+NORMAL_DOSE_SERIES = ("sample", "lungmask_chest", *ROUTINE_SERIES)
 
 
 def _load(path: str) -> CTVolume:
@@ -290,9 +277,7 @@ def _merge_rows(path: Path, rows: list[dict]) -> None:
 
 def _write_json(path: Path, value) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(value, indent=1))
 
 
 def run_series(series: TestSeries, chosen: dict, max_slices: int = 0, again: bool = False) -> None:
