@@ -56,6 +56,7 @@ DOSES = {"1/2": 0.5, "1/4": 0.25, "1/10": 0.1, "1/20": 0.05, "1/3 (unseen)": 1 /
 SEEN = ("1/2", "1/4", "1/10", "1/20")
 SEED = 2024
 BEFORE = "dose_unet v1"
+PREVIOUS = "dose_unet v2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +160,11 @@ def cases(series_list, max_slices: int = 0) -> list[Case]:
     return out
 
 
-def methods(before: str | None, only: set[str] | None) -> dict:
-    """name -> function(case) -> (centre slice in HU, computed slices, dose used or None)."""
+def methods(
+    before: str | None, only: set[str] | None, previous: str | None = None, compare: dict | None = None
+) -> dict:
+    """name -> function(case) -> (centre slice in HU, computed slices, dose used or None). ``compare``: more
+    bundles by label, each ``(folder, sampling steps or None)``, scored one slice per call and with the dose given."""
     table: dict = {
         "low-dose input": lambda c: (c.low.hu[c.centre], 0, None),
         "BM3D (sigma estimated)": lambda c: (bm3d_slice(c.low.hu[c.centre], None), 1, None),
@@ -169,11 +173,15 @@ def methods(before: str | None, only: set[str] | None) -> dict:
     for name in ("redcnn", "esaunet"):
         table[name] = _model(name, "slab")
     models = [(BEFORE, before)] if before else []
+    models += [(PREVIOUS, previous)] if previous else []
     models.append((DEFAULT_MODEL, DEFAULT_MODEL))
     for label, bundle in models:
         table[f"{label} (one slice, dose estimated)"] = _model(bundle, "one slice")
         table[f"{label} (dose estimated)"] = _model(bundle, "slab")
         table[f"{label} (true dose given)"] = _model(bundle, "true dose")
+    for label, (bundle, steps) in (compare or {}).items():
+        table[f"{label} (one slice, dose estimated)"] = _model(bundle, "one slice", steps)
+        table[f"{label} (true dose given)"] = _model(bundle, "true dose", steps)
     if only:
         table = {k: v for k, v in table.items() if any(k == o or k.startswith(o + " (") for o in only)}
     return table
@@ -185,12 +193,13 @@ def oracle_sigma(case: Case) -> float:
     return float((low - normal)[normal > -500].std())
 
 
-_DENOISERS: dict[str, Denoiser] = {}
+_DENOISERS: dict[tuple[str, int | None], Denoiser] = {}
 
 
-def _model(bundle: str, mode: str):
+def _model(bundle: str, mode: str, steps: int | None = None):
     def run(case: Case):
-        denoiser = _DENOISERS.get(bundle) or _DENOISERS.setdefault(bundle, Denoiser(bundle, device="cpu"))
+        key = (bundle, steps)
+        denoiser = _DENOISERS.get(key) or _DENOISERS.setdefault(key, Denoiser(bundle, device="cpu", steps=steps))
         if mode == "one slice":
             low, centre = case.low.slices(case.centre, case.centre + 1), 0
         else:
@@ -322,6 +331,14 @@ def report(argv) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", default=str(REPO / "runs" / "dose_unet_v1"), help="dose_unet version 1 bundle")
+    parser.add_argument("--previous", default=str(REPO / "runs" / "v2r3" / "dose_unet"), help="version 2 bundle")
+    parser.add_argument(
+        "--compare",
+        nargs="*",
+        default=[],
+        metavar="LABEL=BUNDLE[:STEPS]",
+        help="more bundles to score (e.g. a diffusion model at 1, 2 and 4 sampling steps); rows keep their label",
+    )
     parser.add_argument("--methods", nargs="*", default=None, help="compute only these (others' rows are kept)")
     parser.add_argument("--series", nargs="*", default=None, help="only these test series (paths as listed)")
     parser.add_argument("--skip-volume", action="store_true", help="skip the 512x512x100 timing")
@@ -334,7 +351,10 @@ def main() -> None:
         before = args.before if Path(args.before, "configs", "metadata.json").is_file() else None
         if before is None:
             print(f"no dose_unet v1 bundle at {args.before}: its rows are skipped (see the model card to get it)")
-        chosen = methods(before, set(args.methods) if args.methods else None)
+        previous = args.previous if Path(args.previous, "configs", "metadata.json").is_file() else None
+        if previous is None:
+            print(f"no dose_unet v2 bundle at {args.previous}: its rows are skipped (see the model card to get it)")
+        chosen = methods(before, set(args.methods) if args.methods else None, previous, _compared(args.compare))
         for series in [s for s in TEST_SERIES if not args.series or s.path in args.series]:
             run_series(series, chosen, args.max_slices, args.again)
         if not args.skip_normal:
@@ -344,13 +364,26 @@ def main() -> None:
     report(sys.argv[1:])
 
 
+def _compared(specs: list[str]) -> dict:
+    """``LABEL=BUNDLE[:STEPS]`` -> {label: (bundle folder, steps or None)}."""
+    out = {}
+    for spec in specs:
+        label, _, target = spec.partition("=")
+        bundle, _, steps = target.partition(":")
+        if not label or not Path(bundle, "configs", "metadata.json").is_file():
+            raise SystemExit(f"--compare {spec!r}: expected LABEL=BUNDLE[:STEPS] with a bundle folder")
+        out[label] = (bundle, int(steps) if steps else None)
+    return out
+
+
 def _mean(rows, **match) -> float:
     values = [r["psnr_abdomen"] for r in rows if all(r[k] == v for k, v in match.items())]
     return float(np.mean(values)) if values else float("nan")
 
 
 def _method_order(rows) -> list[str]:
-    order = list(methods(BEFORE, None))
+    order = list(methods(BEFORE, None, PREVIOUS))
+    order += [m for m in dict.fromkeys(r["method"] for r in rows) if m not in order]  # --compare rows
     return [m for m in order if any(r["method"] == m for r in rows)]
 
 
@@ -360,6 +393,16 @@ def summary_table(rows) -> list[str]:
     lines = ["| method | " + " | ".join(DOSES) + " |", "|---|" + "---|" * len(DOSES)]
     for m in _method_order(test):
         lines.append(f"| {m} | " + " | ".join(f"{_mean(test, method=m, dose=d):.2f}" for d in DOSES) + " |")
+    return lines
+
+
+def time_table(rows) -> list[str]:
+    """Median seconds per slice of each method (one slice per call, or the slab's slices)."""
+    lines = ["| method | median seconds per slice |", "|---|---|"]
+    for m in _method_order(rows):
+        seconds = [r["seconds_per_slice"] for r in rows if r["method"] == m and r["seconds_per_slice"] > 0]
+        if seconds:
+            lines.append(f"| {m} | {np.median(seconds):.2f} |")
     return lines
 
 
@@ -389,8 +432,8 @@ def per_series_table(rows, dose: str = "1/4") -> list[str]:
     return lines
 
 
-def dose_table(rows) -> tuple[list[str], dict]:
-    """The shipped model's dose estimates on the test series: one slice per call and the 2.5-D slab."""
+def dose_table(rows, model: str = DEFAULT_MODEL) -> tuple[list[str], dict]:
+    """A model's dose estimates on the test series: one slice per call and the 2.5-D slab."""
     lines = [
         "| dose | one slice: median estimate | median relative error | slab: median estimate | median relative error |"
     ]
@@ -402,7 +445,7 @@ def dose_table(rows) -> tuple[list[str], dict]:
             est = [
                 r["dose_used"]
                 for r in rows
-                if r["method"] == f"{DEFAULT_MODEL} ({mode})" and r["dose"] == d and r["role"] == "test"
+                if r["method"] == f"{model} ({mode})" and r["dose"] == d and r["role"] == "test"
             ]
             if not est:
                 cells += ["", ""]
@@ -454,10 +497,9 @@ def targets(rows, normal, volumes, errors) -> list[str]:
 
 def write(rows, normal, volumes, examples, argv) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "denoising.json").write_text(
-        json.dumps({"rows": rows, "normal_dose": normal, "volumes": volumes}, indent=1)
-    )
+    _write_json(RESULTS / "denoising.json", {"rows": rows, "normal_dose": normal, "volumes": volumes})
     dose_lines, errors = dose_table(rows)
+    previous_lines, _ = dose_table(rows, PREVIOUS)
     lines = [
         "# Denoising benchmark: held-out patients, four vendors, smooth and sharp kernels",
         "",
@@ -471,6 +513,10 @@ def write(rows, normal, volumes, examples, argv) -> None:
         "",
         *summary_table(rows),
         "",
+        "## Time per slice (shared cores: compare within one run only)",
+        "",
+        *time_table(rows),
+        "",
         "## Per series at 1/4 dose (PSNR, dB)",
         "",
         *per_series_table(rows),
@@ -478,6 +524,10 @@ def write(rows, normal, volumes, examples, argv) -> None:
         "## Dose estimate of the shipped model on the test series",
         "",
         *dose_lines,
+        "",
+        f"The same, {PREVIOUS} (its network's estimate alone, before the noise-power range of lowdose.dose):",
+        "",
+        *previous_lines,
         "",
     ]
     if normal:
@@ -490,7 +540,7 @@ def write(rows, normal, volumes, examples, argv) -> None:
         ]
         lines.append("")
     lines += ["## Against the targets", "", *targets(rows, normal, volumes, errors)]
-    (RESULTS / "denoising.md").write_text("\n".join(lines) + "\n")
+    write_text_atomically(RESULTS / "denoising.md", "\n".join(lines) + "\n")
     if examples:
         normal_image = examples["normal dose"]
         side_by_side_png(

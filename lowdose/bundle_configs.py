@@ -97,6 +97,13 @@ def describe(meta: dict) -> str:
             "lowdose's anatomy-aware training. configs/inference.json writes the group label map of a CT file on "
             "the CT's grid. Model card: docs/README.md."
         )
+    if meta.get("lowdose_kind") == "da_clip":
+        return (
+            f"lowdose's DA-CLIP ({network} network): reads a CT slice in HU and gives a unit-norm dose embedding, a "
+            f"unit-norm body-region embedding (the conditioning of a dose- and anatomy-aware denoiser), the dose "
+            f"fraction and the region ({', '.join(meta.get('regions') or [])}). configs/inference.json writes the "
+            "per-slice dose fraction and region of a CT file as JSON. Model card: docs/README.md."
+        )
     channels = int(kwargs.get("in_channels", 1))
     view = "2-D (one slice)" if channels == 1 else f"2.5-D ({channels} neighbouring slices in, the centre one out)"
     if kwargs.get("dose_conditioning"):
@@ -153,6 +160,9 @@ def network_data_format(meta: dict) -> dict:
     if meta.get("lowdose_kind") == "anatomy_encoder":
         if outputs.get("pred", {}).get("format") in (None, "hounsfield"):  # what the writer before 0.1.1 said
             fmt.update(_anatomy_outputs({str(k): v for k, v in (meta.get("groups") or {}).items()}))
+        return fmt
+    if meta.get("lowdose_kind") == "da_clip":
+        fmt["outputs"] = _da_clip_outputs(int(kwargs.get("embedding_dim", 64)), list(meta.get("regions") or []))
         return fmt
     pred = outputs.setdefault(
         "pred",
@@ -215,6 +225,31 @@ def _anatomy_outputs(groups: dict[str, str]) -> dict:
     }
 
 
+def _da_clip_outputs(embedding_dim: int, regions: list[str]) -> dict:
+    """DA-CLIP's outputs: the two embeddings, the log dose fraction and the region logits of each slice."""
+
+    def vector(channels: int, fmt: str, description: str, value_range: list) -> dict:
+        return {
+            "type": "vector",
+            "format": fmt,
+            "num_channels": channels,
+            "spatial_shape": [],
+            "dtype": "float32",
+            "value_range": value_range,
+            "description": description,
+        }
+
+    return {
+        "dose_embedding": vector(embedding_dim, "embedding", "unit-norm dose embedding", [-1, 1]),
+        "region_embedding": vector(embedding_dim, "embedding", "unit-norm body-region embedding", [-1, 1]),
+        "log_dose": vector(1, "log dose fraction", "log of the dose fraction (<= 0)", [-20, 0]),
+        "region_logits": {
+            **vector(len(regions), "logits", "body region logits (softmax: probabilities)", [0, 1]),
+            "channel_def": {str(i): r for i, r in enumerate(regions)},
+        },
+    }
+
+
 def inference_config(meta: dict) -> dict:
     """``configs/inference.json``: ``python -m monai.bundle run`` reads ``input_file`` with lowdose.load_ct, runs it
     through lowdose's engine built from ``bundle_root`` and writes ``output_file`` (HU and geometry kept)."""
@@ -242,6 +277,19 @@ def inference_config(meta: dict) -> dict:
             "run": ["$save_label_map(@labels, @image, @output_file)"],
             "note": "Writes the anatomy-group label map (0 background, groups as metadata.json's 'groups') of "
             "input_file on its grid to output_file (.nii.gz).",
+        }
+    if meta.get("lowdose_kind") == "da_clip":
+        return {
+            "imports": ["$import json", "$import lowdose", "$from lowdose.anatomy import DoseAnatomyReader"],
+            "bundle_root": ".",
+            "device": "cpu",
+            "input_file": "",
+            "output_file": "",
+            "network_def": network_def,
+            "image": "$lowdose.load_ct(@input_file)",
+            "reader": "$DoseAnatomyReader(@bundle_root, @device)",
+            "run": ["$open(@output_file, 'w').write(json.dumps(@reader.read_volume(@image), indent=2))"],
+            "note": "Writes the per-slice dose fraction and body region of input_file as JSON to output_file.",
         }
     return {
         "imports": ["$import lowdose"],

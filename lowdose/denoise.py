@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .bundle import DEFAULT_MODEL, hu_to_input, load_bundle, output_to_hu
 from .device import pick_device
+from .dose import read_dose_from_noise
 from .errors import LowdoseError
 from .slabs import body_slices, slab
 from .strength import parse_strength, strength_label
@@ -29,6 +30,9 @@ from .volume import CTVolume
 
 # Slices used to estimate a volume's dose: evenly spread over the body, median of their estimates.
 DOSE_ESTIMATE_SLICES = 8
+# The noise power bounds the estimator's reading when measured in at least this many uniform patches (fewer:
+# its low-frequency band is dominated by anatomy and the reading is noisy; measured on the held-out series).
+NOISE_RANGE_MIN_PATCHES = 8
 # How the dose fraction of a result was obtained.
 ESTIMATED, GIVEN, GIVEN_NOT_USED, NOT_USED = "estimated", "given", "given (model is not dose-conditioned)", "not used"
 
@@ -92,9 +96,10 @@ class Denoiser:
         model: a model name under ``models/`` or a bundle folder.
         device: ``auto`` (GPU when there is one), ``cpu`` or ``cuda``.
         batch_size: slices per forward pass; 0 picks one for the device (1 on a CPU, 8 on a GPU).
+        steps: sampling steps of a diffusion model (``dose_diffusion``, 1 to 4); None: the bundle's own.
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", batch_size: int = 0):
+    def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", batch_size: int = 0, steps: int | None = None):
         self.device = pick_device(device)
         if self.device.type == "cpu":
             # The cores this process may use (a container's or taskset's limit), not the machine's.
@@ -107,6 +112,17 @@ class Denoiser:
         # On a CPU one slice per pass is fastest: 512x512x100 in 11-13 s against 18-30 s with 4 (measured on
         # 2 cores; a slice's widest activations, 16 MB, stay in cache). A GPU wants bigger batches.
         self.batch_size = int(batch_size) or (1 if self.device.type == "cpu" else 8)
+        self.steps = None if steps is None else self._checked_steps(steps)
+
+    def _checked_steps(self, steps: int) -> int:
+        """``steps`` when the model is a diffusion model that can sample in that many steps."""
+        check = getattr(self.model.network, "check_steps", None)  # a diffusion network's (its forward samples)
+        if check is None:
+            raise LowdoseError(f"model {self.name} is not a diffusion model: it takes no sampling steps")
+        try:
+            return check(steps)
+        except ValueError as exc:
+            raise LowdoseError(f"model {self.name}: {exc}") from None
 
     @property
     def name(self) -> str:
@@ -116,37 +132,63 @@ class Denoiser:
         slabs = np.stack([slab(hu, k, self.model.in_channels) for k in indices])
         return torch.from_numpy(hu_to_input(slabs, self.model.normalisation)).to(self.device)
 
+    def _dose_slices(self, volume: CTVolume) -> list[int]:
+        """Up to DOSE_ESTIMATE_SLICES slices spread evenly over the body, where the dose is read."""
+        candidates = body_slices(volume, 0.2) or list(range(volume.shape[0]))
+        return sorted(
+            {
+                candidates[int(i)]
+                for i in np.linspace(0, len(candidates) - 1, min(DOSE_ESTIMATE_SLICES, len(candidates))).round()
+            }
+        )
+
     @torch.inference_mode()
     def dose_estimates(self, volume: CTVolume) -> np.ndarray:
         """The dose fraction read by the model's dose estimator from up to DOSE_ESTIMATE_SLICES slices spread
         over the body, one estimate per slice (an in-plane estimator reads each slice's own noise only)."""
         if self.model.dose_estimator is None:
             raise LowdoseError(f"model {self.name} has no dose estimator; give the dose (--dose 0.25)")
-        candidates = body_slices(volume, 0.2) or list(range(volume.shape[0]))
-        picks = sorted(
-            {
-                candidates[int(i)]
-                for i in np.linspace(0, len(candidates) - 1, min(DOSE_ESTIMATE_SLICES, len(candidates))).round()
-            }
-        )
         # One batch: 2.4x faster per slice than one slice at a time (measured, CPU).
+        picks = self._dose_slices(volume)
         return self.model.dose_estimator.predict_dose_fraction(self._input(volume.hu, picks)).float().cpu().numpy()
 
+    def read_dose(self, volume: CTVolume) -> tuple[float, str]:
+        """The dose fraction of a low-dose volume and how it was read, in words.
+
+        The model's estimator reads each slice (median over slices); the kernel-independent low-frequency noise
+        power of the same slices (lowdose.dose.read_dose_from_noise) bounds it to the range routine protocols
+        allow, when at least NOISE_RANGE_MIN_PATCHES uniform patches were found to measure it in. The network
+        alone saturated near 0.2 at 1/10 and 1/20 dose and read sharp-kernel routine scans as low dose; the
+        noise power alone cannot tell a site's protocol (the widest range of routine protocols spans a factor 23):
+        the bound only catches the network's gross errors."""
+        estimates = self.dose_estimates(volume)
+        value = float(np.median(estimates))
+        reads = "in-plane noise" if self.model.dose_estimator_in_plane else "noise"
+        detail = f"read by the model from the {reads} of {len(estimates)} slice{'s' * (len(estimates) > 1)}"
+        if len(estimates) > 1:
+            detail += f" (median; slices {estimates.min():.2f} to {estimates.max():.2f})"
+        reading = read_dose_from_noise(
+            volume.hu[self._dose_slices(volume)], float(volume.spacing_mm[0]), volume.slice_thickness_mm
+        )
+        if reading.dose is None or reading.patches < NOISE_RANGE_MIN_PATCHES:
+            return value, f"{detail}; the noise power could not check it ({reading.patches} uniform patches)"
+        assert reading.low is not None and reading.high is not None
+        bounded = float(np.clip(value, reading.low, reading.high))
+        if bounded != value:
+            detail = f"{detail} as {value:.2g}, brought into the range its noise power allows"
+        return bounded, f"{detail}; {reading.describe()}"
+
     def estimate_dose(self, volume: CTVolume) -> float:
-        """The dose fraction of a low-dose volume: the median of ``dose_estimates``."""
-        return float(np.median(self.dose_estimates(volume)))
+        """The dose fraction of a low-dose volume (``read_dose``)."""
+        return self.read_dose(volume)[0]
 
     def _dose(self, volume: CTVolume, dose: float | str) -> tuple[float | None, str, str]:
         """The dose fraction to use, how it was obtained (``DenoiseResult.dose_source``) and in words."""
         value, source, detail = None, NOT_USED, ""
         if self.model.dose_conditioning or (dose == "auto" and self.model.dose_estimator is not None):
             if dose == "auto":
-                estimates = self.dose_estimates(volume)
-                value, source = float(np.median(estimates)), ESTIMATED
-                reads = "in-plane noise" if self.model.dose_estimator_in_plane else "noise"
-                detail = f"read from the {reads} of {len(estimates)} slice{'s' * (len(estimates) > 1)}"
-                if len(estimates) > 1:
-                    detail += f" (median; slices {estimates.min():.2f} to {estimates.max():.2f})"
+                value, detail = self.read_dose(volume)
+                source = ESTIMATED
             else:
                 value, source, detail = float(dose), GIVEN, "given"
         elif dose != "auto":
@@ -172,7 +214,7 @@ class Denoiser:
         for start in tqdm(batches, desc=f"denoising ({self.name})", unit="batch", disable=not progress):
             indices = range(start, min(start + self.batch_size, hu.shape[0]))
             x = self._input(hu, indices)
-            extra = {}
+            extra: dict = {} if self.steps is None else {"steps": self.steps}
             if self.model.anatomy_encoder is not None:  # BioAtt: the organs of the slices steer the attention
                 centre = torch.from_numpy(hu[indices.start : indices.stop, None]).to(self.device)
                 extra["organ_probabilities"] = self.model.organ_probabilities(centre)

@@ -197,7 +197,7 @@ def _checked_settings(volume, seed, slice_thickness_mm, full_dose_photons, elect
     if seed is not None and not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an integer or None; got {seed!r}")
     if slice_thickness_mm is None:
-        slice_thickness_mm = _slice_thickness_mm(volume)
+        slice_thickness_mm = volume.slice_thickness_mm
     if not slice_thickness_mm > 0 or not full_dose_photons > 0 or not electronic_noise_photons >= 0:
         raise ValueError(
             "slice_thickness_mm and full_dose_photons must be positive, electronic_noise_photons non-negative"
@@ -565,7 +565,7 @@ def source_noise_model(
     Pass the result as ``simulate_low_dose(part, dose, match_source=model)`` for any part of the same series.
     """
     plan, fov, photons, electronic_std = _set_up(
-        volume, geometry or ScannerGeometry(), _slice_thickness_mm(volume), FULL_DOSE_PHOTONS, ELECTRONIC_NOISE_PHOTONS
+        volume, geometry or ScannerGeometry(), volume.slice_thickness_mm, FULL_DOSE_PHOTONS, ELECTRONIC_NOISE_PHOTONS
     )
     currents = _with_source_physics(plan, volume)
     model = _calibrated_model(plan, volume, fov, photons, electronic_std, currents, np.random.SeedSequence(seed))
@@ -705,18 +705,6 @@ def _body_radius_mm(hu: np.ndarray, fov: np.ndarray, sx: float, sy: float) -> fl
     x = (cols - (nx - 1) / 2) * sx
     y = (rows - (ny - 1) / 2) * sy
     return float(np.sqrt(x * x + y * y).max()) + max(sx, sy)
-
-
-def _slice_thickness_mm(volume: CTVolume) -> float:
-    headers = volume.metadata.get("dicom_headers") or []
-    if headers:
-        try:
-            value = float(headers[0].get("SliceThickness", 0) or 0)
-        except (TypeError, ValueError):
-            value = 0.0
-        if value > 0:
-            return value
-    return float(volume.spacing_mm[2])
 
 
 def _percent(d: float) -> str:

@@ -59,6 +59,19 @@ class CTVolume:
         """True when every voxel sits on the grid given by spacing, origin and direction."""
         return self.slice_positions_mm is None
 
+    @property
+    def slice_thickness_mm(self) -> float:
+        """The nominal slice thickness: DICOM SliceThickness when the headers give one, else the slice spacing."""
+        headers = self.metadata.get("dicom_headers") or []
+        if headers:
+            try:
+                value = float(headers[0].get("SliceThickness", 0) or 0)
+            except (TypeError, ValueError):
+                value = 0.0
+            if value > 0:
+                return value
+        return float(self.spacing_mm[2])
+
     def field_of_view_mask(self) -> np.ndarray:
         """Boolean mask of voxels inside the reconstructed field of view (not scanner padding)."""
         padding = self.metadata.get("padding_value_hu")

@@ -132,7 +132,7 @@ def test_denoise_prints_the_dose_estimate_and_how_it_was_read(tmp_path):
     result = run("denoise", tmp_path / "low.nii.gz", tmp_path / "out2.nii.gz")
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith(f"wrote {tmp_path / 'out2.nii.gz'}"))
-    assert "(read from the in-plane noise of 1 slice)" in line and "model dose_unet, dose 0." in line, line
+    assert "(read by the model from the in-plane noise of 1 slice" in line and "model dose_unet, dose 0." in line, line
     given = run("denoise", tmp_path / "low.nii.gz", tmp_path / "out3.nii.gz", "--dose", "1/4")
     assert "dose 0.25 (given)" in given.stdout, given.stdout
 

@@ -255,7 +255,8 @@ def test_denoise_datastore_image_returns_json_and_multipart(server):
     assert response.status_code == 200, response.text
     summary = response.json()
     assert summary["dose_source"] == "estimated" and 0 < summary["dose_fraction"] <= 1
-    assert summary["dose_detail"].startswith("read from the ") and " slices (median; slices " in summary["dose_detail"]
+    detail = summary["dose_detail"]
+    assert detail.startswith("read by the model from the ") and " slices (median; slices " in detail, detail
     assert summary["shape_zyx"] == [4, 256, 256]
 
     from requests_toolbelt.multipart.decoder import MultipartDecoder

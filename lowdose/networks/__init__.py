@@ -19,6 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .alden_discriminator import AnatomyAwareDiscriminator
 from .anatomy_encoder import AnatomyUNet
+from .da_clip import DoseAnatomyEmbedding, DoseAnatomyEncoder
+from .dose_diffusion import DoseDiffusion
 from .dose_estimator import DoseEstimator
 from .dose_unet import DoseAwareUNet
 from .esaunet import ESAUNet
@@ -53,7 +55,10 @@ def count_gflops(model: nn.Module, input_shape: Sequence[int] | None = None, **f
 __all__ = [
     "AnatomyAwareDiscriminator",
     "AnatomyUNet",
+    "DoseAnatomyEmbedding",
+    "DoseAnatomyEncoder",
     "DoseAwareUNet",
+    "DoseDiffusion",
     "DoseEstimator",
     "ESAUNet",
     "MACNet",

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._noise_energy import log_noise_energy
 from .registry import register_network
 
 
@@ -72,13 +73,7 @@ class DoseEstimator(nn.Module):
         if x.shape[1] > self.in_channels:  # a wider 2.5-D slab: read its centre slice(s) only, in-plane
             first = (x.shape[1] - self.in_channels) // 2
             x = x[:, first : first + self.in_channels]
-        local_mean = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-        energy = F.avg_pool2d(self.noise_filter_bank(x - local_mean).square(), 4, ceil_mode=True)
-        # The floor, far below CT noise energy, bounds the log where clipped air has none; the offset
-        # centres the log energy of CT noise in normalised units (std ~0.01 -> about -9) near zero,
-        # so the next layers do not start by fighting a large constant.
-        log_energy = torch.log(energy + 1e-8) + 9.0
-        context = F.avg_pool2d(x, 4, ceil_mode=True)
+        log_energy, context = log_noise_energy(x, self.noise_filter_bank)
         h = self.features(torch.cat([log_energy, context], dim=1))
         weight = torch.sigmoid(self.pool_weight(h))
         pooled = (h * weight).sum(dim=(2, 3)) / weight.sum(dim=(2, 3)).clamp_min(1e-6)

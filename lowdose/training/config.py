@@ -42,6 +42,21 @@ class DataConfig:
     # The share of training slabs whose neighbours are the centre slice repeated, as a lone slice or the end
     # of a series reaches a 2.5-D network at inference: it learns to denoise those too.
     single_slice_fraction: float = 0.0
+    # Kernel augmentation (lowdose.kernel): each simulated training and validation series is also re-filtered to
+    # each of these noise textures, [NPS mean frequency in cycles/mm, exponent p of H(f) = exp(k f^p)], and joins
+    # the data as a sharper-kernel reconstruction of the same scan (when it is smoother than that).
+    sharper_kernels: list[list[float]] = dataclasses.field(default_factory=list)
+
+    def check_sharper_kernels(self, source: str) -> None:
+        """Refuse a kernel augmentation entry out of range, or one asked of paired data (one kernel per scan)."""
+        for kernel in self.sharper_kernels:
+            if len(kernel) != 2 or not 0.1 <= float(kernel[0]) <= 1.0 or not 0.5 <= float(kernel[1]) <= 3.0:
+                raise LowdoseError(
+                    f"{source}: each data.sharper_kernels entry is [mean frequency in 0.1..1.0 cycles/mm, "
+                    f"exponent in 0.5..3]; got {kernel!r}"
+                )
+        if self.sharper_kernels and self.mode != "simulated":
+            raise LowdoseError(f"{source}: data.sharper_kernels needs data.mode: simulated (paired scans: one kernel)")
 
 
 @dataclasses.dataclass
@@ -106,6 +121,38 @@ class AnatomyConfig:
 
 
 @dataclasses.dataclass
+class DaClipConfig:
+    """The ``da_clip`` section: what ``network.name: da_clip`` (lowdose's DA-CLIP encoder) trains on and with.
+
+    Region labels come from TotalSegmentator ``total`` label maps (``label_maps``: series -> label map) where
+    given, else from lowdose.anatomy.regions' table of the shared series. ``held_out_regions`` never reach
+    training (their slices are dropped even from a series listed in ``data.train``)."""
+
+    label_maps: dict[str, str] = dataclasses.field(default_factory=dict)
+    held_out_regions: list[str] = dataclasses.field(default_factory=list)
+    doses_per_run: int = 2  # each simulated run of slices at this many doses: the dose contrast sees one anatomy
+    temperature: float = 0.1
+    dose_contrastive_weight: float = 1.0
+    region_contrastive_weight: float = 1.0
+    dose_regression_weight: float = 1.0
+    region_classification_weight: float = 0.5
+
+
+@dataclasses.dataclass
+class DiffusionConfig:
+    """The ``diffusion`` section, for the ``dose_diffusion`` network: how it trains. How it samples (steps, noise
+    scale) is the network's (``network.kwargs``: ``sampling_steps``, ``noise_scale``), so its bundle keeps it."""
+
+    loss: str = "l1"  # on the predicted residual: l1 (RDDM's and FoundDiff's) or l2
+
+    def check(self, source: str, given: bool, network: str) -> None:
+        if given and network != "dose_diffusion":
+            raise LowdoseError(f"{source}: a 'diffusion' section is for the dose_diffusion network, not {network}")
+        if self.loss not in ("l1", "l2"):
+            raise LowdoseError(f"{source}: diffusion.loss must be 'l1' or 'l2', not {self.loss!r}")
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Everything that decides a training run; saved beside its checkpoints so it can be repeated."""
 
@@ -119,6 +166,8 @@ class TrainConfig:
     network: NetworkConfig = dataclasses.field(default_factory=NetworkConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     anatomy: AnatomyConfig = dataclasses.field(default_factory=AnatomyConfig)
+    da_clip: DaClipConfig = dataclasses.field(default_factory=DaClipConfig)
+    diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
@@ -137,6 +186,9 @@ class TrainConfig:
         config.output_dir = str((base / config.output_dir).resolve())
         if config.data.simulation_cache:
             config.data.simulation_cache = str((base / config.data.simulation_cache).resolve())
+        config.da_clip.label_maps = {
+            str((base / k).resolve()): str((base / v).resolve()) for k, v in config.da_clip.label_maps.items()
+        }
         if config.init_bundle and ("/" in config.init_bundle or config.init_bundle.startswith(".")):
             config.init_bundle = str((base / config.init_bundle).resolve())  # a folder, not a name under models/
         return config
@@ -161,11 +213,15 @@ class TrainConfig:
                 f"{source}: not a denoising config (task); anatomy encoders train with lowdose " "train too"
             )
         top = build(cls, raw, "top level")
-        config = cls(**{k: v for k, v in top.items() if k not in ("data", "network", "optim", "anatomy")})
+        sections = ("data", "network", "optim", "anatomy", "da_clip", "diffusion")
+        config = cls(**{k: v for k, v in top.items() if k not in sections})
         config.data = DataConfig(**build(DataConfig, top.get("data", {}), "data"))
         config.network = NetworkConfig(**build(NetworkConfig, top.get("network", {}), "network"))
         config.optim = OptimConfig(**build(OptimConfig, top.get("optim", {}), "optim"))
         config.anatomy = AnatomyConfig(**build(AnatomyConfig, top.get("anatomy", {}), "anatomy"))
+        config.da_clip = DaClipConfig(**build(DaClipConfig, top.get("da_clip", {}), "da_clip"))
+        config.diffusion = DiffusionConfig(**build(DiffusionConfig, top.get("diffusion", {}), "diffusion"))
+        config.diffusion.check(source, given="diffusion" in top, network=config.network.name)
         config.validate(source)
         return config
 
@@ -188,6 +244,7 @@ class TrainConfig:
             raise LowdoseError(f"{source}: anatomy.bioatt needs the dose_unet network (it has the attention slots)")
         if not 0 <= self.data.single_slice_fraction <= 1:
             raise LowdoseError(f"{source}: data.single_slice_fraction must be in [0, 1]")
+        self.data.check_sharper_kernels(source)
         if not 0 <= self.optim.estimator_normal_fraction < 1:
             raise LowdoseError(f"{source}: optim.estimator_normal_fraction must be in [0, 1)")
         if self.optim.selection not in ("val_psnr", "last"):
@@ -196,7 +253,12 @@ class TrainConfig:
             raise LowdoseError(f"{source}: optim.epochs and optim.batch_size must be positive")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as saved beside checkpoints and in bundles: a network's own section only for that network."""
+        raw = dataclasses.asdict(self)
+        for section, network in (("da_clip", "da_clip"), ("diffusion", "dose_diffusion")):
+            if self.network.name != network:
+                raw.pop(section)
+        return raw
 
 
 @dataclasses.dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import simulate
+from .. import kernel, simulate
 from ..bundle import hu_to_input
 from ..errors import LowdoseError
 from ..io import GRID_SUFFIXES, load_ct
@@ -90,6 +90,18 @@ def _paired_cases(root: Path) -> list[tuple[Path, Path]]:
             "(names containing 'full'/'normal' and 'low'/'quarter')"
         )
     return cases
+
+
+def with_sharper_kernels(volumes: list[CTVolume], kernels: list[list[float]]) -> list[CTVolume]:
+    """``volumes`` and, after them, each re-filtered to each ``[NPS mean frequency, exponent]`` it is smoother
+    than (lowdose.kernel): the same scans as sharper reconstruction kernels would show them."""
+    variants = []
+    for volume in volumes:
+        for mean_per_mm, exponent in kernels:
+            made = kernel.resharpened(volume, float(mean_per_mm), float(exponent))
+            if made is not None:
+                variants.append(made[0])
+    return [*volumes, *variants]
 
 
 class PairSampler:

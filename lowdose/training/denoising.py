@@ -157,9 +157,13 @@ class DenoisingObjective(Objective):
             items, order, self.optim.batch_size, self.steps_per_epoch, self.device, self.slice_prior is not None
         )
 
-    def loss(self, batch: PairBatch) -> StepLoss:
+    def predict(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The predicted normal-dose slices of a batch and their pixel loss (MSE)."""
         prediction = self.model(batch.low, batch.dose, batch.organ_probabilities)
-        loss = F.mse_loss(prediction, batch.normal)
+        return prediction, F.mse_loss(prediction, batch.normal)
+
+    def loss(self, batch: PairBatch) -> StepLoss:
+        prediction, loss = self.predict(batch)
         if self.optim.ssim_weight > 0:
             loss = loss + self.optim.ssim_weight * windowed_ssim_loss(prediction, batch.normal, self.normalisation)
         total, figures = loss, {"loss": loss}

@@ -22,8 +22,10 @@ from ..networks.dose_estimator import DoseEstimator
 from .anatomy_terms import AnatomyTerms
 from .checkpoints import RunCheckpoints, new_history, write_history
 from .config import TrainConfig
-from .data import PairSampler, load_sources, validation_set
+from .da_clip import train_da_clip
+from .data import PairSampler, load_sources, validation_set, with_sharper_kernels
 from .denoising import DenoisingNetworks, DenoisingObjective, forward_example
+from .diffusion import DiffusionObjective, is_diffusion
 from .engine import Budget, Trainer, seed_everything, warmup_cosine
 from .estimator_stage import train_estimator_stage
 from .export import export_bundle
@@ -47,7 +49,10 @@ def train(
     stage 2, when ``optim.estimator_epochs`` > 0, trains the dose estimator alone on whole slices and
     stores it in the best checkpoint. ``estimator_only`` runs stage 2 on a finished stage 1.
     ``command`` (the command line that started the run) is kept in the history for the model card.
+    ``network.name: da_clip`` trains lowdose's DA-CLIP encoder instead (lowdose.training.da_clip).
     """
+    if config.network.name == "da_clip":
+        return train_da_clip(config, resume, progress, bundle_dir, command)
     seed_everything(config.seed)
     device = pick_device(config.device)
     out = Path(config.output_dir)
@@ -131,6 +136,8 @@ def _denoising_objective(
     channels = int(config.network.kwargs.get("in_channels", 1))
     data = config.data
     source = load_sources(data.train, data.mode, data.paired_dose)
+    if data.sharper_kernels:
+        source.normal = with_sharper_kernels(source.normal, data.sharper_kernels)
     sampler = PairSampler(
         source,
         data.doses,
@@ -147,6 +154,7 @@ def _denoising_objective(
         data.single_slice_fraction,
     )
     validation_volumes = load_sources(data.validation, "simulated").normal if data.validation else []
+    validation_volumes = with_sharper_kernels(validation_volumes, data.sharper_kernels)
     validation = (
         validation_set(
             validation_volumes, data.validation_doses, channels, data.validation_slices, match_source=data.match_source
@@ -158,7 +166,11 @@ def _denoising_objective(
     if model.organ_prior is not None:
         assert anatomy is not None  # the organ prior is BioAtt's, given by the anatomy terms
         slice_prior = anatomy.slice_organ_probabilities
-    return DenoisingObjective(
+    # A residual diffusion network (dose_diffusion) learns one diffusion step; every other network its output.
+    objective, extra = DenoisingObjective, {}
+    if is_diffusion(model.network):
+        objective, extra = DiffusionObjective, {"loss": config.diffusion.loss}
+    return objective(
         model,
         sampler,
         validation,
@@ -168,6 +180,7 @@ def _denoising_objective(
         config.seed,
         terms=[anatomy] if anatomy is not None else [],
         slice_prior=slice_prior,
+        **extra,
     )
 
 
