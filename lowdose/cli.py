@@ -138,7 +138,7 @@ def cmd_denoise(args) -> None:
     check_output_path(args.output, inputs=(args.input,))
     volume = load_ct(args.input, series_uid=args.series)
     denoiser = get_denoiser(args.model, args.device)
-    result = denoiser(volume, dose=args.dose, progress=not args.quiet, strength=args.strength)
+    result = denoiser(volume, dose=args.dose, progress=not args.quiet, strength=args.strength, steps=args.steps)
     save_ct(result.volume, args.output, description=result.description)
     if not args.quiet:
         dose = "n/a" if result.dose_fraction is None else f"{result.dose_fraction:.3g} ({result.dose_detail})"
@@ -276,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: GPU when there is one")
     _add_strength_argument(p)
+    p.add_argument(
+        "--steps",
+        type=int,
+        choices=[1, 2, 3, 4],
+        help="sampling steps of a diffusion model (dose_diffusion; default: the model's own)",
+    )
     p.add_argument("--series", help="SeriesInstanceUID when the folder holds several series")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_denoise)

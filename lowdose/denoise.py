@@ -199,11 +199,18 @@ class Denoiser:
 
     @torch.inference_mode()
     def __call__(
-        self, volume: CTVolume, dose: float | str = "auto", progress: bool = False, strength: float | str = "high"
+        self,
+        volume: CTVolume,
+        dose: float | str = "auto",
+        progress: bool = False,
+        strength: float | str = "high",
+        steps: int | None = None,
     ) -> DenoiseResult:
         """The denoised volume (HU, same geometry) and how it was made; ``dose`` is a fraction or ``auto``;
-        ``strength`` low/medium/high or a number in [0, 1] (lowdose.strength; default high: the full output)."""
+        ``strength`` low/medium/high or a number in [0, 1] (lowdose.strength; default high: the full output);
+        ``steps`` the sampling steps of a diffusion model for this call (None: the denoiser's)."""
         strength_value = parse_strength(strength)
+        steps = self.steps if steps is None else self._checked_steps(steps)
         started = time.time()
         dose_value, dose_source, dose_detail = self._dose(volume, dose)
         hu = volume.hu
@@ -214,7 +221,7 @@ class Denoiser:
         for start in tqdm(batches, desc=f"denoising ({self.name})", unit="batch", disable=not progress):
             indices = range(start, min(start + self.batch_size, hu.shape[0]))
             x = self._input(hu, indices)
-            extra: dict = {} if self.steps is None else {"steps": self.steps}
+            extra: dict = {} if steps is None else {"steps": steps}
             if self.model.anatomy_encoder is not None:  # BioAtt: the organs of the slices steer the attention
                 centre = torch.from_numpy(hu[indices.start : indices.stop, None]).to(self.device)
                 extra["organ_probabilities"] = self.model.organ_probabilities(centre)

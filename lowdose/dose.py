@@ -10,8 +10,8 @@ with what routine scans hold, it gives the dose: d = ROUTINE_LOW_BAND_POWER / (N
 ROUTINE_LOW_BAND_POWER is its geometric mean over the 32 shared routine series (benchmarks/normal_dose_noise.py);
 left out one at a time, a series' routine level is predicted within a factor whose log has std 0.38 (the
 truth over the dose read: 0.40 to 2.8 for 80 % of the series, 0.23 to 5.4 for all), the protocol spread (mAs,
-patient size, region) that one image cannot tell from a dose change. The reading is monotone in the noise, has no training, and says when there
-is too little uniform tissue to read from.
+patient size, region) that one image cannot tell from a dose change. The reading is monotone in the noise,
+has no training, and says when there is too little uniform tissue to read from.
 """
 
 from __future__ import annotations

@@ -282,3 +282,13 @@ def test_strength_is_checked_by_the_command_line(capsys):
     with pytest.raises(SystemExit) as refused:
         parser.parse_args(["denoise", "a", "b", "--strength", "max"])
     assert refused.value.code == 2 and "strength must be low, medium, high" in capsys.readouterr().err
+
+
+def test_denoise_steps_only_for_a_diffusion_model(tmp_path):
+    """Issue 16: ``--steps`` sets a diffusion model's sampling steps; the default model does not sample, so it is
+    refused with a clear error and nothing is written; a step count outside 1-4 is refused by the parser."""
+    result = run("denoise", SAMPLE_DICOM, tmp_path / "out.nii.gz", "--steps", "2", "--quiet")
+    assert result.returncode != 0 and "not a diffusion model" in result.stderr, result.stderr
+    assert not (tmp_path / "out.nii.gz").exists()
+    result = run("denoise", SAMPLE_DICOM, tmp_path / "out.nii.gz", "--steps", "9")
+    assert result.returncode == 2 and "--steps" in result.stderr

@@ -266,6 +266,10 @@ def test_denoise_datastore_image_returns_json_and_multipart(server):
     assert response.json()["strength"] == 0.4 and response.json()["description"].endswith("strength low)")
     assert summary["strength"] == 0.7  # the server's default: medium
     _assert_clean_error(_infer(server, image=STUDY_ID, params={"strength": "max"}), 400, "strength must be")
+    # Sampling steps: only a diffusion model takes them, and only 1 to 4 (no huge loop, no type confusion).
+    for steps in (0, 5, 10**9, "2", True, 2.5, [2]):
+        _assert_clean_error(_infer(server, image=STUDY_ID, params={"steps": steps}), 400, "steps must be")
+    _assert_clean_error(_infer(server, image=STUDY_ID, params={"steps": 2}), 400, "not a diffusion model")
 
     response = _infer(server, image=STUDY_ID, output=None, params={"dose": 0.5})
     assert response.status_code == 200, response.text

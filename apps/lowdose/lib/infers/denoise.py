@@ -85,6 +85,9 @@ class DenoiseTask(InferTask):
     def __call__(self, request):
         dose = parse_dose(request.get("dose", "auto"))
         strength = parse_strength(request.get("strength", DEFAULT_STRENGTH))
+        steps = request.get("steps")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 4):
+            raise ValueError(f"steps must be an integer from 1 to 4 (a diffusion model's sampling steps): {steps!r}")
         dtype = str(request.get("output_dtype", self.options.output_dtype))
         if dtype not in ("int16", "float32"):
             raise ValueError(f"output_dtype must be int16 or float32; got {dtype!r}")
@@ -94,7 +97,7 @@ class DenoiseTask(InferTask):
 
         volume = read_ct(request["image"], self.options.input_limits())
         model = denoiser(self.bundle.folder, self.options.device, self.options.batch_size)
-        result = model(volume, dose=dose, strength=strength)
+        result = model(volume, dose=dose, strength=strength, steps=steps)  # steps of a non-diffusion model: refused
         denoised, description = result.volume, result.description
         if not denoised.is_regular_grid:
             output_format = "dicom"  # tilted or irregular slices have no NIfTI grid; DICOM keeps each position
