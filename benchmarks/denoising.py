@@ -545,7 +545,12 @@ def write(rows, normal, volumes, examples, argv) -> None:
         normal_image = examples["normal dose"]
         side_by_side_png(
             RESULTS / "denoising.png",
-            {k: v for k, v in examples.items() if "estimated" not in k or "one slice" in k},
+            {
+                k: examples[k]
+                for k in ("low-dose input", "BM3D (oracle sigma)", f"{DEFAULT_MODEL} (one slice, dose estimated)")
+                + ("normal dose",)
+                if k in examples
+            },
             window="abdomen",
             title="1/4 dose (simulated), held-out Siemens B70f (sharp) slice",
             zoom=body_zoom(normal_image),
