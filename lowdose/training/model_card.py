@@ -79,7 +79,7 @@ def model_card(meta: dict, history: dict, parameters: int, gflops: float) -> str
             "",
         ]
     lines += _summary(meta, config, parameters, gflops)
-    lines += _anatomy_section(meta)
+    lines += _anatomy_section(meta, config)
     training = meta.get("training", {})
     simulator = MATCHED_SIMULATOR if config.get("data", {}).get("match_source") else FIXED_SIMULATOR
     lines += ["", INTENDED_USE.format(hu_max=meta["normalisation"]["hu_max"], **simulator), "## Training data", ""]
@@ -121,13 +121,19 @@ def _summary(meta: dict, config: dict, parameters: int, gflops: float) -> list[s
     return lines + [f"| {key} | {value:.4f} |" for key, value in validation.items() if isinstance(value, float)]
 
 
-def _anatomy_section(meta: dict) -> list[str]:
+def _anatomy_section(meta: dict, config: dict) -> list[str]:
     """Which anatomy-aware terms trained the model, with their weights (or that none did)."""
     anatomy = meta.get("anatomy_aware_training") or {}
     lines = ["", "## Anatomy-aware training", ""]
+    diffusion = config.get("diffusion")
+    pixel = (
+        f"the residual diffusion loss ({diffusion.get('loss', 'l1').upper()} on the predicted residual) + SSIM"
+        if diffusion
+        else "MSE + SSIM"
+    )
     if not anatomy.get("enabled"):
         return lines + [
-            "None: pixel losses only (MSE + SSIM). See `benchmarks/results/anatomy.md` for what the "
+            f"None: pixel losses only ({pixel}). See `benchmarks/results/anatomy.md` for what the "
             "anatomy-aware options change."
         ]
     lines += [
