@@ -347,24 +347,9 @@ def _held_out(config: TrainConfig) -> set[int]:
     return {REGIONS.index(r) for r in config.da_clip.held_out_regions}
 
 
-def train_da_clip(
-    config: TrainConfig,
-    resume: bool = False,
-    progress: bool = True,
-    bundle_dir: str | Path | None = None,
-    command: str | None = None,
-) -> dict:
-    """Train the DA-CLIP encoder of ``config`` (``network.name: da_clip``); write its bundle into ``bundle_dir``.
-    Returns the history. Runs are short (no resume)."""
-    if resume:
-        raise LowdoseError("a da_clip run cannot be resumed: start it again")
-    if config.data.mode != "simulated":
-        raise LowdoseError("da_clip trains on simulated doses (data.mode: simulated)")
-    held_out = _held_out(config)
-    seed_everything(config.seed)
-    device = pick_device(config.device)
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _da_clip_data(config: TrainConfig, held_out: set[int]):
+    """The training series with their slices' regions, the region-balanced sampler over them, and the validation
+    slices with theirs."""
     normalisation = dict(DEFAULT_NORMALISATION)
     data = config.data
     source = load_sources(data.train, "simulated")
@@ -396,6 +381,28 @@ def train_da_clip(
         else []
     )
     validation_regions = _labelled_volumes(validation_volumes, config.da_clip.label_maps)
+    return source, regions, sampler, validation, validation_regions
+
+
+def train_da_clip(
+    config: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    bundle_dir: str | Path | None = None,
+    command: str | None = None,
+) -> dict:
+    """Train the DA-CLIP encoder of ``config`` (``network.name: da_clip``); write its bundle into ``bundle_dir``.
+    Returns the history. Runs are short (no resume)."""
+    if resume:
+        raise LowdoseError("a da_clip run cannot be resumed: start it again")
+    if config.data.mode != "simulated":
+        raise LowdoseError("da_clip trains on simulated doses (data.mode: simulated)")
+    held_out = _held_out(config)
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    source, regions, sampler, validation, validation_regions = _da_clip_data(config, held_out)
     network = cast(DoseAnatomyEncoder, build_network("da_clip", **config.network.kwargs).to(device))
     optimiser = torch.optim.AdamW(
         network.parameters(), lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay
