@@ -21,7 +21,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lowdose.dose import ROUTINE_LOW_BAND_POWER, ROUTINE_SPREAD_LOG_STD, read_dose_from_noise  # noqa: E402
+from lowdose.dose import MIN_PATCHES, ROUTINE_LOW_BAND_POWER, ROUTINE_SPREAD_LOG_STD, low_band_power  # noqa: E402
 from lowdose.io import load_ct  # noqa: E402
 from lowdose.noise import source_noise_spectrum  # noqa: E402
 
@@ -59,10 +59,11 @@ def measure(path: str) -> dict | None:
     except ValueError:
         return None
     area = (volume.hu > -300).sum(axis=(1, 2)).mean() * volume.spacing_mm[0] * volume.spacing_mm[1]
-    reading = read_dose_from_noise(volume.hu, float(volume.spacing_mm[0]), volume.slice_thickness_mm)
     return {
         # lowdose.dose's kernel-independent level: low-band NPS / f x slice thickness (None: too few patches)
-        "low_band_power": None if reading.of_routine is None else ROUTINE_LOW_BAND_POWER / reading.of_routine,
+        "low_band_power": (
+            low_band_power(spectrum, volume.slice_thickness_mm) if spectrum.patches >= MIN_PATCHES else None
+        ),
         "thickness_mm": volume.slice_thickness_mm,
         "series": path,
         "std_hu": spectrum.std_hu,

@@ -143,13 +143,14 @@ class Denoiser:
         )
 
     @torch.inference_mode()
-    def dose_estimates(self, volume: CTVolume) -> np.ndarray:
-        """The dose fraction read by the model's dose estimator from up to DOSE_ESTIMATE_SLICES slices spread
-        over the body, one estimate per slice (an in-plane estimator reads each slice's own noise only)."""
+    def dose_estimates(self, volume: CTVolume, picks: list[int] | None = None) -> np.ndarray:
+        """The dose fraction read by the model's dose estimator from the slices ``picks`` (default: up to
+        DOSE_ESTIMATE_SLICES spread over the body), one estimate per slice (an in-plane estimator reads each
+        slice's own noise only)."""
         if self.model.dose_estimator is None:
             raise LowdoseError(f"model {self.name} has no dose estimator; give the dose (--dose 0.25)")
         # One batch: 2.4x faster per slice than one slice at a time (measured, CPU).
-        picks = self._dose_slices(volume)
+        picks = self._dose_slices(volume) if picks is None else picks
         return self.model.dose_estimator.predict_dose_fraction(self._input(volume.hu, picks)).float().cpu().numpy()
 
     def read_dose(self, volume: CTVolume) -> tuple[float, str]:
@@ -161,15 +162,14 @@ class Denoiser:
         alone saturated near 0.2 at 1/10 and 1/20 dose and read sharp-kernel routine scans as low dose; the
         noise power alone cannot tell a site's protocol (the widest range of routine protocols spans a factor 23):
         the bound only catches the network's gross errors."""
-        estimates = self.dose_estimates(volume)
+        picks = self._dose_slices(volume)
+        estimates = self.dose_estimates(volume, picks)
         value = float(np.median(estimates))
         reads = "in-plane noise" if self.model.dose_estimator_in_plane else "noise"
         detail = f"read by the model from the {reads} of {len(estimates)} slice{'s' * (len(estimates) > 1)}"
         if len(estimates) > 1:
             detail += f" (median; slices {estimates.min():.2f} to {estimates.max():.2f})"
-        reading = read_dose_from_noise(
-            volume.hu[self._dose_slices(volume)], float(volume.spacing_mm[0]), volume.slice_thickness_mm
-        )
+        reading = read_dose_from_noise(volume.hu[picks], float(volume.spacing_mm[0]), volume.slice_thickness_mm)
         if reading.dose is None or reading.patches < NOISE_RANGE_MIN_PATCHES:
             return value, f"{detail}; the noise power could not check it ({reading.patches} uniform patches)"
         assert reading.low is not None and reading.high is not None

@@ -21,9 +21,9 @@ import math
 
 import numpy as np
 
-from .noise import patch_spectrum, uniform_patches
+from .noise import NoiseSpectrum, patch_spectrum, uniform_patches
 
-__all__ = ["parse_dose", "NoiseDoseReading", "read_dose_from_noise"]
+__all__ = ["parse_dose", "NoiseDoseReading", "low_band_power", "read_dose_from_noise"]
 
 LOW_BAND = (0.06, 0.2)  # cycles/mm: below every clinical kernel's roll-off, above a 20 mm patch's lowest bins
 # exp(2 * 4.807): the fit of log std = c - 0.5 log(NPS-shape ratio) - 0.5 log(thickness) on the routine series,
@@ -85,6 +85,16 @@ class NoiseDoseReading:
         )
 
 
+def low_band_power(spectrum: NoiseSpectrum, slice_mm: float) -> float | None:
+    """The kernel-independent noise level of ``spectrum``: NPS(f) / f over LOW_BAND times the slice thickness
+    (None when the spectrum has fewer than 2 bins in the band)."""
+    f = spectrum.frequency_per_mm
+    band = (f > LOW_BAND[0]) & (f < LOW_BAND[1])
+    if band.sum() < 2:
+        return None
+    return float(np.mean(spectrum.nps[band] / f[band])) * slice_mm
+
+
 def read_dose_from_noise(hu: np.ndarray, pixel_mm: float, slice_mm: float) -> NoiseDoseReading:
     """The dose of CT slices ``hu`` [z, y, x] (HU, square pixels of ``pixel_mm``, ``slice_mm`` thick) read from
     the kernel-independent low-frequency power of their noise in uniform soft tissue (module docstring)."""
@@ -95,12 +105,10 @@ def read_dose_from_noise(hu: np.ndarray, pixel_mm: float, slice_mm: float) -> No
         reason = f"{len(corners)} uniform soft-tissue patches found, {MIN_PATCHES} needed"
         return NoiseDoseReading(None, None, None, None, len(corners), reason)
     spectrum = patch_spectrum(np.asarray(hu), corners, pixel_mm)
-    f = spectrum.frequency_per_mm
-    band = (f > LOW_BAND[0]) & (f < LOW_BAND[1])
-    if band.sum() < 2:
+    power = low_band_power(spectrum, slice_mm)
+    if power is None:
         reason = f"patches too small to see {LOW_BAND[0]}-{LOW_BAND[1]} cycles/mm"
         return NoiseDoseReading(None, None, None, spectrum.std_hu, spectrum.patches, reason)
-    power = float(np.mean(spectrum.nps[band] / f[band])) * slice_mm
     dose = ROUTINE_LOW_BAND_POWER / max(power, 1e-12)
     low, high = (dose * math.exp(2 * s) for s in ROUTINE_SPREAD_LOG_STD)
     return NoiseDoseReading(

@@ -51,9 +51,9 @@ class KernelChange:
 
 
 def _mean_after(spectrum: NoiseSpectrum, slope: float, exponent: float) -> float:
-    f = spectrum.frequency_per_mm
-    weights = spectrum.nps * np.exp(2 * slope * np.power(f, exponent)) * f
-    return float(np.sum(f * weights) / max(np.sum(weights), 1e-12))
+    """The NPS mean frequency after the filter exp(slope f^exponent): power goes as its square."""
+    gain = np.exp(slope * np.power(spectrum.frequency_per_mm, exponent))
+    return dataclasses.replace(spectrum, nps=spectrum.nps * gain**2).mean_per_mm
 
 
 def sharpening_for(spectrum: NoiseSpectrum, target_mean_per_mm: float, exponent: float = 1.5) -> KernelChange | None:
