@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import torch
 
     from .networks.anatomy_encoder import AnatomyUNet
+    from .networks.da_clip import DoseAnatomyEncoder
     from .networks.dose_estimator import DoseEstimator
 
 # The shipped models: the wheel's copy when lowdose is installed, else the checkout's models/.
@@ -77,9 +78,12 @@ class DenoisingModel:
     # BioAtt models: the anatomy encoder whose organ presence steers the attention, and its normalisation.
     anatomy_encoder: AnatomyUNet | None = None
     anatomy_normalisation: dict | None = None
+    # Region-conditioned DA-Diff models: the DA-CLIP encoder whose region probabilities condition the network.
+    region_encoder: DoseAnatomyEncoder | None = None
+    region_normalisation: dict | None = None
 
     def to(self, device) -> DenoisingModel:
-        for module in (self.network, self.dose_estimator, self.anatomy_encoder):
+        for module in (self.network, self.dose_estimator, self.anatomy_encoder, self.region_encoder):
             if module is not None:
                 module.to(device)
         return self
@@ -96,6 +100,14 @@ class DenoisingModel:
         assert self.anatomy_normalisation is not None  # a BioAtt bundle ships it with the encoder
         return self.anatomy_encoder.organ_presence(hu_to_input(hu, self.anatomy_normalisation))
 
+    def region_probabilities(self, hu) -> torch.Tensor | None:
+        """DA-Diff's region vector for centre slices ``[B, 1, H, W]`` in HU: the DA-CLIP encoder's softmax over
+        the body regions (None for models without region conditioning)."""
+        if self.region_encoder is None:
+            return None
+        assert self.region_normalisation is not None  # shipped with the encoder
+        return self.region_encoder(hu_to_input(hu, self.region_normalisation)).region_logits.softmax(1)
+
 
 def save_bundle(
     folder: str | Path,
@@ -110,6 +122,7 @@ def save_bundle(
     metadata: dict | None = None,
     readme: str = "",
     anatomy_encoder: dict | None = None,
+    region_encoder: dict | None = None,
 ) -> Path:
     """Write a MONAI bundle folder for a trained model (weights first to a temp file, then renamed)."""
     folder = Path(folder)
@@ -122,6 +135,8 @@ def save_bundle(
         state["dose_estimator"] = estimator_state
     if anatomy_encoder is not None:
         state["anatomy_encoder"] = anatomy_encoder["state"]
+    if region_encoder is not None:
+        state["region_encoder"] = region_encoder["state"]
     atomic_torch_save(state, folder / "models" / "model.pt")
     meta = {
         "name": name,
@@ -131,6 +146,9 @@ def save_bundle(
         "anatomy_encoder": None
         if anatomy_encoder is None
         else {"name": "anatomy_encoder", **{k: v for k, v in anatomy_encoder.items() if k != "state"}},
+        "region_encoder": None
+        if region_encoder is None
+        else {"name": "da_clip", **{k: v for k, v in region_encoder.items() if k != "state"}},
         "normalisation": normalisation,
     }
     meta.update(metadata or {})
@@ -290,6 +308,12 @@ class Bundle:
         return self.metadata.get("anatomy_encoder") or None
 
     @property
+    def region_encoder(self) -> dict | None:
+        """Region-conditioned DA-Diff models: the DA-CLIP encoder inside the bundle (name, kwargs, normalisation,
+        source), else None."""
+        return self.metadata.get("region_encoder") or None
+
+    @property
     def normalisation(self) -> dict:
         """How HU become the network's input (``hu_to_input``) and its output HU (``output_to_hu``)."""
         return self.metadata.get("normalisation", DEFAULT_NORMALISATION)
@@ -340,6 +364,9 @@ def load_bundle(model: str | Path = DEFAULT_MODEL, device: str | torch.device = 
         anatomy: AnatomyUNet | None = None
         if bundle.anatomy_encoder:
             anatomy = cast("AnatomyUNet", _built(bundle.anatomy_encoder, state["anatomy_encoder"]))
+        regions: DoseAnatomyEncoder | None = None
+        if bundle.region_encoder:
+            regions = cast("DoseAnatomyEncoder", _built(bundle.region_encoder, state["region_encoder"]))
     except (RuntimeError, TypeError, KeyError) as exc:
         raise LowdoseError(
             f"{bundle.folder}: the weights do not fit this version's {bundle.network_name} network "
@@ -356,6 +383,8 @@ def load_bundle(model: str | Path = DEFAULT_MODEL, device: str | torch.device = 
         path=bundle.folder,
         anatomy_encoder=anatomy,
         anatomy_normalisation=(bundle.anatomy_encoder or {}).get("normalisation"),
+        region_encoder=regions,
+        region_normalisation=(bundle.region_encoder or {}).get("normalisation"),
     ).to(device)
 
 

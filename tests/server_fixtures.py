@@ -62,6 +62,33 @@ def make_random_bundle(models_dir: Path, name: str = "dose_unet", seed: int = 0)
     )
 
 
+def make_random_diffusion_bundle(models_dir: Path, name: str, sampling_steps: int, seed: int = 0) -> Path:
+    """A small diffusion model bundle (``dose_diffusion``, no dose input) with random weights that samples in
+    ``sampling_steps`` steps by default; its noise head is not zero, so the number of steps changes the result."""
+    import torch
+
+    from lowdose.bundle import save_bundle
+    from lowdose.networks import build_network
+
+    torch.manual_seed(seed)
+    network_kwargs = {
+        "in_channels": 3,
+        "features": [8, 16],
+        "blocks_per_level": [1, 1],
+        "embedding_dim": 16,
+        "sampling_steps": sampling_steps,
+    }
+    net = build_network("dose_diffusion", **network_kwargs)
+    torch.nn.init.normal_(net.head.weight, std=0.02)
+    return save_bundle(
+        models_dir / name,
+        name=name,
+        network_name="dose_diffusion",
+        network_kwargs=network_kwargs,
+        network_state=net.state_dict(),
+    )
+
+
 def crop_volume(volume, z: slice, y: slice = slice(None), x: slice = slice(None)):
     """A sub-volume with its true geometry (origin moved to the first kept voxel); DICOM headers dropped."""
     from lowdose import CTVolume

@@ -7,6 +7,7 @@ engine, bundle), not the encoder's quality, which benchmarks/da_clip.py measures
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -188,3 +189,77 @@ def test_the_exported_bundle_loads_and_reads_a_volume(tiny_da_clip):
     read = reader.read_volume(volume)
     assert len(read["slice_regions"]) == volume.shape[0] and 0 < read["dose_fraction"] <= 1
     assert "bundle" not in available_models()  # not a denoiser: `lowdose models` does not list it
+
+
+def test_region_conditioned_diffusion_trains_on_labelled_patches_and_ships_the_encoder(tiny_da_clip):
+    """DA-Diff with region conditioning: training patches carry their slice's one-hot region from the label map,
+    the bundle ships the DA-CLIP encoder named in ``diffusion.region_encoder``, and at inference the encoder's
+    region probabilities of each slice reach the network (the output moves when they are withheld)."""
+    from lowdose.denoise import Denoiser
+    from lowdose.training.da_clip import labelled_regions
+    from lowdose.training.data import PairSampler, load_sources
+
+    source = load_sources([str(SAMPLE_DICOM)], "simulated")
+    regions = labelled_regions(source.normal, {str(SAMPLE_DICOM.resolve()): str(SAMPLE_SEG.resolve())})
+    assert set(regions[0].tolist()) <= {REGIONS.index("abdomen"), REGIONS.index("pelvis"), REGIONS.index("chest")}
+    sampler = PairSampler(
+        source, [0.25], 3, {"hu_min": -1024.0, "hu_max": 3071.0, "scale_hu": 1000.0}, 48, 2, 8, 0.2, 3,
+        regions=regions,
+    )  # fmt: skip
+    items = sampler.epoch(0)
+    assert items and all(item["region"].sum() == 1 and item["region"].shape == (len(REGIONS),) for item in items)
+    assert {int(np.argmax(item["region"])) for item in items} <= set(regions[0].tolist())
+
+    root = tiny_da_clip / "diffusion"
+    root.mkdir()
+    config = {
+        "name": "tiny_region_diffusion",
+        "seed": 2,
+        "device": "cpu",
+        "output_dir": "run",
+        "data": {
+            "train": [str(SAMPLE_DICOM)],
+            "validation": [str(SAMPLE_DICOM)],
+            "doses": [0.25],
+            "validation_doses": [0.25],
+            "patch_size": 48,
+            "patches_per_slice": 4,
+            "slices_per_epoch": 8,
+            "validation_slices": 1,
+            "simulation_pool": 2,
+        },
+        "network": {
+            "name": "dose_diffusion",
+            "kwargs": {
+                "in_channels": 3,
+                "features": [8, 16],
+                "blocks_per_level": [1, 1],
+                "embedding_dim": 16,
+                "dose_conditioning": True,
+                "region_classes": len(REGIONS),
+            },
+            "dose_estimator": False,
+        },  # fmt: skip
+        "diffusion": {
+            "label_maps": {str(SAMPLE_DICOM): str(SAMPLE_SEG)},
+            "region_encoder": str(tiny_da_clip / "bundle"),
+        },
+        "optim": {"epochs": 1, "batch_size": 8, "learning_rate": 3e-3},
+    }
+    (root / "train.yaml").write_text(yaml.safe_dump(config))
+    result = _lowdose("train", str(root / "train.yaml"), "--bundle", str(root / "bundle"), "--quiet", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bundle = Bundle.read(root / "bundle")
+    assert bundle.region_encoder is not None and bundle.region_encoder["name"] == "da_clip"
+    assert bundle.region_encoder["source"] == "bundle" and bundle.network_kwargs["region_classes"] == len(REGIONS)
+
+    denoiser = Denoiser(root / "bundle", device="cpu")
+    sample = load_ct(SAMPLE_DICOM)
+    low = dataclasses.replace(sample, hu=sample.hu[8:11].copy(), slice_positions_mm=None)
+    centre = torch.from_numpy(low.hu[:, None])
+    probabilities = denoiser.model.region_probabilities(centre)
+    assert probabilities is not None and probabilities.shape == (3, len(REGIONS))
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(3))
+    with_regions = denoiser(low, dose=0.25).volume.hu
+    denoiser.model.region_encoder = None  # the same network, told nothing of the region
+    assert not np.array_equal(with_regions, denoiser(low, dose=0.25).volume.hu)

@@ -27,6 +27,7 @@ from .server_fixtures import (
     APP_DIR,
     crop_volume,
     make_random_bundle,
+    make_random_diffusion_bundle,
     start_lowdose_server,
     start_orthanc,
     stop_lowdose_server,
@@ -35,6 +36,9 @@ from .server_fixtures import (
 )
 
 MODEL = "denoise_dose_unet"
+DIFFUSION = "denoise_dose_diffusion"  # a diffusion model: the only kind that takes sampling steps
+DIFFUSION_STEPS = 3  # its bundle's sampling steps (not the network's default, 2: the server reads the bundle)
+BAD_STEPS = (0, 5, 10**9, "2", True, 2.5, [2], {"steps": 2})
 STUDY_ID = "abdomen_small"
 MAX_UPLOAD_MB = 8
 SERVER_STRENGTH = "medium"  # what the server applies unless a request asks for another strength
@@ -53,6 +57,7 @@ def work(tmp_path_factory) -> Path:
 def models_dir(work) -> Path:
     folder = work / "models"
     make_random_bundle(folder)
+    make_random_diffusion_bundle(folder, "dose_diffusion", DIFFUSION_STEPS)
     return folder
 
 
@@ -267,7 +272,7 @@ def test_denoise_datastore_image_returns_json_and_multipart(server):
     assert summary["strength"] == 0.7  # the server's default: medium
     _assert_clean_error(_infer(server, image=STUDY_ID, params={"strength": "max"}), 400, "strength must be")
     # Sampling steps: only a diffusion model takes them, and only 1 to 4 (no huge loop, no type confusion).
-    for steps in (0, 5, 10**9, "2", True, 2.5, [2]):
+    for steps in BAD_STEPS:
         _assert_clean_error(_infer(server, image=STUDY_ID, params={"steps": steps}), 400, "steps must be")
     _assert_clean_error(_infer(server, image=STUDY_ID, params={"steps": 2}), 400, "not a diffusion model")
 
@@ -279,6 +284,51 @@ def test_denoise_datastore_image_returns_json_and_multipart(server):
     }
     assert json.loads(parts[b"params"].content)["dose_fraction"] == pytest.approx(0.5)
     assert parts[b"image"].content[:2] == b"\x1f\x8b"  # a gzipped NIfTI
+
+
+def test_info_gives_each_models_sampling_steps_and_a_diffusion_model_samples_in_the_steps_asked(
+    server, models_dir, studies, tmp_path
+):
+    """/info/ tells clients which models take sampling steps and how many they take by default; the steps
+    asked for go to the sampler (the library's result for those steps) and the result JSON says them."""
+    from lowdose import load_ct
+    from lowdose.denoise import Denoiser
+
+    models = server.get("/info/", timeout=30).json()["models"]
+    assert models[MODEL]["lowdose"]["sampling_steps"] is None and "steps" not in models[MODEL]["config"]
+    assert models[DIFFUSION]["lowdose"]["sampling_steps"] == DIFFUSION_STEPS
+    assert models[DIFFUSION]["config"]["steps"] == DIFFUSION_STEPS
+
+    response = _infer(server, image=STUDY_ID, output="json", model=DIFFUSION)
+    assert response.status_code == 200, response.text
+    assert response.json()["steps"] == DIFFUSION_STEPS  # none asked: the bundle's
+    plain = _infer(server, image=STUDY_ID, output="json")
+    assert plain.status_code == 200 and plain.json()["steps"] is None, plain.text  # not a diffusion model
+
+    volume = load_ct(studies / f"{STUDY_ID}.nii.gz")
+    denoiser = Denoiser(str(models_dir / "dose_diffusion"), device="cpu")
+    for steps in (1, 4):
+        response = _infer(server, image=STUDY_ID, model=DIFFUSION, params={"steps": steps})
+        assert response.status_code == 200, response.text
+        assert json.loads(response.headers["X-Lowdose-Result"])["steps"] == steps
+        result = _load_response_image(response, tmp_path / f"steps_{steps}.nii.gz")
+        expected = denoiser(volume, strength=SERVER_STRENGTH, steps=steps).volume.hu
+        other = denoiser(volume, strength=SERVER_STRENGTH, steps=5 - steps).volume.hu
+        assert np.abs(result.hu - np.rint(expected)).max() <= 1.0
+        assert np.abs(result.hu - np.rint(other)).max() > 2.0  # the steps made a difference: they were used
+    for steps in BAD_STEPS:
+        _assert_clean_error(_infer(server, image=STUDY_ID, model=DIFFUSION, params={"steps": steps}), 400, "steps")
+
+
+def test_fidelity_refuses_bad_steps_and_steps_for_a_model_that_is_not_a_diffusion_model(server):
+    """The fidelity task takes ``steps`` as the denoise task does: checked before any CT is read."""
+    for steps in BAD_STEPS:
+        params = {"denoise_model": "dose_diffusion", "steps": steps}
+        response = _infer(server, image=STUDY_ID, output="json", model="fidelity", params=params)
+        _assert_clean_error(response, 400, "steps must be an integer from 1 to 4")
+    for params in ({"steps": 2}, {"denoise_model": "dose_unet", "steps": 1}):  # the default model: dose_unet
+        response = _infer(server, image=STUDY_ID, output="json", model="fidelity", params=params)
+        _assert_clean_error(response, 400, "model dose_unet is not a diffusion model")
 
 
 def _poll_info_until_done(server, futures, interval: float = 0.05) -> list[float]:
@@ -441,6 +491,7 @@ def test_fidelity_report_and_label_maps(server, studies):
     report = json.loads(parts[b"params"].content)
     assert report["study"]["verdict"] in ("kept", "check", "changed")
     assert report["denoising"]["model"] == "dose_unet" and report["denoising"]["dose_fraction"] == 0.25
+    assert report["denoising"]["steps"] is None  # not a diffusion model
     assert report["segmenter"]["classes"] == 117
     archive = zipfile.ZipFile(io.BytesIO(parts[b"image"].content))
     html = archive.read("fidelity/fidelity.html").decode()
@@ -460,6 +511,32 @@ def test_fidelity_report_and_label_maps(server, studies):
     target.write_bytes(archive.read("fidelity/labels_denoised.nii.gz"))
     labels, _ = load_label_map(target, original)
     assert labels.shape == original.shape
+
+
+def test_fidelity_denoises_with_the_sampling_steps_asked(server, models_dir, studies, tmp_path):
+    """A diffusion model's fidelity check samples in the steps asked: its denoised scan is the library's."""
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    from lowdose import load_ct
+    from lowdose.denoise import Denoiser
+
+    params = {"denoise_model": "dose_diffusion", "steps": 1, "labels": True}
+    response = _infer(server, image=STUDY_ID, output=None, model="fidelity", params=params, timeout=900)
+    assert response.status_code == 200, response.text
+    parts = {
+        p.headers[b"Content-Disposition"].split(b'name="')[1].split(b'"')[0]: p
+        for p in MultipartDecoder.from_response(response).parts
+    }
+    denoising = json.loads(parts[b"params"].content)["denoising"]
+    assert (denoising["model"], denoising["steps"]) == ("dose_diffusion", 1)
+    target = tmp_path / "denoised.nii.gz"
+    target.write_bytes(zipfile.ZipFile(io.BytesIO(parts[b"image"].content)).read("fidelity/denoised.nii.gz"))
+    volume = load_ct(studies / f"{STUDY_ID}.nii.gz")
+    denoiser = Denoiser(str(models_dir / "dose_diffusion"), device="cpu")
+    one, default = (denoiser(volume, strength=SERVER_STRENGTH, steps=k).volume.hu for k in (1, DIFFUSION_STEPS))
+    result = load_ct(target).hu
+    assert np.abs(result - np.rint(one)).max() <= 1.0
+    assert np.abs(result - np.rint(default)).max() > 2.0  # not the bundle's own steps
 
 
 def _wait_for_task(server, path: str, seconds: float) -> dict:

@@ -138,6 +138,7 @@ def test_info_lists_the_denoising_models_and_the_fidelity_check(client):
     models = client.models(info)
     assert [m.task for m in models] == [MODEL_TASK]
     assert models[0].model == "dose_unet" and models[0].dose_aware
+    assert models[0].sampling_steps is None and "sampling_steps" in info["models"][MODEL_TASK]["lowdose"]
     assert "denoised CT out" in models[0].description
     assert client.has_fidelity(info)
     assert info["lowdose"]["max_upload_mb"] == MAX_UPLOAD_MB

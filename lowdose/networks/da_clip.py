@@ -42,6 +42,18 @@ class DoseAnatomyEmbedding:
         return [REGIONS[int(i)] for i in self.region_logits.argmax(1)]
 
 
+def _keep_scale(stack: nn.Sequential) -> None:
+    """He initialisation for a stack of convolutions with LeakyReLU, biases zero. PyTorch's default shrinks
+    activations about 1.7-fold per layer and adds random biases: after the region branch's eight layers the
+    features of different slices differed by 6e-6 (measured), below the batch normalisation's epsilon, and
+    the region embeddings of every slice collapsed to one point."""
+    for layer in stack:
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, a=0.1, mode="fan_in", nonlinearity="leaky_relu")
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
 def _strided(widths: Sequence[int], width: int) -> tuple[nn.Sequential, int]:
     """Stride-2 3x3 convolutions with LeakyReLU; returns the stack and its output width."""
     layers: list[nn.Module] = []
@@ -121,6 +133,8 @@ class DoseAnatomyEncoder(nn.Module):
         self.region_features = nn.Sequential(*layers)
         self.region_projection = _projection(2 * width, embedding_dim)
         self.region_classifier = nn.Linear(embedding_dim, num_regions)
+        for stack in (self.dose_features, self.region_features):
+            _keep_scale(stack)
 
     def _centre(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] > self.in_channels:  # a wider 2.5-D slab: its centre slice(s) only, in-plane

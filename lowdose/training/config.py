@@ -144,6 +144,12 @@ class DiffusionConfig:
     scale) is the network's (``network.kwargs``: ``sampling_steps``, ``noise_scale``), so its bundle keeps it."""
 
     loss: str = "l1"  # on the predicted residual: l1 (RDDM's and FoundDiff's) or l2
+    # Region conditioning (network.kwargs.region_classes > 0): training patches carry their slice's one-hot
+    # region from these TotalSegmentator label maps (series -> label map), else lowdose.anatomy.regions' table;
+    # the bundle ships ``region_encoder`` (a DA-CLIP bundle, name or folder), whose region probabilities of each
+    # slice condition the network at inference. Without one, inference passes no region (unknown).
+    label_maps: dict[str, str] = dataclasses.field(default_factory=dict)
+    region_encoder: str | None = None
 
     def check(self, source: str, given: bool, network: str) -> None:
         if given and network != "dose_diffusion":
@@ -186,9 +192,12 @@ class TrainConfig:
         config.output_dir = str((base / config.output_dir).resolve())
         if config.data.simulation_cache:
             config.data.simulation_cache = str((base / config.data.simulation_cache).resolve())
-        config.da_clip.label_maps = {
-            str((base / k).resolve()): str((base / v).resolve()) for k, v in config.da_clip.label_maps.items()
-        }
+        for section in (config.da_clip, config.diffusion):
+            maps = section.label_maps
+            section.label_maps = {str((base / k).resolve()): str((base / v).resolve()) for k, v in maps.items()}
+        encoder = config.diffusion.region_encoder
+        if encoder and ("/" in encoder or encoder.startswith(".")):
+            config.diffusion.region_encoder = str((base / encoder).resolve())  # a folder, not a name under models/
         if config.init_bundle and ("/" in config.init_bundle or config.init_bundle.startswith(".")):
             config.init_bundle = str((base / config.init_bundle).resolve())  # a folder, not a name under models/
         return config

@@ -137,8 +137,8 @@ class RegionLabelledSampler(PairSampler):
         groups: int,
         **pair_sampler: Any,
     ):
-        super().__init__(source, pool_size=0, **pair_sampler)
-        self.regions, self.held_out = regions, held_out
+        super().__init__(source, pool_size=0, regions=regions, **pair_sampler)
+        self.held_out = held_out
         self.candidates = [(v, k) for v, k in self.candidates if int(regions[v][k]) not in held_out]
         if not self.candidates:
             raise LowdoseError("every training slice is of a held-out region (da_clip.held_out_regions)")
@@ -171,6 +171,7 @@ class RegionLabelledSampler(PairSampler):
             lo, hi = first, min(first + RUN_LENGTH, volume.shape[0])
             lows = [self._pooled(pick, volume, v, lo, hi, dose, seed) for pick, dose, seed in group]
             for c in range(lo, hi):
+                assert self.regions is not None  # given to this sampler
                 region = int(self.regions[v][c])
                 if region in self.held_out or (volume.hu[c] > BODY_HU).mean() < 0.2:
                     continue
@@ -330,8 +331,9 @@ def evaluate_da_clip(
     return figures
 
 
-def _labelled_volumes(volumes: list[CTVolume], label_maps: dict[str, str]) -> list[np.ndarray]:
-    """Region indices per slice of each volume (label maps keyed by the series path as the config gives it)."""
+def labelled_regions(volumes: list[CTVolume], label_maps: dict[str, str]) -> list[np.ndarray]:
+    """Region indices per slice of each volume (``UNKNOWN`` where nothing tells; label maps keyed by the series
+    path as the config gives it)."""
     resolved = {str(Path(k).resolve()): v for k, v in label_maps.items()}
     out = []
     for volume in volumes:
@@ -353,7 +355,7 @@ def _da_clip_data(config: TrainConfig, held_out: set[int]):
     normalisation = dict(DEFAULT_NORMALISATION)
     data = config.data
     source = load_sources(data.train, "simulated")
-    regions = _labelled_volumes(source.normal, config.da_clip.label_maps)
+    regions = labelled_regions(source.normal, config.da_clip.label_maps)
     runs = max(1, data.slices_per_epoch // RUN_LENGTH)
     sampler = RegionLabelledSampler(
         source,
@@ -380,7 +382,7 @@ def _da_clip_data(config: TrainConfig, held_out: set[int]):
         if validation_volumes
         else []
     )
-    validation_regions = _labelled_volumes(validation_volumes, config.da_clip.label_maps)
+    validation_regions = labelled_regions(validation_volumes, config.da_clip.label_maps)
     return source, regions, sampler, validation, validation_regions
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import kernel, simulate
+from ..anatomy.regions import REGIONS
 from ..bundle import hu_to_input
 from ..errors import LowdoseError
 from ..io import GRID_SUFFIXES, load_ct
@@ -122,8 +123,12 @@ class PairSampler:
         pool_size: int = 0,
         match_source: bool = False,
         single_slice_fraction: float = 0.0,
+        regions: list[np.ndarray] | None = None,
     ):
         self.cache_dir = cache_dir
+        # Region index of every slice of every source (lowdose.anatomy.regions; < 0: unknown): patches then carry
+        # their slice's as a one-hot ``region`` (DA-Diff's region conditioning). None: patches carry none.
+        self.regions = regions
         self.single_slice_fraction = single_slice_fraction
         # One calibration per series (seconds each), reused for every run of slices simulated from it.
         self.noise_models = (
@@ -261,11 +266,11 @@ class PairSampler:
                     "normal": hu_to_input(normal[half : half + 1], self.normalisation),
                     "body": (normal[half : half + 1] > BODY_HU).astype(np.float32),
                 }
-                extra = (
-                    {}
-                    if slice_prior is None
-                    else {"organ_probabilities": np.asarray(slice_prior(low_run[c - lo]), dtype=np.float32)}
-                )
+                extra = {}
+                if slice_prior is not None:
+                    extra["organ_probabilities"] = np.asarray(slice_prior(low_run[c - lo]), dtype=np.float32)
+                if self.regions is not None:
+                    extra["region"] = region_one_hot(int(self.regions[v][c]))
                 for patch in crop(item):
                     items.append(
                         {
@@ -313,6 +318,15 @@ class PairSampler:
                 yield np.ascontiguousarray(low), dose
 
 
+def region_one_hot(index: int) -> np.ndarray:
+    """A slice's region index as the one-hot vector over ``REGIONS`` a region-conditioned network takes (all
+    zeros when unknown: index < 0)."""
+    vector = np.zeros(len(REGIONS), dtype=np.float32)
+    if index >= 0:
+        vector[index] = 1.0
+    return vector
+
+
 def validation_set(
     volumes: list[CTVolume],
     doses: list[float],
@@ -320,8 +334,10 @@ def validation_set(
     slices_per_volume: int,
     seed: int = 12345,
     match_source: bool = False,
+    regions: list[np.ndarray] | None = None,
 ) -> list[dict]:
-    """Fixed full slices for validation: the same simulated noise every epoch (HU, not normalised)."""
+    """Fixed full slices for validation: the same simulated noise every epoch (HU, not normalised); with
+    ``regions`` (per slice of each volume, as ``PairSampler`` takes them) each carries its one-hot ``region``."""
     items = []
     for v, volume in enumerate(volumes):
         match = (simulate.source_noise_model(volume, seed=seed) or False) if match_source else False
@@ -332,7 +348,8 @@ def validation_set(
                 normal = slab(volume.hu, k, channels)
                 stack = CTVolume(hu=normal, spacing_mm=volume.spacing_mm)
                 low = simulate.simulate_low_dose(stack, dose, seed=seed + 1000 * v + k, match_source=match).hu
-                items.append(
-                    {"low_hu": low, "normal_hu": normal[channels // 2], "dose": float(dose), "volume": v, "slice": k}
-                )
+                item = {"low_hu": low, "normal_hu": normal[channels // 2], "dose": float(dose), "volume": v, "slice": k}
+                if regions is not None:
+                    item["region"] = region_one_hot(int(regions[v][k]))
+                items.append(item)
     return items

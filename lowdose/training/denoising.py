@@ -46,10 +46,17 @@ class DenoisingNetworks:
     organ_prior: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(
-        self, low: torch.Tensor, dose: torch.Tensor | None, organ_probabilities: torch.Tensor | None = None
+        self,
+        low: torch.Tensor,
+        dose: torch.Tensor | None,
+        organ_probabilities: torch.Tensor | None = None,
+        region: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The network's output; BioAtt networks also get the slices' organ probabilities."""
-        extra = {} if organ_probabilities is None else {"organ_probabilities": organ_probabilities}
+        """The network's output; BioAtt networks also get the slices' organ probabilities, region-conditioned
+        ones their body region."""
+        extra: dict = {} if organ_probabilities is None else {"organ_probabilities": organ_probabilities}
+        if region is not None:
+            extra["region"] = region
         if self.conditioned or extra:
             return self.network(low, dose if self.conditioned else None, **extra)
         return self.network(low)
@@ -97,12 +104,14 @@ def windowed_ssim_loss(prediction: torch.Tensor, target: torch.Tensor, normalisa
 @dataclasses.dataclass
 class PairBatch:
     """Training pairs on the device, normalised: low-dose slabs, normal-dose centre slices, doses (NaN when
-    unknown), and BioAtt's organ probabilities of each patch's whole slice."""
+    unknown), BioAtt's organ probabilities of each patch's whole slice, and its slice's one-hot body region
+    (region-conditioned DA-Diff)."""
 
     low: torch.Tensor
     normal: torch.Tensor
     dose: torch.Tensor
     organ_probabilities: torch.Tensor | None = None
+    region: torch.Tensor | None = None
 
 
 def pair_batches(
@@ -122,6 +131,7 @@ def pair_batches(
             stacked(batch, "normal"),
             stacked(batch, "dose"),
             stacked(batch, "organ_probabilities") if with_prior else None,
+            stacked(batch, "region") if "region" in batch[0] else None,
         )
 
 
@@ -205,8 +215,8 @@ def evaluate(model: DenoisingNetworks, validation: list[dict], normalisation: di
         return {}
     model.train(False)
 
-    def denoise(low, dose, centre_hu):
-        prediction = model(low, dose, model.organ_prior(low) if model.organ_prior else None)
+    def denoise(low, dose, centre_hu, region):
+        prediction = model(low, dose, model.organ_prior(low) if model.organ_prior else None, region)
         hu = output_to_hu(prediction[0, 0].float().cpu().numpy(), normalisation)
         return np.where(centre_hu > normalisation["hu_max"], centre_hu, hu)  # metal kept as it was
 
@@ -217,11 +227,12 @@ def evaluate(model: DenoisingNetworks, validation: list[dict], normalisation: di
         if estimated is not None:
             dose_errors.append(abs(float(estimated) - item["dose"]) / item["dose"])
         centre_hu = item["low_hu"][channels // 2]
-        hu = denoise(low, torch.tensor([item["dose"]], device=device), centre_hu)
+        region = torch.from_numpy(item["region"])[None].to(device) if "region" in item else None
+        hu = denoise(low, torch.tensor([item["dose"]], device=device), centre_hu, region)
         psnrs.append(psnr(item["normal_hu"], hu))
         ssims.append(ssim(item["normal_hu"], hu))
         if model.conditioned and estimated is not None:
-            auto_psnrs.append(psnr(item["normal_hu"], denoise(low, estimated, centre_hu)))
+            auto_psnrs.append(psnr(item["normal_hu"], denoise(low, estimated, centre_hu, region)))
         input_psnrs.append(psnr(item["normal_hu"], centre_hu))
     figures = {
         "val_psnr_abdomen": float(np.mean(psnrs)),

@@ -51,6 +51,11 @@ class DiffusionObjective(DenoisingObjective):
         residual = centre - batch.normal
         t = 1 - torch.rand(centre.shape[0], device=centre.device, dtype=centre.dtype)  # (0, 1]
         state = network.noisy_state(centre, residual, t, torch.randn_like(residual))
-        dose, regions = network.conditions(centre.shape[0], centre, batch.dose if self.model.conditioned else None)
+        dose, regions = network.conditions(
+            centre.shape[0],
+            centre,
+            batch.dose if self.model.conditioned else None,
+            batch.region if network.region_classes else None,
+        )
         predicted = network.predict_residual(batch.low, state, t, dose, regions)
         return centre - predicted, self.pixel_loss(predicted, residual)

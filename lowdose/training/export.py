@@ -11,6 +11,7 @@ from ..atomic import write_text_atomically
 from ..bundle import Bundle, load_checkpoint, save_bundle
 from ..errors import LowdoseError
 from ..networks import build_network, count_gflops, count_parameters
+from ..networks.da_clip import REGIONS
 from .config import TrainConfig
 from .data import find_ct_inputs
 from .denoising import forward_example
@@ -32,6 +33,7 @@ def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, history: dict 
         estimator_state=state.get("dose_estimator"),
         metadata=_metadata(config, state, history),
         anatomy_encoder=state.get("anatomy_encoder"),
+        region_encoder=_region_encoder(config),
     )
     network = build_network(config.network.name, **config.network.kwargs)
     gflops = count_gflops(network, **forward_example(config.network.kwargs))
@@ -39,6 +41,25 @@ def export_bundle(checkpoint: str | Path, bundle_dir: str | Path, history: dict 
     write_text_atomically(folder / "docs" / "history.json", repository_relative(json.dumps(history, indent=2)))
     write_text_atomically(folder / "docs" / "README.md", model_card(meta, history, count_parameters(network), gflops))
     return folder
+
+
+def _region_encoder(config: TrainConfig) -> dict | None:
+    """The DA-CLIP encoder a region-conditioned DA-Diff bundle ships (``diffusion.region_encoder``), as
+    ``save_bundle`` takes it; None for models without region conditioning or without an encoder named."""
+    if not config.network.kwargs.get("region_classes") or not config.diffusion.region_encoder:
+        return None
+    bundle = Bundle.find(config.diffusion.region_encoder)
+    if bundle.kind != "da_clip":
+        raise LowdoseError(f"{bundle.folder}: diffusion.region_encoder must be a DA-CLIP bundle")
+    regions = list(bundle.metadata.get("regions") or REGIONS)
+    if regions != list(REGIONS):
+        raise LowdoseError(f"{bundle.folder}: its regions {regions} are not the network's {list(REGIONS)}")
+    return {
+        "kwargs": bundle.network_kwargs,
+        "normalisation": dict(bundle.normalisation),
+        "source": bundle.folder.name,
+        "state": load_checkpoint(bundle.weights)["network"],
+    }
 
 
 def _metadata(config: TrainConfig, state: dict, history: dict) -> dict:

@@ -22,7 +22,7 @@ from ..networks.dose_estimator import DoseEstimator
 from .anatomy_terms import AnatomyTerms
 from .checkpoints import RunCheckpoints, new_history, write_history
 from .config import TrainConfig
-from .da_clip import train_da_clip
+from .da_clip import labelled_regions, train_da_clip
 from .data import PairSampler, load_sources, validation_set, with_sharper_kernels
 from .denoising import DenoisingNetworks, DenoisingObjective, forward_example
 from .diffusion import DiffusionObjective, is_diffusion
@@ -138,6 +138,8 @@ def _denoising_objective(
     source = load_sources(data.train, data.mode, data.paired_dose)
     if data.sharper_kernels:
         source.normal = with_sharper_kernels(source.normal, data.sharper_kernels)
+    # DA-Diff's region conditioning: every slice's region, for the patches and the validation slices to carry.
+    by_region = bool(config.network.kwargs.get("region_classes"))
     sampler = PairSampler(
         source,
         data.doses,
@@ -152,12 +154,18 @@ def _denoising_objective(
         data.simulation_pool,
         data.match_source,
         data.single_slice_fraction,
+        labelled_regions(source.normal, config.diffusion.label_maps) if by_region else None,
     )
     validation_volumes = load_sources(data.validation, "simulated").normal if data.validation else []
     validation_volumes = with_sharper_kernels(validation_volumes, data.sharper_kernels)
     validation = (
         validation_set(
-            validation_volumes, data.validation_doses, channels, data.validation_slices, match_source=data.match_source
+            validation_volumes,
+            data.validation_doses,
+            channels,
+            data.validation_slices,
+            match_source=data.match_source,
+            regions=labelled_regions(validation_volumes, config.diffusion.label_maps) if by_region else None,
         )
         if validation_volumes
         else []

@@ -34,6 +34,7 @@ from LowDoseDenoiseLib.dose import DOSE_CHOICES, dose_label
 from LowDoseDenoiseLib.jobs import start_upload
 from LowDoseDenoiseLib.messages import denoise_tooltip
 from LowDoseDenoiseLib.settings import DEFAULT_SERVER_URL, JsonConsentStore, MemorySettings, ModuleSettings
+from LowDoseDenoiseLib.steps import check_steps
 from LowDoseDenoiseLib.strength import DEFAULT_STRENGTH, STRENGTH_CHOICES, parse_strength, strength_label
 from LowDoseDenoiseSlicer import ROLE_ATTRIBUTE, SUMMARY_ATTRIBUTE
 from LowDoseDenoiseSlicer.request_section import RequestSection
@@ -123,8 +124,8 @@ class LowDoseDenoiseWidget(
         self.onServerUrlEdited(self.serverUrl())
 
     def fillChoices(self):
-        """The addresses used before, the dose and strength menus, the denoised-volume list and the fidelity
-        table's columns."""
+        """The addresses used before, the dose and strength menus (the sampling steps menu stays hidden until a
+        diffusion model is chosen), the denoised-volume list and the fidelity table's columns."""
         self.ui.serverUrlComboBox.clear()
         self.ui.serverUrlComboBox.addItems(self.logic.settings.server_urls())
         self.ui.serverUrlComboBox.setEditText(self.logic.settings.server_url())
@@ -143,6 +144,7 @@ class LowDoseDenoiseWidget(
         self.ui.strengthComboBox.setCurrentIndex(
             index if index >= 0 else self.ui.strengthComboBox.findData(DEFAULT_STRENGTH)
         )
+        self.fillSteps(None)
         self.ui.denoisedVolumeSelector.addAttribute("vtkMRMLScalarVolumeNode", ROLE_ATTRIBUTE, "denoised")
         self.ui.denoisedVolumeSelector.setMRMLScene(slicer.mrmlScene)
         self.ui.fidelityTable.setColumnCount(len(results.FIDELITY_COLUMNS))
@@ -214,36 +216,41 @@ class LowDoseDenoiseLogic(ScriptedLoadableModuleLogic, VolumeNodes, ComparisonVi
 
     # -- requests (the network in a BackgroundJob; the scene is touched only in the GUI thread)
 
-    def startDenoise(self, volumeNode, url, model, dose="auto", token=None, strength=DEFAULT_STRENGTH):
+    def startDenoise(self, volumeNode, url, model, dose="auto", token=None, strength=DEFAULT_STRENGTH, steps=None):
         """Export the volume and start the request; poll the returned BackgroundJob (result: DenoiseResult).
-        ``strength``: "low", "medium", "high" or a number in [0, 1] (ValueError, nothing sent, when bad)."""
-        strength = parse_strength(strength)
+        ``strength``: "low", "medium", "high" or a number in [0, 1]; ``steps``: a diffusion model's sampling
+        steps, 1 to 4 (None: the model's own). ValueError, nothing sent, when either is bad."""
+        strength, steps = parse_strength(strength), check_steps(steps)
         return start_upload(
             self.client(url, token),
             lambda: self.exportVolume(volumeNode),
-            lambda client, path, **follow: client.denoise(path, model.task, dose=dose, strength=strength, **follow),
+            lambda client, path, **follow: client.denoise(
+                path, model.task, dose=dose, strength=strength, steps=steps, **follow
+            ),
             name="lowdose-denoise",
         )
 
-    def startFidelity(self, volumeNode, url, model, dose="auto", token=None, strength=DEFAULT_STRENGTH):
+    def startFidelity(self, volumeNode, url, model, dose="auto", token=None, strength=DEFAULT_STRENGTH, steps=None):
         """Export the volume and start the fidelity check (result: FidelityResult with the label maps)."""
-        strength = parse_strength(strength)
+        strength, steps = parse_strength(strength), check_steps(steps)
         return start_upload(
             self.client(url, token),
             lambda: self.exportVolume(volumeNode),
             lambda client, path, **follow: client.fidelity(
-                path, model.model, dose=dose, labels=True, strength=strength, **follow
+                path, model.model, dose=dose, labels=True, strength=strength, steps=steps, **follow
             ),
             name="lowdose-fidelity",
         )
 
-    def denoise(self, volumeNode, url, model, dose="auto", timeout=None, token=None, strength=DEFAULT_STRENGTH):
+    def denoise(
+        self, volumeNode, url, model, dose="auto", timeout=None, token=None, strength=DEFAULT_STRENGTH, steps=None
+    ):
         """Denoise and load the result, waiting while Slicer stays responsive (for scripts and the self-test)."""
         if isinstance(model, str):
             model = next(
                 (m for m in self.client(url, token).models() if model in (m.task, m.model)), None
             ) or ModelInfo(task=model, model=model)
-        job = self.startDenoise(volumeNode, url, model, dose, token=token, strength=strength)
+        job = self.startDenoise(volumeNode, url, model, dose, token=token, strength=strength, steps=steps)
         job.wait(timeout, between=slicer.app.processEvents)
         if not job.done:
             job.cancel()
@@ -251,7 +258,7 @@ class LowDoseDenoiseLogic(ScriptedLoadableModuleLogic, VolumeNodes, ComparisonVi
             raise Cancelled("no result in the given time")
         if job.error is not None:
             raise job.error
-        return self.loadDenoised(volumeNode, job.result, model, strength)
+        return self.loadDenoised(volumeNode, job.result, model, strength, steps)
 
 
 #

@@ -3,6 +3,6 @@
 ``client``: the HTTP client of the lowdose server. ``jobs``: a request in a background thread, polled by the
 GUI. ``settings``: what the module remembers (servers, permission, tokens, choices, time limits). ``dose``:
 the dose as the user gives it. ``strength``: the denoising strength (low, medium, high or a fraction).
-``results``: the fidelity table and the record kept on denoised volumes. ``messages``: every text the module
-shows the user.
+``steps``: a diffusion model's sampling steps. ``results``: the fidelity table and the record kept on denoised
+volumes. ``messages``: every text the module shows the user.
 """

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode, urlsplit
 
+from .steps import check_steps
 from .strength import DEFAULT_STRENGTH, parse_strength
 
 if TYPE_CHECKING:  # settings imports this module
@@ -199,13 +200,16 @@ class Progress:
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
-    """A denoising model the server offers: its infer ``task`` name and the ``model`` (bundle) name."""
+    """A denoising model the server offers: its infer ``task`` name and the ``model`` (bundle) name.
+    ``sampling_steps``: a diffusion model's own sampling steps (``denoise(steps=)`` chooses others); None for a
+    model that is not a diffusion model (it takes no steps)."""
 
     task: str
     model: str
     description: str = ""
     dose_aware: bool = False
     validation: dict = dataclasses.field(default_factory=dict)
+    sampling_steps: int | None = None
 
 
 @dataclasses.dataclass
@@ -398,6 +402,7 @@ class LowDoseClient:
                         description=str(meta.get("description", "")),
                         dose_aware=bool(extra.get("dose_aware")),
                         validation=dict(extra.get("validation") or {}),
+                        sampling_steps=_sampling_steps(extra.get("sampling_steps")),
                     )
                 )
         return found
@@ -422,13 +427,18 @@ class LowDoseClient:
         cancel: threading.Event | None = None,
         result_dir=None,
         strength=DEFAULT_STRENGTH,
+        steps: int | None = None,
     ) -> DenoiseResult:
         """Send the CT in ``volume_path`` (NRRD/NIfTI/MHA, HU) to infer task ``task``; the denoised CT comes back
         to a NIfTI file in a new temporary folder (under ``result_dir`` when given). ``strength``: "low",
-        "medium", "high" or a number in [0, 1] (``strength.parse_strength``; ValueError, nothing sent, when bad)."""
-        strength = parse_strength(strength)
+        "medium", "high" or a number in [0, 1] (``strength.parse_strength``; ValueError, nothing sent, when bad).
+        ``steps``: a diffusion model's sampling steps, 1 to 4 (None: the model's own; ValueError, nothing sent,
+        when bad)."""
+        strength, steps = parse_strength(strength), check_steps(steps)
         volume_path = self._check_upload(volume_path)
         params = {"dose": dose, "strength": strength, "output_format": "nifti"}
+        if steps is not None:
+            params["steps"] = steps
         if output_dtype:
             params["output_dtype"] = output_dtype
         folder = Path(tempfile.mkdtemp(prefix="lowdose-slicer-", dir=result_dir))
@@ -456,13 +466,16 @@ class LowDoseClient:
         result_dir=None,
         fast: bool = True,
         strength=DEFAULT_STRENGTH,
+        steps: int | None = None,
     ) -> FidelityResult:
         """Run the server's fidelity check on the low-dose CT in ``volume_path`` denoised with ``model`` (a
-        model name such as "dose_unet") at ``strength`` (as for ``denoise``); with ``labels`` the label maps and
-        the denoised CT come back too."""
-        strength = parse_strength(strength)
+        model name such as "dose_unet") at ``strength`` and in ``steps`` (as for ``denoise``); with ``labels``
+        the label maps and the denoised CT come back too."""
+        strength, steps = parse_strength(strength), check_steps(steps)
         volume_path = self._check_upload(volume_path)
         params = {"denoise_model": model, "dose": dose, "strength": strength}
+        if steps is not None:
+            params["steps"] = steps
         params.update(labels=bool(labels), fast=bool(fast))
         folder = Path(tempfile.mkdtemp(prefix="lowdose-slicer-fidelity-", dir=result_dir))
         try:
@@ -696,6 +709,14 @@ class _Reporter:
             return
         self.last[stage] = now
         self.callback(Progress(stage, done, total, now - self.started if elapsed is None else elapsed))
+
+
+def _sampling_steps(value) -> int | None:
+    """A model's sampling steps as /info/ gives them; None for none, or for anything but an integer from 1 to 4."""
+    try:
+        return check_steps(value)
+    except ValueError:
+        return None
 
 
 def _check_cancel(cancel: threading.Event | None) -> None:

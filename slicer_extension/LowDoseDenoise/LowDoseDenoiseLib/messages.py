@@ -53,6 +53,16 @@ def dose_tooltip(model: ModelInfo) -> str:
     return "This model does not use the dose."
 
 
+def steps_tooltip(model: ModelInfo) -> str:
+    """What the sampling steps menu is for, with this model."""
+    if model.sampling_steps is None:
+        return "This model is not a diffusion model: it takes no sampling steps."
+    return (
+        "How many steps the diffusion model samples in: each step is one more pass of the network, so 1 is the "
+        f"fastest; {model.sampling_steps}, marked, is the model's default."
+    )
+
+
 def consent_question(url: str) -> str:
     """The question asked before the first volume goes to a server; ValueError when ``url`` is no address."""
     key = server_key(url)

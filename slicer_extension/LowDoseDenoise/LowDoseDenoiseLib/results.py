@@ -1,10 +1,12 @@
 """The server's answers made ready for display: the fidelity report as table rows and cells, the structures'
-names and colours, and the record kept on each denoised volume (which model, dose and strength made it)."""
+names and colours, and the record kept on each denoised volume (which model, dose, strength and sampling steps
+made it)."""
 
 from __future__ import annotations
 
 import json
 
+from .steps import steps_name
 from .strength import strength_fraction, strength_name
 
 FIDELITY_COLUMNS = (
@@ -111,19 +113,24 @@ def structure_colour(value: int) -> tuple[float, float, float]:
 # ----------------------------------------------------------------------------------------- denoised volumes
 
 
-def denoised_volume_name(original_name: str, model_name: str, strength=None) -> str:
+def denoised_volume_name(original_name: str, model_name: str, strength=None, steps: int | None = None) -> str:
     """The name of a denoised volume: ``<input>_denoised_<model>_<strength>`` ("..._medium", "..._0.5"; without
-    the strength when None). The scene makes it unique."""
+    the strength when None), then a diffusion model's sampling steps ("..._medium_2steps"). The scene makes it
+    unique."""
     name = f"{original_name}_denoised_{model_name}"
-    return name if strength is None else f"{name}_{strength_name(strength)}"
+    name = name if strength is None else f"{name}_{strength_name(strength)}"
+    return name if steps is None else f"{name}_{steps_name(steps)}"
 
 
-def denoised_record(model_name: str, task: str, summary: dict, strength=None) -> str:
+def denoised_record(model_name: str, task: str, summary: dict, strength=None, steps: int | None = None) -> str:
     """The JSON text kept on a denoised volume: the model, its task and the server's summary (dose used,
-    strength...). ``strength``, the strength asked for, is recorded (as a fraction) when the summary has none."""
+    strength, sampling steps...). ``strength`` and ``steps``, those asked for, are recorded (the strength as a
+    fraction) when the summary has none."""
     record = {"model": model_name, "task": task, **summary}
     if record.get("strength") is None and strength is not None:
         record["strength"] = strength_fraction(strength)
+    if record.get("steps") is None and steps is not None:
+        record["steps"] = steps
     return json.dumps(record)
 
 
@@ -138,10 +145,21 @@ def record_strength(record: str | None) -> float | None:
         return None
 
 
-def made_with(record: str | None, model_name: str, dose, strength="medium") -> bool:
+def record_steps(record: str | None) -> int | None:
+    """The sampling steps a denoised volume's record says; None for a model that takes none, a record made
+    before steps existed, or an unreadable record or value."""
+    try:
+        summary = json.loads(record or "")
+    except ValueError:
+        return None
+    steps = summary.get("steps") if isinstance(summary, dict) else None
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+
+
+def made_with(record: str | None, model_name: str, dose, strength="medium", steps: int | None = None) -> bool:
     """Whether the denoised volume with this record was made by ``model_name`` at ``dose``: the same fraction,
-    or for "auto" a dose the model estimated, and at ``strength`` (the same fraction of the noise removal).
-    An unreadable record matches nothing."""
+    or for "auto" a dose the model estimated, at ``strength`` (the same fraction of the noise removal) and in
+    ``steps`` sampling steps (None: a model that takes none). An unreadable record matches nothing."""
     try:
         summary = json.loads(record or "{}")
     except ValueError:
@@ -151,6 +169,8 @@ def made_with(record: str | None, model_name: str, dose, strength="medium") -> b
     found = record_strength(record)
     if found is None or abs(found - strength_fraction(strength)) > 1e-6:
         return False
+    if record_steps(record) != steps or (steps is None and summary.get("steps") is not None):
+        return False  # other steps, or steps that are not a number
     if dose == "auto":
         return summary.get("dose_source") == "estimated"
     try:

@@ -1,5 +1,5 @@
 """What the module remembers between sessions: server addresses, each server's permission and token, the last
-model, dose and strength, and the time limits.
+model, dose, strength and sampling steps, and the time limits.
 
 Everything is kept in a store with QSettings' ``value(key)`` / ``setValue(key, value)`` / ``sync()``: Slicer's
 settings in the module (``qt.QSettings()``), a ``MemorySettings`` in tests, so none of this needs Slicer.
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .client import Timeouts, normalise_token, server_key
+from .steps import check_steps
 from .strength import DEFAULT_STRENGTH
 
 GROUP = "LowDoseDenoise"
@@ -212,6 +213,18 @@ class ModuleSettings:
 
     def set_strength(self, strength: str) -> None:
         self.set("Strength", strength)
+
+    def steps(self) -> int | None:
+        """The last sampling steps chosen for a diffusion model; None (at first, after choosing a model's
+        default, or when unreadable): each model's own."""
+        try:
+            return check_steps(int(str(self.get("SamplingSteps", "")).strip()))
+        except ValueError:
+            return None
+
+    def set_steps(self, steps: int | None) -> None:
+        """Remember ``steps`` (None: each model's own)."""
+        self.set("SamplingSteps", "" if steps is None else str(check_steps(steps)))
 
     def timeouts(self) -> Timeouts:
         """Time limits from ``{Connect,Response,Idle}TimeoutSeconds``; the default for any missing or unreadable."""

@@ -1,5 +1,5 @@
 """The panel's Server section: the server's address and access token, Connect, the permission to send volumes,
-and the models the server offers (with the dose menu that goes with them).
+and the models the server offers (with the dose and sampling steps menus that go with them).
 
 ``ServerSection`` is mixed into LowDoseDenoiseWidget, whose ``setup`` connects these slots.
 """
@@ -7,6 +7,7 @@ and the models the server offers (with the dose menu that goes with them).
 import slicer
 from LowDoseDenoiseLib import messages
 from LowDoseDenoiseLib.client import server_key
+from LowDoseDenoiseLib.steps import STEPS_CHOICES, steps_label
 
 from . import waitCursor
 
@@ -120,4 +121,20 @@ class ServerSection:
             self.logic.settings.set_model_task(model.task)
             self.ui.doseComboBox.setEnabled(model.dose_aware)
             self.ui.doseComboBox.setToolTip(messages.dose_tooltip(model))
+        self.fillSteps(model)
         self.updateButtons()
+
+    def fillSteps(self, model):
+        """The sampling steps menu of ``model``: 1 to 4, its own number marked, the last choice (else its own)
+        chosen; shown and enabled for a diffusion model only."""
+        diffusion = model is not None and model.sampling_steps is not None
+        self.ui.stepsComboBox.clear()
+        if diffusion:
+            for choice in STEPS_CHOICES:
+                self.ui.stepsComboBox.addItem(steps_label(choice, model.sampling_steps), choice)
+            chosen = self.logic.settings.steps() or model.sampling_steps
+            self.ui.stepsComboBox.setCurrentIndex(list(STEPS_CHOICES).index(chosen))
+            self.ui.stepsComboBox.setToolTip(messages.steps_tooltip(model))
+        self.ui.stepsComboBox.setEnabled(diffusion)
+        self.ui.stepsComboBox.setVisible(diffusion)
+        self.ui.stepsLabel.setVisible(diffusion)

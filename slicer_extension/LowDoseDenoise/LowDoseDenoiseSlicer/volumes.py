@@ -10,6 +10,7 @@ import tempfile
 
 import slicer
 from LowDoseDenoiseLib import results
+from LowDoseDenoiseLib.steps import steps_used
 
 from . import ORIGINAL_ATTRIBUTE, ROLE_ATTRIBUTE, SUMMARY_ATTRIBUTE
 
@@ -46,18 +47,22 @@ class VolumeNodes:
             raise ValueError(f"could not write {volumeNode.GetName()} to a temporary file")
         return path, folder
 
-    def loadDenoised(self, original, result, model, strength="medium"):
-        """Load a DenoiseResult as a scalar volume (HU) named after the input, the model and the strength."""
+    def loadDenoised(self, original, result, model, strength="medium", steps=None):
+        """Load a DenoiseResult as a scalar volume (HU) named after the input, the model, the strength and a
+        diffusion model's sampling steps."""
         try:
-            return self.loadDenoisedFile(original, str(result.path), model, result.summary, strength)
+            return self.loadDenoisedFile(original, str(result.path), model, result.summary, strength, steps)
         finally:
             shutil.rmtree(str(result.folder), ignore_errors=True)
 
-    def loadDenoisedFile(self, original, path, model, summary, strength="medium"):
+    def loadDenoisedFile(self, original, path, model, summary, strength="medium", steps=None):
         """Load a denoised CT file beside ``original``, with the record of how it was made (the server's summary;
-        ``strength``, the strength asked for, when the summary does not say)."""
-        record = results.denoised_record(model.model, model.task, summary, strength)
-        name = results.denoised_volume_name(original.GetName(), model.model, results.record_strength(record))
+        ``strength`` and ``steps``, those asked for (None steps: the model's own), when the summary does not
+        say)."""
+        used = steps_used(steps, model.sampling_steps)
+        record = results.denoised_record(model.model, model.task, summary, strength, used)
+        strength, steps = results.record_strength(record), results.record_steps(record)
+        name = results.denoised_volume_name(original.GetName(), model.model, strength, steps)
         name = slicer.mrmlScene.GenerateUniqueName(name)
         node = slicer.util.loadVolume(path, {"name": name, "labelmap": False, "show": False, "singleFile": True})
         node.SetAttribute(ROLE_ATTRIBUTE, "denoised")
@@ -71,26 +76,26 @@ class VolumeNodes:
         self.copyWindowLevel(original, node)
         return node
 
-    def denoisedFor(self, original, model, dose, strength="medium"):
-        """The most recent denoised volume of ``original`` made with ``model`` at ``dose`` and ``strength`` (None
-        when none)."""
+    def denoisedFor(self, original, model, dose, strength="medium", steps=None):
+        """The most recent denoised volume of ``original`` made with ``model`` at ``dose`` and ``strength`` in
+        ``steps`` sampling steps (None: the model's own); None when there is none."""
+        steps = steps_used(steps, model.sampling_steps)
         made = [
             node
             for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
             if node.GetAttribute(ROLE_ATTRIBUTE) == "denoised"
             and node.GetAttribute(ORIGINAL_ATTRIBUTE) == original.GetID()
-            and results.made_with(node.GetAttribute(SUMMARY_ATTRIBUTE), model.model, dose, strength)
+            and results.made_with(node.GetAttribute(SUMMARY_ATTRIBUTE), model.model, dose, strength, steps)
         ]
         return made[-1] if made else None
 
-    def fidelityDenoised(self, original, result, model, dose, strength="medium"):
-        """The denoised volume to show after a fidelity check: one made before with this model, dose and
-        strength, else the check's own denoised scan (loaded), else None."""
-        denoised = self.denoisedFor(original, model, dose, strength)
+    def fidelityDenoised(self, original, result, model, dose, strength="medium", steps=None):
+        """The denoised volume to show after a fidelity check: one made before with this model, dose, strength
+        and sampling steps, else the check's own denoised scan (loaded), else None."""
+        denoised = self.denoisedFor(original, model, dose, strength, steps)
         if denoised is None and "denoised" in result.files:
-            denoised = self.loadDenoisedFile(
-                original, str(result.files["denoised"]), model, result.report.get("denoising", {}), strength
-            )
+            summary = result.report.get("denoising", {})
+            denoised = self.loadDenoisedFile(original, str(result.files["denoised"]), model, summary, strength, steps)
         return denoised
 
     def originalOf(self, node):

@@ -6,6 +6,7 @@ study (new UIDs, description naming model and dose; the original is untouched).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import shutil
 import tempfile
@@ -19,6 +20,8 @@ from lowdose import save_ct
 from lowdose.bundle import Bundle
 from lowdose.dose import parse_dose
 from lowdose.names import is_safe_name
+from lowdose.networks import DoseDiffusion
+from lowdose.networks.dose_diffusion import MAX_SAMPLING_STEPS
 from lowdose.strength import DEFAULT_STRENGTH, parse_strength
 
 from ..datastore import PacsDatastore
@@ -43,12 +46,38 @@ def discover_models(options: AppOptions) -> dict[str, Bundle]:
     return found
 
 
+def sampling_steps(bundle: Bundle) -> int | None:
+    """The sampling steps a diffusion model samples with unless a request asks for others (its bundle's);
+    None for a model that is not a diffusion model (it takes no steps)."""
+    if bundle.network_name != "dose_diffusion":
+        return None
+    default = inspect.signature(DoseDiffusion).parameters["sampling_steps"].default
+    return int(bundle.network_kwargs.get("sampling_steps", default))
+
+
+def parse_steps(request: dict, model: str, bundle: Bundle) -> int | None:
+    """A request's ``steps`` for ``model``: None (the model's own), or an integer from 1 to 4 for a diffusion
+    model; ValueError (400) for anything else, before any CT is read."""
+    steps = request.get("steps")
+    if steps is None:
+        return None
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_SAMPLING_STEPS:
+        raise ValueError(
+            f"steps must be an integer from 1 to {MAX_SAMPLING_STEPS} (a diffusion model's sampling steps): "
+            f"{steps!r}"
+        )
+    if sampling_steps(bundle) is None:
+        raise ValueError(f"model {model} is not a diffusion model: it takes no sampling steps")
+    return steps
+
+
 class DenoiseTask(InferTask):
     """Denoise with one lowdose model bundle (loaded on first use, then kept)."""
 
     def __init__(self, name: str, bundle: Bundle, options: AppOptions, datastore=None):
         psnr = bundle.validation.get("val_psnr_abdomen")
         figure = f"; validation PSNR {psnr:.2f} dB" if psnr is not None else ""
+        steps = sampling_steps(bundle)
         super().__init__(
             type=InferType.OTHERS,  # image to image: MONAI Label has no type for it
             labels=None,
@@ -61,6 +90,7 @@ class DenoiseTask(InferTask):
                 "output_dtype": options.output_dtype,
                 "output_format": "nifti",
                 "store_to_pacs": options.store_to_pacs,
+                **({} if steps is None else {"steps": steps}),  # only a diffusion model takes steps
             },
         )
         self.model_name = name
@@ -78,6 +108,7 @@ class DenoiseTask(InferTask):
             "model": self.model_name,
             "network": self.bundle.network,
             "dose_aware": self.bundle.dose_estimator is not None,
+            "sampling_steps": sampling_steps(self.bundle),  # a diffusion model's default steps; None: no steps
             "validation": self.bundle.validation,
         }
         return info
@@ -85,9 +116,7 @@ class DenoiseTask(InferTask):
     def __call__(self, request):
         dose = parse_dose(request.get("dose", "auto"))
         strength = parse_strength(request.get("strength", DEFAULT_STRENGTH))
-        steps = request.get("steps")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 4):
-            raise ValueError(f"steps must be an integer from 1 to 4 (a diffusion model's sampling steps): {steps!r}")
+        steps = parse_steps(request, self.model_name, self.bundle)
         dtype = str(request.get("output_dtype", self.options.output_dtype))
         if dtype not in ("int16", "float32"):
             raise ValueError(f"output_dtype must be int16 or float32; got {dtype!r}")
@@ -97,7 +126,7 @@ class DenoiseTask(InferTask):
 
         volume = read_ct(request["image"], self.options.input_limits())
         model = denoiser(self.bundle.folder, self.options.device, self.options.batch_size)
-        result = model(volume, dose=dose, strength=strength, steps=steps)  # steps of a non-diffusion model: refused
+        result = model(volume, dose=dose, strength=strength, steps=steps)
         denoised, description = result.volume, result.description
         if not denoised.is_regular_grid:
             output_format = "dicom"  # tilted or irregular slices have no NIfTI grid; DICOM keeps each position
@@ -117,6 +146,7 @@ class DenoiseTask(InferTask):
             "dose_source": result.dose_source,
             "dose_detail": result.dose_detail,
             "strength": result.strength,
+            "steps": sampling_steps(self.bundle) if steps is None else steps,  # None: not a diffusion model
             "description": description,
             "seconds": result.seconds,
             "device": result.device,

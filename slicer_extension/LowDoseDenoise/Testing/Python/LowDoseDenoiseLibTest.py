@@ -6,6 +6,7 @@ version Slicer ships. The full client is tested against the real server in tests
 """
 
 import gzip
+import http.server
 import json
 import shutil
 import socket
@@ -23,10 +24,25 @@ if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
 from LowDoseDenoiseLib import client as lib  # noqa: E402
-from LowDoseDenoiseLib import dose, messages, results, settings, strength  # noqa: E402
+from LowDoseDenoiseLib import dose, messages, results, settings, steps, strength  # noqa: E402
 from LowDoseDenoiseLib.jobs import BackgroundJob, start_upload  # noqa: E402
 
 TOKEN = "s3cret-token-value"
+BAD_STEPS = (0, 5, -1, "2", True, 2.5, [2], "")  # what the client refuses before sending anything
+
+INFO = {  # /info/ of a server with a diffusion model, a model that is not one, and one from before steps existed
+    "name": "lowdose",
+    "lowdose": {"version": "0.5.0"},
+    "models": {
+        "denoise_dose_diffusion": {
+            "description": "DA-Diff.",
+            "lowdose": {"task": "denoise", "model": "dose_diffusion", "dose_aware": True, "sampling_steps": 2},
+        },
+        "denoise_dose_unet": {"lowdose": {"task": "denoise", "model": "dose_unet", "sampling_steps": None}},
+        "denoise_redcnn": {"lowdose": {"task": "denoise", "model": "redcnn"}},
+        "fidelity": {"description": "fidelity check"},
+    },
+}
 
 REPORT = {  # a fidelity report as the server writes it (fidelity.json), three structures
     "study": {"verdict": "changed", "summary": "1 of 2 structures changed"},
@@ -62,6 +78,24 @@ def nifti_header(dims=(3, 8, 8, 4)) -> bytes:
     struct.pack_into("<f", header, 108, 352.0)  # vox_offset
     header[344:348] = b"n+1\x00"
     return bytes(header) + b"\x00\x00\x00\x00"
+
+
+class _StandIn(http.server.BaseHTTPRequestHandler):
+    """A server that keeps the params JSON of each POST and answers with ``reply`` (status, type, body)."""
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        rest = body.partition(b'name="params"\r\n\r\n')[2]
+        self.server.params.append(json.loads(rest.split(b"\r\n--", 1)[0]) if rest else None)
+        status, content_type, answer = self.server.reply
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args):
+        pass
 
 
 def memory_store():
@@ -202,6 +236,63 @@ class ClientTest(FolderTestCase):
             self.assertIn("strength", str(caught.exception))
             with self.assertRaises(ValueError):
                 client.fidelity(volume, "x", strength=bad)
+
+    def test_bad_steps_are_refused_before_anything_is_sent(self):
+        volume = self.folder / "v.nii"
+        volume.write_bytes(nifti_header() + bytes(512))
+        client = lib.LowDoseClient("http://127.0.0.1:9", settings.JsonConsentStore(self.folder / "consent.json"))
+        client.consent.allow(client.url)  # port 9: nothing listens, yet no connection is even tried
+        for bad in BAD_STEPS:
+            with self.assertRaises(ValueError) as caught:
+                client.denoise(volume, "denoise_dose_diffusion", steps=bad)
+            self.assertIn("steps", str(caught.exception))
+            with self.assertRaises(ValueError) as caught:
+                client.fidelity(volume, "dose_diffusion", steps=bad)
+            self.assertIn("steps", str(caught.exception))
+
+    def test_the_steps_go_in_the_params_only_when_given(self):
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StandIn)
+        httpd.params = []
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        try:
+            client = lib.LowDoseClient(
+                f"http://127.0.0.1:{httpd.server_address[1]}", settings.JsonConsentStore(self.folder / "c.json")
+            )
+            client.consent.allow(client.url)
+            volume = self.folder / "v.nii"
+            volume.write_bytes(nifti_header() + bytes(512))
+            httpd.reply = (200, "application/octet-stream", gzip.compress(volume.read_bytes()))
+            for asked in (None, 1, 4):
+                shutil.rmtree(str(client.denoise(volume, "denoise_dose_diffusion", steps=asked).folder))
+            for bad in BAD_STEPS:
+                self.assertRaises(ValueError, client.denoise, volume, "denoise_dose_diffusion", steps=bad)
+            report = {"study": {"verdict": "kept"}, "structures": []}
+            httpd.reply = (200, "application/json", json.dumps(report).encode())
+            for asked in (None, 3):
+                self.assertEqual(client.fidelity(volume, "dose_diffusion", labels=False, steps=asked).report, report)
+            for bad in BAD_STEPS:
+                self.assertRaises(ValueError, client.fidelity, volume, "dose_diffusion", steps=bad)
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
+        sent = httpd.params
+        self.assertEqual(len(sent), 5)  # the bad ones were never sent
+        self.assertEqual([p.get("steps", "absent") for p in sent], ["absent", 1, 4, "absent", 3])
+        self.assertEqual((sent[1]["strength"], sent[4]["denoise_model"]), ("medium", "dose_diffusion"))
+
+    def test_each_models_sampling_steps_come_from_the_server_info(self):
+        client = lib.LowDoseClient("http://127.0.0.1:9", settings.JsonConsentStore(self.folder / "c.json"))
+        models = client.models(INFO)
+        self.assertEqual([m.task for m in models], ["denoise_dose_diffusion", "denoise_dose_unet", "denoise_redcnn"])
+        self.assertEqual([m.sampling_steps for m in models], [2, None, None])  # redcnn's server predates steps
+        self.assertEqual(lib.ModelInfo(task="t", model="m").sampling_steps, None)
+        for junk in ("2", True, 0, 9, 2.5, [2]):  # a value no server sends is no number of steps
+            info = json.loads(json.dumps(INFO))
+            info["models"]["denoise_dose_diffusion"]["lowdose"]["sampling_steps"] = junk
+            self.assertIsNone(client.models(info)[0].sampling_steps, junk)
+        info["models"]["denoise_dose_diffusion"]["lowdose"]["sampling_steps"] = 4
+        self.assertEqual(client.models(info)[0].sampling_steps, 4)
 
     def test_closed_port_is_server_unreachable(self):
         with socket.socket() as s:
@@ -372,6 +463,26 @@ class SettingsTest(FolderTestCase):
         self.assertTrue(again.consent().is_allowed("http://gpu:8000"))
         self.assertEqual(again.tokens().get("http://gpu:8000"), TOKEN)
 
+    def test_the_sampling_steps_chosen_are_remembered(self):
+        store = settings.MemorySettings()
+        module = settings.ModuleSettings(store)
+        self.assertIsNone(module.steps())  # at first: each model's own
+        module.set_steps(4)
+        self.assertEqual((store.values["LowDoseDenoise/SamplingSteps"], module.steps()), ("4", 4))
+        self.assertEqual(settings.ModuleSettings(store).steps(), 4)  # the next session
+        module.set_steps(None)
+        self.assertEqual((store.values["LowDoseDenoise/SamplingSteps"], module.steps()), ("", None))
+        for bad in (0, 5, "2", True):
+            self.assertRaises(ValueError, module.set_steps, bad)
+        self.assertIsNone(module.steps())
+        for junk in ("0", "9", "two", "2.5", "-1"):  # damaged settings: each model's own, no crash
+            self.assertIsNone(
+                settings.ModuleSettings(settings.MemorySettings({"LowDoseDenoise/SamplingSteps": junk})).steps()
+            )
+        self.assertEqual(
+            settings.ModuleSettings(settings.MemorySettings({"LowDoseDenoise/SamplingSteps": 3})).steps(), 3
+        )
+
     def test_time_limits_fall_back_to_the_defaults(self):
         default = lib.Timeouts()
         self.assertEqual(settings.ModuleSettings(settings.MemorySettings()).timeouts(), default)
@@ -511,6 +622,37 @@ class ResultsTest(unittest.TestCase):
         self.assertEqual(name("chest CT", "dose_unet", 1.0), "chest CT_denoised_dose_unet_high")
         self.assertEqual(name("chest CT", "dose_unet", 0.55), "chest CT_denoised_dose_unet_0.55")
 
+    def test_a_volume_denoised_in_other_sampling_steps_is_not_taken_for_it(self):
+        summary = {"dose_fraction": 0.25, "dose_source": "given", "strength": 0.7, "steps": 2}
+        two = results.denoised_record("dose_diffusion", "denoise_dose_diffusion", summary, "medium", 4)
+        self.assertEqual(results.record_steps(two), 2)  # the server's wins over the steps asked for
+        self.assertTrue(results.made_with(two, "dose_diffusion", 0.25, "medium", 2))
+        self.assertFalse(results.made_with(two, "dose_diffusion", 0.25, "medium", 4))
+        self.assertFalse(results.made_with(two, "dose_diffusion", 0.25, "medium"))  # steps None: no steps
+        # a summary without the steps (a server from before them) records the steps asked for
+        asked = results.denoised_record("dose_diffusion", "t", {"dose_fraction": 0.25, "dose_source": "given"}, 1.0, 4)
+        self.assertEqual((results.record_steps(asked), json.loads(asked)["steps"]), (4, 4))
+        self.assertTrue(results.made_with(asked, "dose_diffusion", 0.25, "high", 4))
+        self.assertFalse(results.made_with(asked, "dose_diffusion", 0.25, "high", 2))
+        # a model that takes no steps: its record has none, and it matches only no steps
+        plain = results.denoised_record(
+            "dose_unet", "t", {"dose_fraction": 0.25, "dose_source": "given", "steps": None}
+        )
+        self.assertIsNone(results.record_steps(plain))
+        self.assertTrue(results.made_with(plain, "dose_unet", 0.25, "high"))
+        self.assertFalse(results.made_with(plain, "dose_unet", 0.25, "high", 2))
+        for junk in ("2", True, 2.5, [2]):  # steps that are not a number match nothing
+            record = json.dumps({"model": "dose_diffusion", "dose_fraction": 0.25, "strength": 1.0, "steps": junk})
+            self.assertIsNone(results.record_steps(record), junk)
+            for asked in (None, 1, 2):
+                self.assertFalse(results.made_with(record, "dose_diffusion", 0.25, "high", asked), (junk, asked))
+        for junk in (None, "", "{not json", "[2]"):
+            self.assertIsNone(results.record_steps(junk), junk)
+        name = results.denoised_volume_name
+        self.assertEqual(name("ct", "dose_diffusion", "medium", 2), "ct_denoised_dose_diffusion_medium_2steps")
+        self.assertEqual(name("ct", "dose_diffusion", 1.0, 1), "ct_denoised_dose_diffusion_high_1step")
+        self.assertEqual(name("ct", "dose_unet", "medium", None), "ct_denoised_dose_unet_medium")
+
 
 class StrengthTest(unittest.TestCase):
     """strength.py: the denoising strength as the user gives it (low / medium / high, or a fraction)."""
@@ -536,6 +678,35 @@ class StrengthTest(unittest.TestCase):
         self.assertEqual(labels, ["Low", "Medium", "High"])
         for choice, label in zip(strength.STRENGTH_CHOICES, labels):
             self.assertEqual(strength.parse_strength(label), choice)
+
+
+class StepsTest(unittest.TestCase):
+    """steps.py: a diffusion model's sampling steps as the menu shows them and the client sends them."""
+
+    def test_check_steps(self):
+        self.assertEqual(steps.STEPS_CHOICES, (1, 2, 3, 4))
+        self.assertIsNone(steps.check_steps(None))
+        for good in steps.STEPS_CHOICES:
+            self.assertEqual(steps.check_steps(good), good)
+        for bad in BAD_STEPS + (10**9, 4.0, "4"):
+            with self.assertRaises(ValueError) as caught:
+                steps.check_steps(bad)
+            self.assertIn("sampling steps must be an integer from 1 to 4", str(caught.exception))
+
+    def test_every_menu_text_reads_back_as_its_choice_and_the_default_is_marked(self):
+        labels = [steps.steps_label(choice, 2) for choice in steps.STEPS_CHOICES]
+        self.assertEqual(labels, ["1", "2 (model default)", "3", "4"])
+        for choice in steps.STEPS_CHOICES:
+            self.assertEqual(steps.steps_choice(steps.steps_label(choice, choice)), choice)
+            self.assertEqual(steps.steps_choice(steps.steps_label(choice, None)), choice)
+        for bad in ("", None, "0", "5", "two", "\u00b2", "-1", "2.5"):
+            self.assertRaises(ValueError, steps.steps_choice, bad)
+
+    def test_the_steps_used_are_those_asked_else_the_models_own(self):
+        self.assertEqual(steps.steps_used(None, 2), 2)
+        self.assertEqual(steps.steps_used(4, 2), 4)
+        self.assertIsNone(steps.steps_used(None, None))
+        self.assertEqual([steps.steps_name(k) for k in (1, 2, 4)], ["1step", "2steps", "4steps"])
 
 
 class MessagesTest(unittest.TestCase):
@@ -569,6 +740,9 @@ class MessagesTest(unittest.TestCase):
         self.assertEqual(messages.model_label(self.MODEL), "dose_unet  (dose-aware)")
         self.assertEqual(messages.model_label(plain), "redcnn")
         self.assertNotEqual(messages.dose_tooltip(self.MODEL), messages.dose_tooltip(plain))
+        diffusion = lib.ModelInfo(task="denoise_dose_diffusion", model="dose_diffusion", sampling_steps=2)
+        self.assertIn("2, marked, is the model's default", messages.steps_tooltip(diffusion))
+        self.assertIn("not a diffusion model", messages.steps_tooltip(plain))
 
     def test_the_consent_question_says_where_the_volume_goes(self):
         for url in ("http://127.0.0.1:8000", "http://localhost:9000/", "http://[::1]:8000"):
@@ -631,7 +805,7 @@ class MessagesTest(unittest.TestCase):
         self.assertIn("Send the volume", messages.denoise_tooltip(True, True))
 
 
-TEST_CASES = (ClientTest, JobsTest, SettingsTest, DoseTest, ResultsTest, MessagesTest)
+TEST_CASES = (ClientTest, JobsTest, SettingsTest, DoseTest, ResultsTest, StrengthTest, StepsTest, MessagesTest)
 
 
 def runTest():
