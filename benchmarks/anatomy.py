@@ -30,6 +30,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from denoising import compared_bundles  # noqa: E402  (LABEL=BUNDLE[:STEPS], as denoising.py reads them)
 
 from lowdose import load_ct, sample_ct_path, simulate_low_dose  # noqa: E402
 from lowdose.anatomy import ANATOMY_GROUPS  # noqa: E402
@@ -150,6 +153,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", action="store_true", help="fine-tune the variants first (about an hour on 2 cores)")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--compare",
+        nargs="*",
+        default=[],
+        metavar="LABEL=BUNDLE[:STEPS]",
+        help="score these bundles beside the shipped dose_unet instead of the variants (e.g. a diffusion model)",
+    )
+    parser.add_argument("--name", default="anatomy", help="results file name under benchmarks/results/")
     args = parser.parse_args()
     if args.train:
         train_variants(args.variants)
@@ -169,15 +180,22 @@ def main() -> None:
 
     instrument = dice_per_group(seg_reference, to_groups(labels_ts, names))
 
-    methods = {label: name for label, name in SHIPPED.items() if name in available_models()}
-    methods.update({label: str(RUNS / f"anatomy_{v}") for v, label in VARIANTS.items() if v in args.variants})
+    methods: dict[str, tuple[str, int | None]] = {
+        label: (name, None) for label, name in SHIPPED.items() if name in available_models()
+    }
+    if args.compare:  # the compared bundles beside the shipped default, no variants
+        methods = {PLAIN: ("dose_unet", None), **compared_bundles(args.compare)}
+    else:
+        methods.update(
+            {label: (str(RUNS / f"anatomy_{v}"), None) for v, label in VARIANTS.items() if v in args.variants}
+        )
     rows, examples, budgets = [], {}, {}
     for dose_name, dose in DOSES.items():
         low = simulate_low_dose(normal, dose, seed=2024)
         seg_low = segmenter.segment(low)
         entries = {"low-dose input": low.hu}
-        for label, model in methods.items():
-            denoiser = Denoiser(model, device="cpu")
+        for label, (model, steps) in methods.items():
+            denoiser = Denoiser(model, device="cpu", steps=steps)
             entries[label] = denoiser(low, dose=dose).volume.hu
             history = Path(model) / "docs" / "history.json"
             if history.is_file():
@@ -211,7 +229,47 @@ def main() -> None:
             if dose_name == "1/10":
                 examples[label] = denoised[normal.shape[0] // 2]
     examples["normal dose"] = normal.hu[normal.shape[0] // 2]
-    write_results(rows, budgets, instrument, args, normal, examples)
+    if args.compare:
+        write_comparison(rows, budgets, args)
+    else:
+        write_results(rows, budgets, instrument, args, normal, examples)
+
+
+def figures_table(rows) -> list[str]:
+    """One line per dose and method: PSNR, SSIM, edges, NPS f, group Dice, HU errors."""
+    header = "| dose | method | PSNR abd (dB) | SSIM abd | edges | NPS f | group Dice | mean / max abs HU error |"
+    lines = [header, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(
+            f"| {r['dose']} | {r['method']} | {r['psnr_abdomen']:.2f} | {r['ssim_abdomen']:.4f} | "
+            f"{r['edge_sharpness']:.3f} | {r['nps_mean_frequency_ratio']:.3f} | {r['mean_group_dice']:.4f} | "
+            f"{r['mean_abs_hu_error']:.2f} / {r['max_abs_hu_error']:.2f} |"
+        )
+    return lines
+
+
+def write_comparison(rows, budgets, args) -> None:
+    """``--compare``'s report: the fidelity figures of the compared bundles beside the shipped dose_unet."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"rows": rows, "budgets": budgets}, indent=2))
+    lines = [
+        f"# Fidelity figures: {', '.join(label for label, _ in compared_bundles(args.compare).items())}",
+        "",
+        f"Command: `.venv/bin/python benchmarks/anatomy.py --compare {' '.join(args.compare)} --name {args.name}` "
+        f"on {platform.machine()} with {os.cpu_count()} cores, CPU only, {time.strftime('%Y-%m-%d')}.",
+        "",
+        "The bundled sample (abdomen, all 20 slices; a validation series of the shipped models, never trained on), "
+        "simulated at 1/4 and 1/10 dose (seed 2024), denoised with the true dose. Figures as in `anatomy.md`: "
+        "edges (sharpness of soft-tissue edges, denoised / normal dose), NPS f (noise texture in liver and spleen, "
+        "denoised / normal dose), group Dice (lowdose's anatomy encoder on the denoised vs the normal-dose scan: the "
+        "fidelity check's comparison) and the HU error of the sample's TotalSegmentator structures "
+        f"(>= {MIN_VOXELS} voxels).",
+        "",
+        *figures_table(rows),
+        "",
+    ]
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
 
 
 # (figure, label, higher is better, smallest change that counts)
@@ -297,14 +355,7 @@ def write_results(rows, budgets, instrument, args, normal, examples) -> None:
         f"(>= {MIN_VOXELS} voxels) of |mean HU denoised - mean HU normal dose|.",
         "",
     ]
-    header = "| dose | method | PSNR abd (dB) | SSIM abd | edges | NPS f | group Dice | mean / max abs HU error |"
-    lines += [header, "|" + "---|" * 8]
-    for r in rows:
-        lines.append(
-            f"| {r['dose']} | {r['method']} | {r['psnr_abdomen']:.2f} | {r['ssim_abdomen']:.4f} | "
-            f"{r['edge_sharpness']:.3f} | {r['nps_mean_frequency_ratio']:.3f} | {r['mean_group_dice']:.4f} | "
-            f"{r['mean_abs_hu_error']:.2f} / {r['max_abs_hu_error']:.2f} |"
-        )
+    lines += figures_table(rows)
     groups = [g for g in ANATOMY_GROUPS.values() if any(g in r["group_dice"] for r in rows)]
     lines += [
         "",

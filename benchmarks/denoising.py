@@ -354,7 +354,7 @@ def main() -> None:
         previous = args.previous if Path(args.previous, "configs", "metadata.json").is_file() else None
         if previous is None:
             print(f"no dose_unet v2 bundle at {args.previous}: its rows are skipped (see the model card to get it)")
-        chosen = methods(before, set(args.methods) if args.methods else None, previous, _compared(args.compare))
+        chosen = methods(before, set(args.methods) if args.methods else None, previous, compared_bundles(args.compare))
         for series in [s for s in TEST_SERIES if not args.series or s.path in args.series]:
             run_series(series, chosen, args.max_slices, args.again)
         if not args.skip_normal:
@@ -364,7 +364,7 @@ def main() -> None:
     report(sys.argv[1:])
 
 
-def _compared(specs: list[str]) -> dict:
+def compared_bundles(specs: list[str]) -> dict:
     """``LABEL=BUNDLE[:STEPS]`` -> {label: (bundle folder, steps or None)}."""
     out = {}
     for spec in specs:

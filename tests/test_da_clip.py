@@ -27,6 +27,7 @@ from lowdose.totalseg import total_class_names
 from lowdose.training.da_clip import dose_rank_contrastive_loss, source_regions, supervised_contrastive_loss
 
 from .conftest import SAMPLE_DICOM, SAMPLE_SEG, shared
+from .test_dose_diffusion import TINY, TINY_KWARGS
 
 
 def test_embeddings_are_unit_norm_of_the_right_shapes_and_read_the_centre_slice():
@@ -212,34 +213,15 @@ def test_region_conditioned_diffusion_trains_on_labelled_patches_and_ships_the_e
 
     root = tiny_da_clip / "diffusion"
     root.mkdir()
-    config = {
+    config = {  # dose_diffusion's tiny run, with region conditioning and no dose estimator
+        **TINY,
         "name": "tiny_region_diffusion",
-        "seed": 2,
-        "device": "cpu",
-        "output_dir": "run",
-        "data": {
-            "train": [str(SAMPLE_DICOM)],
-            "validation": [str(SAMPLE_DICOM)],
-            "doses": [0.25],
-            "validation_doses": [0.25],
-            "patch_size": 48,
-            "patches_per_slice": 4,
-            "slices_per_epoch": 8,
-            "validation_slices": 1,
-            "simulation_pool": 2,
-        },
+        "data": {**TINY["data"], "doses": [0.25]},
         "network": {
             "name": "dose_diffusion",
-            "kwargs": {
-                "in_channels": 3,
-                "features": [8, 16],
-                "blocks_per_level": [1, 1],
-                "embedding_dim": 16,
-                "dose_conditioning": True,
-                "region_classes": len(REGIONS),
-            },
+            "kwargs": {**TINY_KWARGS, "dose_conditioning": True, "region_classes": len(REGIONS)},
             "dose_estimator": False,
-        },  # fmt: skip
+        },
         "diffusion": {
             "label_maps": {str(SAMPLE_DICOM): str(SAMPLE_SEG)},
             "region_encoder": str(tiny_da_clip / "bundle"),
