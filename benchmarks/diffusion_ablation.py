@@ -148,6 +148,36 @@ def unseen_dose_table(rows: list[dict], role: str = "test") -> list[str]:
     return lines
 
 
+def paired_table(rows: list[dict], reference: str = "dose") -> list[str]:
+    """Each method against ``reference`` on the same cases (series, slice, dose) of the test series: the mean
+    PSNR difference with its 95 % interval (t distribution over the cases), so a difference smaller than the
+    spread between cases is not read as a gain."""
+    from scipy import stats
+
+    test = [r for r in rows if r["role"] != "held-out region"]
+    base = {(r["series"], r["slice"], r["dose"]): r["psnr_abdomen"] for r in test if r["method"] == reference}
+    if not base:
+        return []
+    lines = [f"| method | PSNR - {reference} (dB), mean [95 % interval] | cases |", "|---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in test):
+        if method in (reference, "low-dose input"):
+            continue
+        diffs = np.array(
+            [
+                r["psnr_abdomen"] - base[key]
+                for r in test
+                if r["method"] == method and (key := (r["series"], r["slice"], r["dose"])) in base
+            ]
+        )
+        if len(diffs) < 2:
+            continue
+        half = float(stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs)))
+        lines.append(
+            f"| {method} | {diffs.mean():+.2f} [{diffs.mean() - half:+.2f}, {diffs.mean() + half:+.2f}] | {len(diffs)} |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=str(bench.REPO / "runs" / "ablation"), help="folder of the arms' runs")
@@ -179,6 +209,10 @@ def main() -> None:
         "## Held-out region: head and neck (no arm and no DA-CLIP encoder was trained on it)",
         "",
         *table(rows, "held-out region"),
+        "",
+        "## Paired differences, held-out test series (every dose)",
+        "",
+        *paired_table(rows),
         "",
         "## Unseen dose: PSNR gain over the input (dB), held-out test series",
         "",

@@ -172,6 +172,9 @@ def test_tiny_training_through_lowdose_train_lowers_the_loss_and_holds_the_head_
     last = history["epochs"][-1]
     assert 0 <= last["val_region_accuracy"] <= 1 and last["val_dose_median_rel_error"] >= 0
     assert history["config"]["network"]["name"] == "da_clip" and history["config"]["da_clip"]["held_out_regions"]
+    calibrated = history["after_batch_norm_calibration"]  # the batch norms' statistics made afresh, then scored
+    assert 0 <= calibrated["val_region_accuracy"] <= 1 and calibrated["val_dose_median_rel_error"] >= 0
+    assert Bundle.read(tiny_da_clip / "bundle").validation == calibrated  # the shipped weights' own figures
 
 
 def test_the_exported_bundle_loads_and_reads_a_volume(tiny_da_clip):

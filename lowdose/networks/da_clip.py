@@ -42,6 +42,13 @@ class DoseAnatomyEmbedding:
         return [REGIONS[int(i)] for i in self.region_logits.argmax(1)]
 
 
+# The heads (region classifier, dose regressor) read the unit-norm embeddings scaled by this (1 / the contrastive
+# losses' temperature): unscaled, the region logits stayed within +-0.2 after 80 steps, the class biases
+# outweighed them and every validation slice was given one region (accuracy flipping between 0.7 and 0;
+# measured). Scaled, a probe on 79 real slices reached cross-entropy 0.1 in 5 steps, against 1.3.
+HEAD_INPUT_SCALE = 10.0
+
+
 def _keep_scale(stack: nn.Sequential) -> None:
     """He initialisation for a stack of convolutions with LeakyReLU, biases zero. PyTorch's default shrinks
     activations about 1.7-fold per layer and adds random biases: after the region branch's eight layers the
@@ -161,10 +168,10 @@ class DoseAnatomyEncoder(nn.Module):
     def heads(self, dose_features: torch.Tensor, region_features: torch.Tensor) -> DoseAnatomyEmbedding:
         """The embeddings, log dose and region logits from ``pooled``'s features."""
         dose_embedding = F.normalize(self.dose_projection(dose_features), dim=1)
-        log_dose = -F.softplus(self.dose_regressor(dose_embedding)).squeeze(1)
+        log_dose = -F.softplus(self.dose_regressor(HEAD_INPUT_SCALE * dose_embedding)).squeeze(1)
         region_embedding = F.normalize(self.region_projection(region_features), dim=1)
         return DoseAnatomyEmbedding(
-            dose_embedding, region_embedding, log_dose, self.region_classifier(region_embedding)
+            dose_embedding, region_embedding, log_dose, self.region_classifier(HEAD_INPUT_SCALE * region_embedding)
         )
 
     def forward(self, x: torch.Tensor) -> DoseAnatomyEmbedding:
