@@ -222,11 +222,12 @@ class Denoiser:
             indices = range(start, min(start + self.batch_size, hu.shape[0]))
             x = self._input(hu, indices)
             extra: dict = {} if steps is None else {"steps": steps}
-            centre = torch.from_numpy(hu[indices.start : indices.stop, None]).to(self.device)
-            if self.model.anatomy_encoder is not None:  # BioAtt: the organs of the slices steer the attention
-                extra["organ_probabilities"] = self.model.organ_probabilities(centre)
-            if self.model.region_encoder is not None:  # DA-Diff: each slice's body region conditions the network
-                extra["region"] = self.model.region_probabilities(centre)
+            if self.model.anatomy_encoder is not None or self.model.region_encoder is not None:
+                centre = torch.from_numpy(hu[indices.start : indices.stop, None]).to(self.device)
+                if self.model.anatomy_encoder is not None:  # BioAtt: the organs of the slices steer the attention
+                    extra["organ_probabilities"] = self.model.organ_probabilities(centre)
+                if self.model.region_encoder is not None:  # DA-Diff: each slice's body region conditions it
+                    extra["region"] = self.model.region_probabilities(centre)
             y = network(x, dose_tensor, **extra) if dose_tensor is not None or extra else network(x)
             out[start : start + len(indices)] = output_to_hu(y[:, 0].float().cpu().numpy(), self.model.normalisation)
         if strength_value < 1.0:  # keep the rest of the scan's own noise, with its own texture

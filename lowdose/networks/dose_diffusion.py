@@ -19,6 +19,7 @@ from .registry import register_network
 REGIONS = ("head", "neck", "chest", "abdomen", "pelvis")
 CONDITIONING = ("adaln_zero", "film", "none")
 MAX_SAMPLING_STEPS = 4
+DEFAULT_SAMPLING_STEPS = 2  # a bundle without ``sampling_steps`` in its network kwargs samples in this many
 
 
 class TimestepEmbedding(nn.Module):
@@ -159,7 +160,7 @@ class DoseDiffusion(nn.Module):
         region_classes: int = 0,
         dose_embedding_dim: int = 0,
         region_embedding_dim: int = 0,
-        sampling_steps: int = 2,
+        sampling_steps: int = DEFAULT_SAMPLING_STEPS,
         noise_scale: float = 0.1,
     ):
         super().__init__()

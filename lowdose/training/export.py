@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..anatomy.dose_anatomy import DoseAnatomyReader
+from ..anatomy.regions import REGIONS
 from ..atomic import write_text_atomically
 from ..bundle import Bundle, load_checkpoint, save_bundle
 from ..errors import LowdoseError
 from ..networks import build_network, count_gflops, count_parameters
-from ..networks.da_clip import REGIONS
 from .config import TrainConfig
 from .data import find_ct_inputs
 from .denoising import forward_example
@@ -48,17 +49,14 @@ def _region_encoder(config: TrainConfig) -> dict | None:
     ``save_bundle`` takes it; None for models without region conditioning or without an encoder named."""
     if not config.network.kwargs.get("region_classes") or not config.diffusion.region_encoder:
         return None
-    bundle = Bundle.find(config.diffusion.region_encoder)
-    if bundle.kind != "da_clip":
-        raise LowdoseError(f"{bundle.folder}: diffusion.region_encoder must be a DA-CLIP bundle")
-    regions = list(bundle.metadata.get("regions") or REGIONS)
-    if regions != list(REGIONS):
-        raise LowdoseError(f"{bundle.folder}: its regions {regions} are not the network's {list(REGIONS)}")
+    reader = DoseAnatomyReader(config.diffusion.region_encoder)  # refuses a bundle that is not a DA-CLIP one
+    if list(reader.regions) != list(REGIONS):
+        raise LowdoseError(f"{reader.bundle.folder}: its regions {list(reader.regions)} are not the network's")
     return {
-        "kwargs": bundle.network_kwargs,
-        "normalisation": dict(bundle.normalisation),
-        "source": bundle.folder.name,
-        "state": load_checkpoint(bundle.weights)["network"],
+        "kwargs": reader.bundle.network_kwargs,
+        "normalisation": dict(reader.normalisation),
+        "source": reader.bundle.folder.name,
+        "state": reader.network.state_dict(),
     }
 
 

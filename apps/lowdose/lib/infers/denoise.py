@@ -6,7 +6,6 @@ study (new UIDs, description naming model and dose; the original is untouched).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import shutil
 import tempfile
@@ -20,8 +19,7 @@ from lowdose import save_ct
 from lowdose.bundle import Bundle
 from lowdose.dose import parse_dose
 from lowdose.names import is_safe_name
-from lowdose.networks import DoseDiffusion
-from lowdose.networks.dose_diffusion import MAX_SAMPLING_STEPS
+from lowdose.networks.dose_diffusion import DEFAULT_SAMPLING_STEPS, MAX_SAMPLING_STEPS
 from lowdose.strength import DEFAULT_STRENGTH, parse_strength
 
 from ..datastore import PacsDatastore
@@ -51,8 +49,7 @@ def sampling_steps(bundle: Bundle) -> int | None:
     None for a model that is not a diffusion model (it takes no steps)."""
     if bundle.network_name != "dose_diffusion":
         return None
-    default = inspect.signature(DoseDiffusion).parameters["sampling_steps"].default
-    return int(bundle.network_kwargs.get("sampling_steps", default))
+    return int(bundle.network_kwargs.get("sampling_steps", DEFAULT_SAMPLING_STEPS))
 
 
 def parse_steps(request: dict, model: str, bundle: Bundle) -> int | None:
