@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .bundle import DEFAULT_MODEL, hu_to_input, load_bundle, output_to_hu
 from .device import pick_device
 from .dose import read_dose_from_noise
+from .ensemble import parse_ensemble, self_ensemble
 from .errors import LowdoseError
 from .slabs import body_slices, slab
 from .strength import parse_strength, strength_label
@@ -53,6 +54,7 @@ class DenoiseResult:
         strength: the fraction of the network's noise removal applied (1 = all; lowdose.strength).
         dose_detail: how the dose was obtained, in words (e.g. ``read from the in-plane noise of 8 slices
             (median; slices 0.22 to 0.27)``).
+        ensemble: in-plane symmetries whose answers were averaged (lowdose.ensemble; 1 = the network alone).
     """
 
     volume: CTVolume
@@ -63,6 +65,7 @@ class DenoiseResult:
     device: str
     strength: float = 1.0
     dose_detail: str = ""
+    ensemble: int = 1
 
     @property
     def dose_estimated(self) -> bool:
@@ -73,7 +76,8 @@ class DenoiseResult:
         """The series description of the derived series, e.g. ``lowdose denoised (dose_unet, dose 0.25 given)``."""
         dose_text = "" if self.dose_fraction is None else f", dose {self.dose_fraction:.3g} {self.dose_source}"
         strength_text = "" if self.strength >= 1.0 else f", strength {strength_label(self.strength)}"
-        return f"lowdose denoised ({self.model}{dose_text}{strength_text})"
+        ensemble_text = "" if self.ensemble == 1 else f", {self.ensemble}-fold self-ensemble"
+        return f"lowdose denoised ({self.model}{dose_text}{strength_text}{ensemble_text})"
 
     def summary(self) -> dict:
         """The plain fields (JSON-ready): model, dose_fraction, dose_source, description, seconds, device."""
@@ -86,6 +90,7 @@ class DenoiseResult:
             "seconds": self.seconds,
             "device": self.device,
             "strength": self.strength,
+            "ensemble": self.ensemble,
         }
 
 
@@ -205,11 +210,17 @@ class Denoiser:
         progress: bool = False,
         strength: float | str = "high",
         steps: int | None = None,
+        ensemble: int = 1,
     ) -> DenoiseResult:
         """The denoised volume (HU, same geometry) and how it was made; ``dose`` is a fraction or ``auto``;
         ``strength`` low/medium/high or a number in [0, 1] (lowdose.strength; default high: the full output);
-        ``steps`` the sampling steps of a diffusion model for this call (None: the denoiser's)."""
+        ``steps`` the sampling steps of a diffusion model for this call (None: the denoiser's); ``ensemble``
+        1, 2, 4 or 8 in-plane symmetries averaged (lowdose.ensemble: 8 gains about 0.2 dB for 8x the time)."""
         strength_value = parse_strength(strength)
+        try:
+            ensemble = parse_ensemble(ensemble)
+        except ValueError as exc:
+            raise LowdoseError(str(exc)) from None
         steps = self.steps if steps is None else self._checked_steps(steps)
         started = time.time()
         dose_value, dose_source, dose_detail = self._dose(volume, dose)
@@ -228,7 +239,7 @@ class Denoiser:
                     extra["organ_probabilities"] = self.model.organ_probabilities(centre)
                 if self.model.region_encoder is not None:  # DA-Diff: each slice's body region conditions it
                     extra["region"] = self.model.region_probabilities(centre)
-            y = network(x, dose_tensor, **extra) if dose_tensor is not None or extra else network(x)
+            y = self_ensemble(functools.partial(_forward, network, dose_tensor, extra), x, ensemble)
             out[start : start + len(indices)] = output_to_hu(y[:, 0].float().cpu().numpy(), self.model.normalisation)
         if strength_value < 1.0:  # keep the rest of the scan's own noise, with its own texture
             out = hu + np.float32(strength_value) * (out - hu)
@@ -244,7 +255,13 @@ class Denoiser:
             seconds=round(time.time() - started, 2),
             device=str(self.device),
             strength=strength_value,
+            ensemble=ensemble,
         )
+
+
+def _forward(network, dose: torch.Tensor | None, extra: dict, x: torch.Tensor) -> torch.Tensor:
+    """One pass of ``network`` on inputs ``x`` with the dose and the anatomy it is conditioned on, if any."""
+    return network(x, dose, **extra) if dose is not None or extra else network(x)
 
 
 @functools.lru_cache(maxsize=4)
@@ -260,13 +277,14 @@ def denoise(
     device: str = "auto",
     progress: bool = False,
     strength: float | str = "high",
+    ensemble: int = 1,
 ) -> DenoiseResult:
     """Denoise a low-dose CT volume with a shipped model (``dose``: fraction or ``auto``; ``strength``: low,
-    medium, high or a number in [0, 1], lowdose.strength).
+    medium, high or a number in [0, 1], lowdose.strength; ``ensemble``: 1, 2, 4 or 8, lowdose.ensemble).
 
     Example: ``result = denoise(load_ct("low.nii.gz")); save_ct(result.volume, "out", description=result.description)``
     """
-    return get_denoiser(str(model), device)(volume, dose=dose, progress=progress, strength=strength)
+    return get_denoiser(str(model), device)(volume, dose=dose, progress=progress, strength=strength, ensemble=ensemble)
 
 
 class _CallableModule(types.ModuleType):

@@ -49,8 +49,10 @@ MU_WATER_PER_MM = 0.0192
 # Full-dose unattenuated photons per detector channel per view (1152 views per rotation) for a 3 mm
 # slice, at the tube current set for the reference attenuation below. Calibrated so that a quarter
 # dose adds 20-35 HU of noise in abdominal soft tissue, the level of real quarter-dose scans (Mayo
-# data): about 29 HU on the sample abdomen and 23 HU on the TCIA pancreas series (simulator.md).
-FULL_DOSE_PHOTONS = 4.5e5
+# data): about 29 HU on the sample abdomen and 23 HU on the TCIA pancreas series (simulator.md). It was
+# 4.5e5 before the flying focal spot, whose finer sampling escapes some of the back projection's
+# interpolation blur (the sample's added noise rose from 28.5 to 32.2 HU); 5.7e5 restores the level.
+FULL_DOSE_PHOTONS = 5.7e5
 # Electronic noise (std, photon equivalents, per channel per view for a 3 mm slice). Modern integrating
 # detectors add little; kept so small that quantum noise dominates down to 1/20 dose, where the
 # added variance still follows (1-d)/d within 10 % (with 5 photons it rose 2.5-fold at 1/20).
@@ -64,6 +66,10 @@ REFERENCE_LINE_INTEGRAL = MU_WATER_PER_MM * 320.0
 MODULATION_EXPONENT = 0.5
 MODULATION_RANGE = (0.1, 10.0)
 
+# The default (unmatched) reconstruction's Hann window stops here at most, whatever the pixel: a soft-tissue
+# kernel's band, the detector's own limit without the flying focal spot (so the default simulation kept its
+# noise when the flying focal spot came; matched kernels reach the projection's limit).
+SOFT_TISSUE_CUTOFF_PER_MM = 0.71
 # Counts below this (photon equivalents) are clipped before the log, as scanners do for starved rays.
 MIN_COUNTS = 1.0
 # Body bowtie filter (used with ``match_source=True``): the incident flux falls with the fan angle to this
@@ -82,6 +88,14 @@ class ScannerGeometry:
 
     The detector is an arc centred on the source (equiangular channels); the image centre is taken as
     the isocentre. ``fov_radius_mm`` (about 250 mm by default) is the scan field of view.
+
+    ``flying_focal_spot``: the focal spot jumps between two positions from one view to the next, a quarter of
+    a channel either side, so the two views' readings interleave into one projection sampled every half
+    channel (Siemens' in-plane FFS; GE, Philips and Canon have their equivalents on their sharp-kernel
+    scanners). Without it the fan is sampled every 0.70 mm at the isocentre and noise stops at 0.71
+    cycles/mm, below the 0.77 cycles/mm that a sharp kernel on 0.65 mm pixels shows. It is simulated as
+    a projection of twice the channels at half the angle, each sample with half a reading's photons and
+    half its electronic noise variance (a pair of samples holds what one reading of each view holds).
     """
 
     source_to_isocentre_mm: float = 595.0
@@ -89,6 +103,7 @@ class ScannerGeometry:
     detector_channels: int = 736
     channel_pitch_mm: float = 1.285  # arc length between channels at the detector
     views_per_rotation: int = 1152
+    flying_focal_spot: bool = True
 
     def __post_init__(self):
         if self.views_per_rotation % 8:
@@ -110,6 +125,21 @@ class ScannerGeometry:
     @property
     def channel_spacing_at_isocentre_mm(self) -> float:
         return self.source_to_isocentre_mm * self.channel_angle_rad
+
+    @property
+    def samples_per_channel(self) -> int:
+        """Projection samples per detector channel and view pair: 2 with the flying focal spot."""
+        return 2 if self.flying_focal_spot else 1
+
+    @property
+    def sampling_angle_rad(self) -> float:
+        """Fan angle between neighbouring projection samples (half a channel with the flying focal spot)."""
+        return self.channel_angle_rad / self.samples_per_channel
+
+    @property
+    def sampling_at_isocentre_mm(self) -> float:
+        """Distance between neighbouring projection samples at the isocentre: it sets the noise's highest frequency."""
+        return self.source_to_isocentre_mm * self.sampling_angle_rad
 
 
 def simulate_low_dose(
@@ -305,10 +335,10 @@ class _Plan:
         g = self.geometry = geometry
         self.nx, self.ny, self.sx, self.sy = nx, ny, sx, sy
         radius = g.source_to_isocentre_mm
-        dgamma = g.channel_angle_rad
+        dgamma = g.sampling_angle_rad
         # Body beyond the scan field of view (extended-FOV reconstructions, resampled images): widen
         # the detector virtually rather than leave that tissue without noise.
-        half = g.detector_channels / 2
+        half = g.detector_channels * g.samples_per_channel / 2
         if body_radius_mm > g.fov_radius_mm:
             needed = math.asin(min(body_radius_mm / radius, 0.95)) / dgamma
             half = max(half, math.ceil(needed) + 1)
@@ -397,12 +427,13 @@ class _Plan:
     def _filter(self, gain=None):
         """FFT of the equiangular fan-beam ramp filter, Hann-apodised like a soft-tissue kernel.
 
-        The cut-off is 1.4x the pixel Nyquist frequency (capped at the detector's): at the pixel
+        The cut-off is 1.4x the pixel Nyquist frequency, at most SOFT_TISSUE_CUTOFF_PER_MM: at the pixel
         Nyquist the window has fallen to 0.18, so little noise aliases onto the pixel grid. ``gain``
-        (a function of frequency in cycles/mm at the isocentre) reshapes the window: another kernel.
+        (a function of frequency in cycles/mm at the isocentre) reshapes the window: another kernel,
+        which may reach the projection's own limit (``_window_from``).
         """
         g = self.geometry
-        dgamma = g.channel_angle_rad
+        dgamma = g.sampling_angle_rad
         n = self.channels
         length = 1 << int(math.ceil(math.log2(2 * n - 1)))
         k = torch.arange(length, dtype=torch.float64)
@@ -411,13 +442,13 @@ class _Plan:
         ramp[k == 0] = 1.0 / (4 * dgamma**2)
         odd = (k.abs() % 2) == 1
         ramp[odd] = -1.0 / (math.pi**2 * k[odd] ** 2 * dgamma**2)
-        freq = torch.fft.fftfreq(length, dtype=torch.float64).abs()  # cycles per channel
+        freq = torch.fft.fftfreq(length, dtype=torch.float64).abs()  # cycles per sample
         pixel_mm = max(self.sx, self.sy)
-        cutoff_lp_mm = min(1.4 / (2 * pixel_mm), 1.0 / (2 * g.channel_spacing_at_isocentre_mm))
-        cutoff = cutoff_lp_mm * g.channel_spacing_at_isocentre_mm  # cycles per channel
+        cutoff_lp_mm = min(_kernel_cutoff_per_mm(pixel_mm, g), SOFT_TISSUE_CUTOFF_PER_MM)
+        cutoff = cutoff_lp_mm * g.sampling_at_isocentre_mm  # cycles per sample
         window = torch.where(freq < cutoff, 0.5 * (1 + torch.cos(math.pi * freq / cutoff)), 0.0)
         if gain is not None:
-            freq_mm = freq / g.channel_spacing_at_isocentre_mm
+            freq_mm = freq / g.sampling_at_isocentre_mm
             window = torch.where(freq < 0.5, torch.as_tensor(gain(freq_mm.numpy()), dtype=torch.float64), 0.0)
         kernel = torch.fft.ifft(torch.fft.fft(ramp) * window).real
         angle = k * dgamma
@@ -434,7 +465,7 @@ class _Plan:
         g = self.geometry
         b = sinogram.shape[0]
         radius = g.source_to_isocentre_mm
-        dgamma = g.channel_angle_rad
+        dgamma = g.sampling_angle_rad
         views, channels = self.views, self.channels
         cos_gamma = torch.cos(self.gammas).float()
         weighted = sinogram * (radius * cos_gamma)
@@ -597,8 +628,10 @@ def _set_up(volume: CTVolume, geometry, slice_thickness_mm: float, full_dose_pho
     scale = slice_thickness_mm / REFERENCE_SLICE_THICKNESS_MM
     # Each simulated view stands for VIEW_DECIMATION scanner views: it gets their photons and their
     # summed electronic noise, so the dose and the noise stay those of the full view count.
-    photons = full_dose_photons * scale * _Plan.VIEW_DECIMATION
-    electronic_std = electronic_photons * math.sqrt(scale * _Plan.VIEW_DECIMATION)
+    # With the flying focal spot a sample holds half a reading (ScannerGeometry).
+    sampling = _Plan.VIEW_DECIMATION / geometry.samples_per_channel
+    photons = full_dose_photons * scale * sampling
+    electronic_std = electronic_photons * math.sqrt(scale * sampling)
     return plan, fov, photons, electronic_std
 
 
@@ -682,7 +715,7 @@ def _window_from(plan: _Plan, freq: np.ndarray, gain: np.ndarray):
     """The reconstruction window: the default Hann window times ``gain`` measured at ``freq`` (cycles/mm)."""
     g = plan.geometry
     pixel_mm = max(plan.sx, plan.sy)
-    cutoff = min(1.4 / (2 * pixel_mm), 1.0 / (2 * g.channel_spacing_at_isocentre_mm))
+    cutoff = _kernel_cutoff_per_mm(pixel_mm, g)
 
     def window(f_mm: np.ndarray) -> np.ndarray:
         hann = np.where(f_mm < cutoff, 0.5 * (1 + np.cos(np.pi * f_mm / cutoff)), 0.0)
@@ -693,6 +726,12 @@ def _window_from(plan: _Plan, freq: np.ndarray, gain: np.ndarray):
 
 
 # --------------------------------------------------------------------------------------- helpers
+
+
+def _kernel_cutoff_per_mm(pixel_mm: float, geometry: ScannerGeometry) -> float:
+    """The highest frequency a reconstruction window passes: 1.4x the pixel Nyquist frequency, within the
+    projection's sampling (0.71 cycles/mm without the flying focal spot, 1.42 with it)."""
+    return min(1.4 / (2 * pixel_mm), 1.0 / (2 * geometry.sampling_at_isocentre_mm))
 
 
 def _body_radius_mm(hu: np.ndarray, fov: np.ndarray, sx: float, sy: float) -> float:

@@ -284,6 +284,17 @@ def test_strength_is_checked_by_the_command_line(capsys):
     assert refused.value.code == 2 and "strength must be low, medium, high" in capsys.readouterr().err
 
 
+def test_ensemble_is_checked_by_the_command_line(capsys):
+    from lowdose.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["denoise", "in.nii.gz", "out.nii.gz"]).ensemble == 1  # the network alone by default
+    assert parser.parse_args(["denoise", "a", "b", "--ensemble", "8"]).ensemble == 8
+    with pytest.raises(SystemExit) as refused:
+        parser.parse_args(["denoise", "a", "b", "--ensemble", "3"])
+    assert refused.value.code == 2 and "--ensemble" in capsys.readouterr().err
+
+
 def test_denoise_steps_only_for_a_diffusion_model(tmp_path):
     """Issue 16: ``--steps`` sets a diffusion model's sampling steps; the default model does not sample, so it is
     refused with a clear error and nothing is written; a step count outside 1-4 is refused by the parser."""

@@ -39,6 +39,7 @@ MODEL = "denoise_dose_unet"
 DIFFUSION = "denoise_dose_diffusion"  # a diffusion model: the only kind that takes sampling steps
 DIFFUSION_STEPS = 3  # its bundle's sampling steps (not the network's default, 2: the server reads the bundle)
 BAD_STEPS = (0, 5, 10**9, "2", True, 2.5, [2], {"steps": 2})
+BAD_ENSEMBLES = (0, 3, 16, -8, 10**9, "8", True, 2.0, [8], {"ensemble": 8}, None)
 STUDY_ID = "abdomen_small"
 MAX_UPLOAD_MB = 8
 SERVER_STRENGTH = "medium"  # what the server applies unless a request asks for another strength
@@ -318,6 +319,27 @@ def test_info_gives_each_models_sampling_steps_and_a_diffusion_model_samples_in_
         assert np.abs(result.hu - np.rint(other)).max() > 2.0  # the steps made a difference: they were used
     for steps in BAD_STEPS:
         _assert_clean_error(_infer(server, image=STUDY_ID, model=DIFFUSION, params={"steps": steps}), 400, "steps")
+
+
+def test_ensemble_is_validated_and_a_valid_one_gives_the_library_result(server, studies, denoiser, tmp_path):
+    """``ensemble`` (in-plane symmetries averaged) is an integer among 1, 2, 4, 8 on the denoise and fidelity
+    routes, checked before any CT is read (no long loop, no type confusion); 2 gives the library's result, which
+    differs from the network alone, and the result JSON says it."""
+    from lowdose import load_ct
+
+    for size in BAD_ENSEMBLES:
+        _assert_clean_error(_infer(server, image=STUDY_ID, params={"ensemble": size}), 400, "ensemble must be one of")
+        response = _infer(server, image=STUDY_ID, output="json", model="fidelity", params={"ensemble": size})
+        _assert_clean_error(response, 400, "ensemble must be one of")
+    response = _infer(server, image=STUDY_ID, params={"dose": 0.25, "ensemble": 2})
+    assert response.status_code == 200, response.text
+    assert json.loads(response.headers["X-Lowdose-Result"])["ensemble"] == 2
+    result = _load_response_image(response, tmp_path / "ensemble.nii.gz")
+    volume = load_ct(studies / f"{STUDY_ID}.nii.gz")
+    expected = denoiser(volume, dose=0.25, strength=SERVER_STRENGTH, ensemble=2).volume.hu
+    alone = denoiser(volume, dose=0.25, strength=SERVER_STRENGTH).volume.hu
+    assert np.abs(result.hu - np.rint(expected)).max() <= 1.0
+    assert np.abs(result.hu - np.rint(alone)).max() > 2.0  # the ensemble was used
 
 
 def test_fidelity_refuses_bad_steps_and_steps_for_a_model_that_is_not_a_diffusion_model(server):

@@ -225,6 +225,7 @@ def test_scanner_geometry_defaults():
     g = ScannerGeometry()
     assert 245 < g.fov_radius_mm < 255  # the 50 cm scan field of view of a Definition
     assert abs(g.channel_spacing_at_isocentre_mm - 0.704) < 0.01
+    assert g.flying_focal_spot and g.sampling_at_isocentre_mm == pytest.approx(0.352, rel=0.01)
     with pytest.raises(ValueError):
         ScannerGeometry(views_per_rotation=1150)
 
@@ -251,6 +252,35 @@ def test_source_matched_noise_has_the_scanners_texture_and_the_physical_level(re
         f"\n{relative}: source {source.std_hu:.1f} HU f {source.mean_per_mm:.2f}/mm; added {added.std_hu:.1f} HU "
         f"f {added.mean_per_mm:.2f}/mm"
     )
+
+
+def test_flying_focal_spot_lets_a_sharp_kernels_noise_reach_the_pixel_grids_limit():
+    """Siemens B70f on 0.65 mm pixels (its noise reaches 0.77 cycles/mm): without the flying focal spot the fan
+    is sampled every 0.70 mm and the matched noise's mean frequency falls short of the source's (measured
+    0.85x); with it (the default) the projection is sampled every 0.35 mm and the texture is the source's within
+    5 %. The noise level is matched either way, and the default soft-tissue simulation keeps its band."""
+    from lowdose.noise import patch_spectrum, uniform_patches
+    from lowdose.simulate import source_noise_model
+
+    volume = load_ct(DATA / "lungpetctdx_A0002_siemens/B70f")
+    part = volume.slices(volume.shape[0] // 2 - 3, volume.shape[0] // 2 + 3)
+    pixel_mm = float(volume.spacing_mm[0])
+    corners = uniform_patches(part.hu, pixel_mm)
+    source = patch_spectrum(part.hu, corners, pixel_mm)
+    mean_f, default_f = {}, {}
+    for ffs in (False, True):
+        geometry = ScannerGeometry(flying_focal_spot=ffs)
+        assert geometry.sampling_at_isocentre_mm == pytest.approx(0.704 / (2 if ffs else 1), rel=0.01)
+        model = source_noise_model(volume, seed=0, geometry=geometry)
+        low = simulate_low_dose(part, 0.25, seed=1, geometry=geometry, match_source=model)
+        added = patch_spectrum(low.hu - part.hu, corners, pixel_mm)
+        mean_f[ffs] = added.mean_per_mm / source.mean_per_mm
+        assert added.std_hu / source.std_hu > 1.2  # the level is matched on the whole series either way
+        plain = simulate_low_dose(part, 0.25, seed=1, geometry=geometry)
+        default_f[ffs] = patch_spectrum(plain.hu - part.hu, corners, pixel_mm).mean_per_mm
+    assert mean_f[False] < 0.9
+    assert mean_f[True] == pytest.approx(1.0, abs=0.05)
+    assert default_f[True] == pytest.approx(default_f[False], rel=0.1)
 
 
 def test_tube_current_of_each_slice_comes_from_its_dicom_header():

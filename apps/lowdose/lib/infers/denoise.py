@@ -18,6 +18,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from lowdose import save_ct
 from lowdose.bundle import Bundle
 from lowdose.dose import parse_dose
+from lowdose.ensemble import ENSEMBLE_SIZES
 from lowdose.names import is_safe_name
 from lowdose.networks.dose_diffusion import DEFAULT_SAMPLING_STEPS, MAX_SAMPLING_STEPS
 from lowdose.strength import DEFAULT_STRENGTH, parse_strength
@@ -68,6 +69,15 @@ def parse_steps(request: dict, model: str, bundle: Bundle) -> int | None:
     return steps
 
 
+def parse_ensemble_request(request: dict) -> int:
+    """A request's ``ensemble``: 1 (default), 2, 4 or 8 in-plane symmetries averaged (lowdose.ensemble); an integer
+    only, so a client cannot ask for a long loop or smuggle another type; ValueError (400) before any CT is read."""
+    size = request.get("ensemble", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size not in ENSEMBLE_SIZES:
+        raise ValueError(f"ensemble must be one of {', '.join(map(str, ENSEMBLE_SIZES))}: {size!r}")
+    return size
+
+
 class DenoiseTask(InferTask):
     """Denoise with one lowdose model bundle (loaded on first use, then kept)."""
 
@@ -84,6 +94,7 @@ class DenoiseTask(InferTask):
             config={
                 "dose": "auto",
                 "strength": DEFAULT_STRENGTH,
+                "ensemble": 1,
                 "output_dtype": options.output_dtype,
                 "output_format": "nifti",
                 "store_to_pacs": options.store_to_pacs,
@@ -114,6 +125,7 @@ class DenoiseTask(InferTask):
         dose = parse_dose(request.get("dose", "auto"))
         strength = parse_strength(request.get("strength", DEFAULT_STRENGTH))
         steps = parse_steps(request, self.model_name, self.bundle)
+        ensemble = parse_ensemble_request(request)
         dtype = str(request.get("output_dtype", self.options.output_dtype))
         if dtype not in ("int16", "float32"):
             raise ValueError(f"output_dtype must be int16 or float32; got {dtype!r}")
@@ -123,7 +135,7 @@ class DenoiseTask(InferTask):
 
         volume = read_ct(request["image"], self.options.input_limits())
         model = denoiser(self.bundle.folder, self.options.device, self.options.batch_size)
-        result = model(volume, dose=dose, strength=strength, steps=steps)
+        result = model(volume, dose=dose, strength=strength, steps=steps, ensemble=ensemble)
         denoised, description = result.volume, result.description
         if not denoised.is_regular_grid:
             output_format = "dicom"  # tilted or irregular slices have no NIfTI grid; DICOM keeps each position
@@ -144,6 +156,7 @@ class DenoiseTask(InferTask):
             "dose_detail": result.dose_detail,
             "strength": result.strength,
             "steps": sampling_steps(self.bundle) if steps is None else steps,  # None: not a diffusion model
+            "ensemble": result.ensemble,
             "description": description,
             "seconds": result.seconds,
             "device": result.device,

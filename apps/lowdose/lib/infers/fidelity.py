@@ -27,7 +27,7 @@ from lowdose.strength import DEFAULT_STRENGTH, parse_strength
 from ..inputs import read_ct
 from ..models import denoiser
 from ..options import AppOptions
-from .denoise import _true, discover_models, parse_steps, sampling_steps
+from .denoise import _true, discover_models, parse_ensemble_request, parse_steps, sampling_steps
 
 log = logging.getLogger("lowdose.app")
 # Report fields that hold server paths, never sent to a client.
@@ -46,6 +46,7 @@ class FidelityTask(InferTask):
                 "denoise_model": default_model,
                 "dose": "auto",
                 "strength": DEFAULT_STRENGTH,
+                "ensemble": 1,
                 "labels": False,
                 "reference_image": "",
                 "fast": True,
@@ -66,6 +67,7 @@ class FidelityTask(InferTask):
         dose = parse_dose(request.get("dose", "auto"))
         strength = parse_strength(request.get("strength", DEFAULT_STRENGTH))
         steps = parse_steps(request, name, models[name])
+        ensemble = parse_ensemble_request(request)
         reference = None
         if request.get("reference_image"):
             reference_id = str(request["reference_image"])
@@ -75,7 +77,7 @@ class FidelityTask(InferTask):
 
         original = _anonymous(read_ct(request["image"], self.options.input_limits()))
         model = denoiser(models[name].folder, self.options.device, self.options.batch_size)
-        denoised = model(original, dose=dose, strength=strength, steps=steps)
+        denoised = model(original, dose=dose, strength=strength, steps=steps, ensemble=ensemble)
         work = Path(tempfile.mkdtemp(prefix="lowdose-fidelity-", dir=request.get("result_dir")))
         segmenter = _Segmenter(fast=_true(request.get("fast", True)), device=self.options.device, progress=False)
         fidelity = check_fidelity(
@@ -93,6 +95,7 @@ class FidelityTask(InferTask):
             "dose_source": denoised.dose_source,
             "strength": denoised.strength,
             "steps": sampling_steps(models[name]) if steps is None else steps,  # None: not a diffusion model
+            "ensemble": denoised.ensemble,
             "description": denoised.description,
         }
         log.info("fidelity of %s: %s", name, fidelity.verdict)
