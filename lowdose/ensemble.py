@@ -2,10 +2,11 @@
 
 A CT slice's noise has no preferred in-plane direction the network should keep, but a trained network's
 errors do; averaging its answers over the symmetries of the square (Timofte et al., "Seven ways to improve
-example-based single image super resolution", CVPR 2016) cancels part of them. On the held-out test series
-of ``benchmarks/denoising.py`` (one slice per call, true dose) dose_unet gained 0.2 dB PSNR on average with 8
-and 0.15 dB with 4, on every series and dose, for 8 or 4 times the compute. Slabs (2.5-D inputs) are
-transformed in-plane only, so their slice order is kept.
+example-based single image super resolution", CVPR 2016) cancels part of them. On the held-out test cases
+of ``benchmarks/denoising.py`` (one slice per call, true dose) dose_unet gained 0.12, 0.18 and 0.24 dB PSNR on
+average with 2, 4 and 8, on every one of the 60 cases, for that many times the compute
+(``benchmarks/results/self_ensemble.md``). Slabs (2.5-D inputs) are transformed in-plane only, so their slice
+order is kept.
 """
 
 from __future__ import annotations

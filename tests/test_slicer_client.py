@@ -46,14 +46,31 @@ from LowDoseDenoiseLib.client import (  # noqa: E402
     sniff_volume,
 )
 from LowDoseDenoiseLib.dose import parse_dose  # noqa: E402
+from LowDoseDenoiseLib.ensemble import (  # noqa: E402
+    ENSEMBLE_SIZES,
+    check_ensemble,
+    ensemble_choice,
+    ensemble_label,
+    ensemble_name,
+)
 from LowDoseDenoiseLib.jobs import BackgroundJob  # noqa: E402
-from LowDoseDenoiseLib.results import fidelity_label_names, fidelity_rows  # noqa: E402
-from LowDoseDenoiseLib.settings import JsonConsentStore  # noqa: E402
+from LowDoseDenoiseLib.messages import ensemble_tooltip  # noqa: E402
+from LowDoseDenoiseLib.results import (  # noqa: E402
+    denoised_record,
+    denoised_volume_name,
+    fidelity_label_names,
+    fidelity_rows,
+    made_with,
+    record_ensemble,
+)
+from LowDoseDenoiseLib.settings import JsonConsentStore, MemorySettings, ModuleSettings  # noqa: E402
 from LowDoseDenoiseLib.strength import parse_strength  # noqa: E402
 
 MODEL_TASK = "denoise_dose_unet"
 MAX_UPLOAD_MB = 8
 HU_SANE = (-3100.0, 4100.0)
+# what the server answers with 400 "ensemble must be one of 1, 2, 4, 8", so the client never sends them
+BAD_ENSEMBLES = (0, 3, 16, -8, 10**9, "8", "x8", True, False, 2.0, 8.0, None, [8], {"ensemble": 8})
 
 
 # ----------------------------------------------------------------------------------------- fixtures
@@ -192,6 +209,33 @@ def test_denoise_nrrd_with_automatic_dose_in_a_background_job(client, slow_ct):
         import shutil
 
         shutil.rmtree(result.folder)
+
+
+def test_a_self_ensemble_of_2_goes_to_the_real_server_and_comes_back_in_the_summary_and_the_record(
+    client, small_ct, tmp_path
+):
+    """One real round trip with ``ensemble=2``: the server averages two symmetries (a different result from the
+    network alone), says so in its summary, and the record and name of the denoised volume carry it."""
+    from lowdose import load_ct
+
+    alone = client.denoise(small_ct, MODEL_TASK, dose="1/4", result_dir=tmp_path)  # 1: not sent
+    two = client.denoise(small_ct, MODEL_TASK, dose="1/4", ensemble=2, result_dir=tmp_path)
+    assert alone.summary["ensemble"] == 1 and two.summary["ensemble"] == 2
+    assert "2-fold self-ensemble" in two.summary["description"]
+    assert "self-ensemble" not in alone.summary["description"]
+    original, plain, averaged = load_ct(small_ct), load_ct(alone.path), load_ct(two.path)
+    _assert_same_geometry(averaged, original)
+    assert HU_SANE[0] <= averaged.hu.min() and averaged.hu.max() <= HU_SANE[1]
+    assert np.abs(averaged.hu - plain.hu).max() >= 1.0  # the server did average, not ignore the parameter
+
+    record = denoised_record("dose_unet", MODEL_TASK, two.summary, "medium", None, 1)  # the server's 2 wins
+    assert record_ensemble(record) == 2
+    assert made_with(record, "dose_unet", 0.25, "medium", None, 2)
+    assert not made_with(record, "dose_unet", 0.25, "medium", None, 1)
+    assert not made_with(record, "dose_unet", 0.25, "medium")  # the default is the network alone
+    assert made_with(denoised_record("dose_unet", MODEL_TASK, alone.summary), "dose_unet", 0.25, "medium")
+    name = denoised_volume_name("ct", "dose_unet", "medium", None, record_ensemble(record))
+    assert name == "ct_denoised_dose_unet_medium_x2"
 
 
 # ----------------------------------------------------------------------------------------- errors
@@ -465,6 +509,120 @@ def test_the_strength_goes_in_the_params_of_denoise_and_fidelity_and_a_bad_one_i
         with pytest.raises(ValueError, match="strength must"):
             client.fidelity(small_ct, "dose_unet", strength=bad)
     assert stand_in.params == []  # refused before anything was sent
+
+
+def test_the_ensemble_goes_in_the_params_only_when_not_1_and_a_bad_one_is_never_sent(stand_in, consent, small_ct):
+    url = f"http://127.0.0.1:{stand_in.server_address[1]}"
+    consent.allow(url)
+    client = LowDoseClient(url, consent)
+    stand_in.reply = (200, *_multipart({"model": "x", "ensemble": 2}, small_ct.read_bytes()))
+    client.denoise(small_ct, MODEL_TASK)  # the default: the network alone
+    client.denoise(small_ct, MODEL_TASK, ensemble=1)
+    client.denoise(small_ct, MODEL_TASK, ensemble=2)
+    client.denoise(small_ct, MODEL_TASK, dose="1/4", strength="low", ensemble=8)
+    report = {"study": {"verdict": "kept"}, "structures": []}
+    stand_in.reply = (200, "application/json", json.dumps(report).encode())
+    client.fidelity(small_ct, "dose_unet", labels=False)
+    client.fidelity(small_ct, "dose_unet", labels=False, ensemble=4)
+    sent = stand_in.params
+    assert [p.get("ensemble", "absent") for p in sent] == ["absent", "absent", 2, 8, "absent", 4]
+    assert all(type(p.get("ensemble", 1)) is int for p in sent)  # JSON integers, as the server wants them
+    assert (sent[3]["dose"], sent[3]["strength"], sent[5]["denoise_model"]) == ("1/4", "low", "dose_unet")
+
+    stand_in.params.clear()
+    stand_in.authorization.clear()
+    for bad in BAD_ENSEMBLES:
+        with pytest.raises(ValueError, match="must be one of 1, 2, 4, 8"):
+            client.denoise(small_ct, MODEL_TASK, ensemble=bad)
+        with pytest.raises(ValueError, match="must be one of 1, 2, 4, 8"):
+            client.fidelity(small_ct, "dose_unet", ensemble=bad)
+    assert stand_in.params == [] and stand_in.authorization == []  # refused before any request was made
+
+
+def test_the_ensemble_checker_menu_texts_and_names():
+    assert tuple(ENSEMBLE_SIZES) == (1, 2, 4, 8)
+    for size in ENSEMBLE_SIZES:
+        assert check_ensemble(size) == size
+        assert ensemble_choice(ensemble_label(size)) == size  # every menu text reads back as its size
+    for bad in BAD_ENSEMBLES:
+        with pytest.raises(ValueError, match="must be one of 1, 2, 4, 8") as caught:
+            check_ensemble(bad)
+        assert repr(bad) in str(caught.value)  # the message names what was given
+    labels = [ensemble_label(size) for size in ENSEMBLE_SIZES]
+    assert labels[0].startswith("Off") and "fastest" in labels[0]
+    for size, label in zip(ENSEMBLE_SIZES[1:], labels[1:]):
+        assert label.startswith(f"{size} ") and f"{size}x time" in label, label  # the cost is on the menu
+    assert len(set(labels)) == len(labels) and max(map(len, labels)) <= 40  # short, told apart
+    for bad in ("", None, "3 symmetries", "16 symmetries", "x8", "eight", "2.0", "\u00b2 symmetries"):
+        with pytest.raises(ValueError, match="must be one of 1, 2, 4, 8"):
+            ensemble_choice(bad)
+    assert [ensemble_name(size) for size in ENSEMBLE_SIZES] == ["", "x2", "x4", "x8"]
+    for bad in (3, True, "8"):
+        with pytest.raises(ValueError):
+            ensemble_name(bad)
+
+
+def test_a_denoised_volume_records_its_ensemble_and_is_not_taken_for_another():
+    name = denoised_volume_name
+    assert name("ct", "dose_unet", "medium", None, 8) == "ct_denoised_dose_unet_medium_x8"
+    assert name("ct", "dose_diffusion", 1.0, 2, 4) == "ct_denoised_dose_diffusion_high_2steps_x4"  # after the steps
+    assert name("ct", "dose_unet", "medium", None, 1) == "ct_denoised_dose_unet_medium"  # 1: nothing added
+    assert name("ct", "dose_unet", "medium") == "ct_denoised_dose_unet_medium"
+    assert name("ct", "dose_unet", "low", None, None) == "ct_denoised_dose_unet_low"  # an unreadable one: none
+
+    summary = {"dose_fraction": 0.25, "dose_source": "given", "strength": 0.7, "steps": None, "ensemble": 4}
+    four = denoised_record("dose_unet", "denoise_dose_unet", summary, "medium", None, 8)
+    assert json.loads(four)["ensemble"] == 4 and record_ensemble(four) == 4  # the server's wins over the asked
+    assert made_with(four, "dose_unet", 0.25, "medium", None, 4)
+    for other in (1, 2, 8):
+        assert not made_with(four, "dose_unet", 0.25, "medium", None, other), other
+    assert not made_with(four, "dose_unet", 0.25, "medium")  # the default: the network alone
+
+    # a summary without it (a server from before the ensemble) records the size asked for
+    asked = denoised_record("dose_unet", "t", {"dose_fraction": 0.25, "dose_source": "given"}, "high", None, 2)
+    assert json.loads(asked)["ensemble"] == 2 and record_ensemble(asked) == 2
+    assert made_with(asked, "dose_unet", 0.25, "high", None, 2)
+    assert not made_with(asked, "dose_unet", 0.25, "high", None, 1)
+    with pytest.raises(ValueError, match="must be one of"):
+        denoised_record("dose_unet", "t", {}, "high", None, 3)
+
+    # a record made before the ensemble existed means the network alone
+    old = json.dumps({"model": "dose_unet", "dose_fraction": 0.25, "dose_source": "given", "strength": 0.7})
+    assert record_ensemble(old) == 1 and "ensemble" not in json.loads(denoised_record("dose_unet", "t", {}))
+    assert made_with(old, "dose_unet", 0.25, "medium") and made_with(old, "dose_unet", 0.25, "medium", None, 1)
+    assert not made_with(old, "dose_unet", 0.25, "medium", None, 2)
+
+    for junk in ("8", True, 2.0, 3, None, [8]):  # a size that is not one matches nothing
+        record = json.dumps({"model": "dose_unet", "dose_fraction": 0.25, "strength": 0.7, "ensemble": junk})
+        assert record_ensemble(record) is None, junk
+        for size in ENSEMBLE_SIZES:
+            assert not made_with(record, "dose_unet", 0.25, "medium", None, size), (junk, size)
+    for junk in (None, "", "{not json", "[8]"):
+        assert record_ensemble(junk) is None, junk
+    with pytest.raises(ValueError):
+        made_with(four, "dose_unet", 0.25, "medium", None, 3)  # a bad size asked is an error, not "no"
+
+
+def test_the_ensemble_chosen_is_remembered_and_explained():
+    store = MemorySettings()
+    module = ModuleSettings(store)
+    assert module.ensemble() == 1  # at first: off
+    module.set_ensemble(8)
+    assert (store.values["LowDoseDenoise/SelfEnsemble"], module.ensemble()) == ("8", 8)
+    assert ModuleSettings(store).ensemble() == 8  # the next session
+    for bad in (3, 0, "8", True, 2.0, None):
+        with pytest.raises(ValueError, match="must be one of 1, 2, 4, 8"):
+            module.set_ensemble(bad)
+    assert module.ensemble() == 8  # a refused value changed nothing
+    module.set_ensemble(1)
+    assert (store.values["LowDoseDenoise/SelfEnsemble"], module.ensemble()) == ("1", 1)
+    for junk in ("3", "eight", "2.5", "-8", "", "true"):  # damaged settings: off, no crash
+        assert ModuleSettings(MemorySettings({"LowDoseDenoise/SelfEnsemble": junk})).ensemble() == 1, junk
+    assert ModuleSettings(MemorySettings({"LowDoseDenoise/SelfEnsemble": 4})).ensemble() == 4  # QSettings' int
+
+    tip = ensemble_tooltip()  # what it does and what it costs
+    assert "flipped" in tip and "averages" in tip
+    assert "2, 4 or 8 times as long" in tip and "Off" in tip
 
 
 def test_strength_text():

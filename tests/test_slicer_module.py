@@ -428,6 +428,148 @@ def test_the_widget_sends_the_token_it_shows_and_never_logs_it():
             }, f"messages.{node.name} takes a token"
 
 
+# ----------------------------------------------------------------------------------------- the self-ensemble
+
+
+def _form_cells(layout_name: str) -> dict[tuple[int, int], str]:
+    """(row, column) -> the name of what fills that cell of a QFormLayout of the .ui; no cell used twice."""
+    layout = next(e for e in ET.parse(UI_FILE).getroot().iter("layout") if e.get("name") == layout_name)
+    cells = {}
+    for item in layout.findall("item"):
+        child = item.find("widget") if item.find("widget") is not None else item.find("layout")
+        cell = (int(item.get("row")), int(item.get("column")))
+        assert cell not in cells, f"{layout_name}: row {cell[0]}, column {cell[1]} holds {cells.get(cell)} too"
+        cells[cell] = child.get("name")
+    return cells
+
+
+def test_the_self_ensemble_menu_sits_under_the_strength_and_steps_menus():
+    names = _ui_object_names()
+    assert names["ensembleComboBox"] == "QComboBox" and names["ensembleLabel"] == "QLabel"
+    label = next(w for w in ET.parse(UI_FILE).getroot().iter("widget") if w.get("name") == "ensembleLabel")
+    assert label.findtext("property/string") == "Self-ensemble:"
+    cells = _form_cells("denoiseFormLayout")
+    where = {name: cell for cell, name in cells.items()}
+    row = where["ensembleComboBox"][0]
+    assert (where["ensembleLabel"], where["ensembleComboBox"]) == ((row, 0), (row, 1))
+    assert (where["strengthComboBox"][0], where["stepsComboBox"][0]) == (row - 2, row - 1)
+    assert where["denoiseButton"][0] == row + 1  # chosen right before pressing Denoise
+    rows = sorted({r for r, _ in cells})
+    assert rows == list(range(len(rows))), f"rows of the denoise form: {rows}"
+
+
+def _method(parts: list[ast.ClassDef], name: str) -> ast.FunctionDef:
+    found = [f for part in parts for f in part.body if isinstance(f, ast.FunctionDef) and f.name == name]
+    assert len(found) == 1, f"{name}: {len(found)} definitions"
+    return found[0]
+
+
+def _called(call: ast.Call) -> str:
+    return call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+
+
+def _is_ensemble(node) -> bool:
+    """``ensemble`` or ``context["ensemble"]``."""
+    return (isinstance(node, ast.Name) and node.id == "ensemble") or (
+        isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value == "ensemble"
+    )
+
+
+def _ensemble_position(function: ast.FunctionDef) -> int:
+    """Where ``ensemble`` goes among a function's positional arguments (``self`` left out)."""
+    names = [a.arg for a in function.args.args]
+    assert "ensemble" in names, f"{function.name} takes no ensemble"
+    return names.index("ensemble") - (names[:1] == ["self"])
+
+
+# (class, method) -> the calls in it that must be given the self-ensemble chosen
+ENSEMBLE_PASSED = {
+    ("LowDoseDenoiseWidget", "onDenoise"): ("startDenoise",),
+    ("LowDoseDenoiseWidget", "onFidelity"): ("startFidelity",),
+    ("LowDoseDenoiseWidget", "startJob"): ("update",),  # the job's context
+    ("LowDoseDenoiseWidget", "finishDenoise"): ("loadDenoised",),
+    ("LowDoseDenoiseWidget", "finishFidelity"): ("fidelityDenoised",),
+    ("LowDoseDenoiseLogic", "startDenoise"): ("denoise",),  # the client's
+    ("LowDoseDenoiseLogic", "startFidelity"): ("fidelity",),
+    ("LowDoseDenoiseLogic", "denoise"): ("startDenoise", "loadDenoised"),
+    ("LowDoseDenoiseLogic", "loadDenoised"): ("loadDenoisedFile",),
+    ("LowDoseDenoiseLogic", "loadDenoisedFile"): ("denoised_record", "denoised_volume_name"),
+    ("LowDoseDenoiseLogic", "denoisedFor"): ("made_with",),
+    ("LowDoseDenoiseLogic", "fidelityDenoised"): ("denoisedFor", "loadDenoisedFile"),
+}
+
+
+def test_the_self_ensemble_chosen_goes_with_every_request_and_into_every_record():
+    """From the menu to the client's request and to the record, name and reuse of a denoised volume: each call
+    on the way is given ``ensemble``, by keyword or in the position of the callee's ``ensemble``."""
+    parts = {name: _parts(name) for name in ("LowDoseDenoiseWidget", "LowDoseDenoiseLogic")}
+    results_functions = {f.name: f for f in _tree(LIB / "results.py").body if isinstance(f, ast.FunctionDef)}
+    client_class = _class(_tree(LIB / "client.py"), "LowDoseClient", LIB / "client.py")
+    callees = {**results_functions, **{f.name: f for f in client_class.body if isinstance(f, ast.FunctionDef)}}
+    for (owner, method), names in ENSEMBLE_PASSED.items():
+        function = _method(parts[owner], method)
+        if method not in ("onDenoise", "onFidelity", "startJob", "finishDenoise", "finishFidelity"):
+            assert _ensemble_position(function) >= 0  # the logic takes it
+        for name in names:
+            calls = [n for n in ast.walk(function) if isinstance(n, ast.Call) and _called(n) == name]
+            assert calls, f"{owner}.{method} does not call {name}"
+            for call in calls:
+                if any(k.arg == "ensemble" and _is_ensemble(k.value) for k in call.keywords):
+                    continue
+                callee = callees.get(name) or _method(parts["LowDoseDenoiseLogic"], name)
+                position = _ensemble_position(callee)
+                assert len(call.args) > position and _is_ensemble(
+                    call.args[position]
+                ), f"{owner}.{method}: {name}(...) at line {call.lineno} is not given the self-ensemble"
+
+
+def test_the_widget_fills_the_self_ensemble_menu_and_remembers_the_choice():
+    widget = _parts("LowDoseDenoiseWidget")
+
+    def menu_calls(function: ast.FunctionDef, method: str) -> list[ast.Call]:
+        return [
+            n
+            for n in ast.walk(function)
+            if isinstance(n, ast.Call)
+            and _called(n) == method
+            and _is_self_attr(n.func.value, "ui", "ensembleComboBox")
+        ]
+
+    fill = _method(widget, "fillChoices")
+    loops = [n for n in ast.walk(fill) if isinstance(n, ast.For) and getattr(n.iter, "id", "") == "ENSEMBLE_SIZES"]
+    assert len(loops) == 1, "the menu is not filled from ENSEMBLE_SIZES"
+    (add,) = menu_calls(loops[0], "addItem")  # one item per size: its label, the size as its data
+    assert _called(add.args[0]) == "ensemble_label" and add.args[1].id == loops[0].target.id
+    (choose,) = menu_calls(fill, "setCurrentIndex")  # the size chosen last time
+    assert any(
+        isinstance(n, ast.Call) and _is_self_attr(n.func, "logic", "settings", "ensemble") for n in ast.walk(choose)
+    )
+    (tip,) = menu_calls(fill, "setToolTip")
+    assert _called(tip.args[0]) == "ensemble_tooltip"
+    assert menu_calls(fill, "clear"), "the menu is not emptied before it is filled (Reload would double it)"
+
+    prepare = _method(widget, "prepareRequest")
+    read = [n for n in ast.walk(prepare) if isinstance(n, ast.Call) and _called(n) == "ensemble_choice"]
+    assert len(read) == 1 and _is_self_attr(read[0].args[0], "ui", "ensembleComboBox", "currentText")
+    saved = [
+        n
+        for n in ast.walk(prepare)
+        if isinstance(n, ast.Call) and _is_self_attr(n.func, "logic", "settings", "set_ensemble")
+    ]
+    assert len(saved) == 1 and _is_ensemble(saved[0].args[0])
+    returned = [n.value for n in ast.walk(prepare) if isinstance(n, ast.Return) and isinstance(n.value, ast.Tuple)]
+    assert returned and all(_is_ensemble(r.elts[-1]) for r in returned), "the request does not carry the ensemble"
+    for method in ("onDenoise", "onFidelity", "startJob"):  # each unpacks the request with the ensemble last
+        unpacked = [
+            n.targets[0]
+            for n in ast.walk(_method(widget, method))
+            if isinstance(n, ast.Assign)
+            and isinstance(n.targets[0], ast.Tuple)
+            and getattr(n.value, "id", "") == "request"
+        ]
+        assert unpacked and _is_ensemble(unpacked[0].elts[-1]), method
+
+
 # ----------------------------------------------------------------------------------------- CMake
 
 

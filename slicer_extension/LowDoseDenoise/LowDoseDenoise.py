@@ -31,8 +31,9 @@ from LowDoseDenoiseLib.client import (
     Timeouts,
 )
 from LowDoseDenoiseLib.dose import DOSE_CHOICES, dose_label
+from LowDoseDenoiseLib.ensemble import DEFAULT_ENSEMBLE, ENSEMBLE_SIZES, check_ensemble, ensemble_label
 from LowDoseDenoiseLib.jobs import start_upload
-from LowDoseDenoiseLib.messages import denoise_tooltip
+from LowDoseDenoiseLib.messages import denoise_tooltip, ensemble_tooltip
 from LowDoseDenoiseLib.settings import DEFAULT_SERVER_URL, JsonConsentStore, MemorySettings, ModuleSettings
 from LowDoseDenoiseLib.steps import check_steps
 from LowDoseDenoiseLib.strength import DEFAULT_STRENGTH, STRENGTH_CHOICES, parse_strength, strength_label
@@ -124,8 +125,8 @@ class LowDoseDenoiseWidget(
         self.onServerUrlEdited(self.serverUrl())
 
     def fillChoices(self):
-        """The addresses used before, the dose and strength menus (the sampling steps menu stays hidden until a
-        diffusion model is chosen), the denoised-volume list and the fidelity table's columns."""
+        """The addresses used before, the dose, strength and self-ensemble menus (the sampling steps menu stays
+        hidden until a diffusion model is chosen), the denoised-volume list and the fidelity table's columns."""
         self.ui.serverUrlComboBox.clear()
         self.ui.serverUrlComboBox.addItems(self.logic.settings.server_urls())
         self.ui.serverUrlComboBox.setEditText(self.logic.settings.server_url())
@@ -144,6 +145,11 @@ class LowDoseDenoiseWidget(
         self.ui.strengthComboBox.setCurrentIndex(
             index if index >= 0 else self.ui.strengthComboBox.findData(DEFAULT_STRENGTH)
         )
+        self.ui.ensembleComboBox.clear()
+        for choice in ENSEMBLE_SIZES:
+            self.ui.ensembleComboBox.addItem(ensemble_label(choice), choice)
+        self.ui.ensembleComboBox.setCurrentIndex(list(ENSEMBLE_SIZES).index(self.logic.settings.ensemble()))
+        self.ui.ensembleComboBox.setToolTip(ensemble_tooltip())
         self.fillSteps(None)
         self.ui.denoisedVolumeSelector.addAttribute("vtkMRMLScalarVolumeNode", ROLE_ATTRIBUTE, "denoised")
         self.ui.denoisedVolumeSelector.setMRMLScene(slicer.mrmlScene)
@@ -216,41 +222,73 @@ class LowDoseDenoiseLogic(ScriptedLoadableModuleLogic, VolumeNodes, ComparisonVi
 
     # -- requests (the network in a BackgroundJob; the scene is touched only in the GUI thread)
 
-    def startDenoise(self, volumeNode, url, model, dose="auto", token=None, strength=DEFAULT_STRENGTH, steps=None):
+    def startDenoise(
+        self,
+        volumeNode,
+        url,
+        model,
+        dose="auto",
+        token=None,
+        strength=DEFAULT_STRENGTH,
+        steps=None,
+        ensemble=DEFAULT_ENSEMBLE,
+    ):
         """Export the volume and start the request; poll the returned BackgroundJob (result: DenoiseResult).
         ``strength``: "low", "medium", "high" or a number in [0, 1]; ``steps``: a diffusion model's sampling
-        steps, 1 to 4 (None: the model's own). ValueError, nothing sent, when either is bad."""
-        strength, steps = parse_strength(strength), check_steps(steps)
+        steps, 1 to 4 (None: the model's own); ``ensemble``: the self-ensemble, 1 (off), 2, 4 or 8. ValueError,
+        nothing sent, when any is bad."""
+        strength, steps, ensemble = parse_strength(strength), check_steps(steps), check_ensemble(ensemble)
         return start_upload(
             self.client(url, token),
             lambda: self.exportVolume(volumeNode),
             lambda client, path, **follow: client.denoise(
-                path, model.task, dose=dose, strength=strength, steps=steps, **follow
+                path, model.task, dose=dose, strength=strength, steps=steps, ensemble=ensemble, **follow
             ),
             name="lowdose-denoise",
         )
 
-    def startFidelity(self, volumeNode, url, model, dose="auto", token=None, strength=DEFAULT_STRENGTH, steps=None):
+    def startFidelity(
+        self,
+        volumeNode,
+        url,
+        model,
+        dose="auto",
+        token=None,
+        strength=DEFAULT_STRENGTH,
+        steps=None,
+        ensemble=DEFAULT_ENSEMBLE,
+    ):
         """Export the volume and start the fidelity check (result: FidelityResult with the label maps)."""
-        strength, steps = parse_strength(strength), check_steps(steps)
+        strength, steps, ensemble = parse_strength(strength), check_steps(steps), check_ensemble(ensemble)
         return start_upload(
             self.client(url, token),
             lambda: self.exportVolume(volumeNode),
             lambda client, path, **follow: client.fidelity(
-                path, model.model, dose=dose, labels=True, strength=strength, steps=steps, **follow
+                path, model.model, dose=dose, labels=True, strength=strength, steps=steps, ensemble=ensemble, **follow
             ),
             name="lowdose-fidelity",
         )
 
     def denoise(
-        self, volumeNode, url, model, dose="auto", timeout=None, token=None, strength=DEFAULT_STRENGTH, steps=None
+        self,
+        volumeNode,
+        url,
+        model,
+        dose="auto",
+        timeout=None,
+        token=None,
+        strength=DEFAULT_STRENGTH,
+        steps=None,
+        ensemble=DEFAULT_ENSEMBLE,
     ):
         """Denoise and load the result, waiting while Slicer stays responsive (for scripts and the self-test)."""
         if isinstance(model, str):
             model = next(
                 (m for m in self.client(url, token).models() if model in (m.task, m.model)), None
             ) or ModelInfo(task=model, model=model)
-        job = self.startDenoise(volumeNode, url, model, dose, token=token, strength=strength, steps=steps)
+        job = self.startDenoise(
+            volumeNode, url, model, dose, token=token, strength=strength, steps=steps, ensemble=ensemble
+        )
         job.wait(timeout, between=slicer.app.processEvents)
         if not job.done:
             job.cancel()
@@ -258,7 +296,7 @@ class LowDoseDenoiseLogic(ScriptedLoadableModuleLogic, VolumeNodes, ComparisonVi
             raise Cancelled("no result in the given time")
         if job.error is not None:
             raise job.error
-        return self.loadDenoised(volumeNode, job.result, model, strength, steps)
+        return self.loadDenoised(volumeNode, job.result, model, strength, steps, ensemble)
 
 
 #

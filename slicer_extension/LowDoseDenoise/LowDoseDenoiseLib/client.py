@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode, urlsplit
 
+from .ensemble import DEFAULT_ENSEMBLE, check_ensemble
 from .steps import check_steps
 from .strength import DEFAULT_STRENGTH, parse_strength
 
@@ -428,17 +429,21 @@ class LowDoseClient:
         result_dir=None,
         strength=DEFAULT_STRENGTH,
         steps: int | None = None,
+        ensemble: int = DEFAULT_ENSEMBLE,
     ) -> DenoiseResult:
         """Send the CT in ``volume_path`` (NRRD/NIfTI/MHA, HU) to infer task ``task``; the denoised CT comes back
         to a NIfTI file in a new temporary folder (under ``result_dir`` when given). ``strength``: "low",
         "medium", "high" or a number in [0, 1] (``strength.parse_strength``; ValueError, nothing sent, when bad).
         ``steps``: a diffusion model's sampling steps, 1 to 4 (None: the model's own; ValueError, nothing sent,
-        when bad)."""
-        strength, steps = parse_strength(strength), check_steps(steps)
+        when bad). ``ensemble``: the self-ensemble, 1 (off), 2, 4 or 8 (``ensemble.check_ensemble``; ValueError,
+        nothing sent, when bad); sent only when not 1, so servers from before it keep working."""
+        strength, steps, ensemble = parse_strength(strength), check_steps(steps), check_ensemble(ensemble)
         volume_path = self._check_upload(volume_path)
         params = {"dose": dose, "strength": strength, "output_format": "nifti"}
         if steps is not None:
             params["steps"] = steps
+        if ensemble != DEFAULT_ENSEMBLE:
+            params["ensemble"] = ensemble
         if output_dtype:
             params["output_dtype"] = output_dtype
         folder = Path(tempfile.mkdtemp(prefix="lowdose-slicer-", dir=result_dir))
@@ -467,15 +472,18 @@ class LowDoseClient:
         fast: bool = True,
         strength=DEFAULT_STRENGTH,
         steps: int | None = None,
+        ensemble: int = DEFAULT_ENSEMBLE,
     ) -> FidelityResult:
         """Run the server's fidelity check on the low-dose CT in ``volume_path`` denoised with ``model`` (a
-        model name such as "dose_unet") at ``strength`` and in ``steps`` (as for ``denoise``); with ``labels``
-        the label maps and the denoised CT come back too."""
-        strength, steps = parse_strength(strength), check_steps(steps)
+        model name such as "dose_unet") at ``strength``, in ``steps`` and with ``ensemble`` (as for ``denoise``);
+        with ``labels`` the label maps and the denoised CT come back too."""
+        strength, steps, ensemble = parse_strength(strength), check_steps(steps), check_ensemble(ensemble)
         volume_path = self._check_upload(volume_path)
         params = {"denoise_model": model, "dose": dose, "strength": strength}
         if steps is not None:
             params["steps"] = steps
+        if ensemble != DEFAULT_ENSEMBLE:
+            params["ensemble"] = ensemble
         params.update(labels=bool(labels), fast=bool(fast))
         folder = Path(tempfile.mkdtemp(prefix="lowdose-slicer-fidelity-", dir=result_dir))
         try:

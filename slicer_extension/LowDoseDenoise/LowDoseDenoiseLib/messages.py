@@ -63,6 +63,16 @@ def steps_tooltip(model: ModelInfo) -> str:
     )
 
 
+def ensemble_tooltip() -> str:
+    """What the self-ensemble menu does, and what it costs."""
+    return (
+        "Self-ensemble: the server also denoises each slice flipped and turned (2, 4 or 8 ways) and averages the "
+        "results, which removes a little more of the network's own errors (on test data +0.12 dB PSNR with 2, "
+        "+0.18 dB with 4, +0.24 dB with 8). It takes 2, 4 or 8 times as long on the server. Off: the network "
+        "alone, fastest."
+    )
+
+
 def consent_question(url: str) -> str:
     """The question asked before the first volume goes to a server; ValueError when ``url`` is no address."""
     key = server_key(url)

@@ -1,11 +1,12 @@
 """The server's answers made ready for display: the fidelity report as table rows and cells, the structures'
-names and colours, and the record kept on each denoised volume (which model, dose, strength and sampling steps
-made it)."""
+names and colours, and the record kept on each denoised volume (which model, dose, strength, sampling steps and
+self-ensemble made it)."""
 
 from __future__ import annotations
 
 import json
 
+from .ensemble import DEFAULT_ENSEMBLE, check_ensemble, ensemble_name
 from .steps import steps_name
 from .strength import strength_fraction, strength_name
 
@@ -113,24 +114,32 @@ def structure_colour(value: int) -> tuple[float, float, float]:
 # ----------------------------------------------------------------------------------------- denoised volumes
 
 
-def denoised_volume_name(original_name: str, model_name: str, strength=None, steps: int | None = None) -> str:
+def denoised_volume_name(
+    original_name: str, model_name: str, strength=None, steps: int | None = None, ensemble: int | None = None
+) -> str:
     """The name of a denoised volume: ``<input>_denoised_<model>_<strength>`` ("..._medium", "..._0.5"; without
-    the strength when None), then a diffusion model's sampling steps ("..._medium_2steps"). The scene makes it
-    unique."""
+    the strength when None), then a diffusion model's sampling steps ("..._medium_2steps"), then a self-ensemble
+    larger than 1 ("..._medium_x8"; nothing for 1 or None). The scene makes it unique."""
     name = f"{original_name}_denoised_{model_name}"
     name = name if strength is None else f"{name}_{strength_name(strength)}"
-    return name if steps is None else f"{name}_{steps_name(steps)}"
+    name = name if steps is None else f"{name}_{steps_name(steps)}"
+    suffix = "" if ensemble is None else ensemble_name(ensemble)
+    return f"{name}_{suffix}" if suffix else name
 
 
-def denoised_record(model_name: str, task: str, summary: dict, strength=None, steps: int | None = None) -> str:
+def denoised_record(
+    model_name: str, task: str, summary: dict, strength=None, steps: int | None = None, ensemble: int | None = None
+) -> str:
     """The JSON text kept on a denoised volume: the model, its task and the server's summary (dose used,
-    strength, sampling steps...). ``strength`` and ``steps``, those asked for, are recorded (the strength as a
-    fraction) when the summary has none."""
+    strength, sampling steps, self-ensemble...). ``strength``, ``steps`` and ``ensemble``, those asked for, are
+    recorded (the strength as a fraction) when the summary has none."""
     record = {"model": model_name, "task": task, **summary}
     if record.get("strength") is None and strength is not None:
         record["strength"] = strength_fraction(strength)
     if record.get("steps") is None and steps is not None:
         record["steps"] = steps
+    if record.get("ensemble") is None and ensemble is not None:
+        record["ensemble"] = check_ensemble(ensemble)
     return json.dumps(record)
 
 
@@ -156,10 +165,33 @@ def record_steps(record: str | None) -> int | None:
     return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
 
 
-def made_with(record: str | None, model_name: str, dose, strength="medium", steps: int | None = None) -> bool:
+def record_ensemble(record: str | None) -> int | None:
+    """The self-ensemble (1, 2, 4 or 8) a denoised volume's record says; 1 (the network alone) for a record
+    without one, made before the ensemble existed; None for an unreadable record or value."""
+    try:
+        summary = json.loads(record or "")
+    except ValueError:
+        return None
+    if not isinstance(summary, dict):
+        return None
+    try:
+        return check_ensemble(summary.get("ensemble", DEFAULT_ENSEMBLE))
+    except ValueError:
+        return None
+
+
+def made_with(
+    record: str | None,
+    model_name: str,
+    dose,
+    strength="medium",
+    steps: int | None = None,
+    ensemble: int = DEFAULT_ENSEMBLE,
+) -> bool:
     """Whether the denoised volume with this record was made by ``model_name`` at ``dose``: the same fraction,
-    or for "auto" a dose the model estimated, at ``strength`` (the same fraction of the noise removal) and in
-    ``steps`` sampling steps (None: a model that takes none). An unreadable record matches nothing."""
+    or for "auto" a dose the model estimated, at ``strength`` (the same fraction of the noise removal), in
+    ``steps`` sampling steps (None: a model that takes none) and with the self-ensemble ``ensemble`` (a record
+    without one: 1). An unreadable record matches nothing."""
     try:
         summary = json.loads(record or "{}")
     except ValueError:
@@ -171,6 +203,8 @@ def made_with(record: str | None, model_name: str, dose, strength="medium", step
         return False
     if record_steps(record) != steps or (steps is None and summary.get("steps") is not None):
         return False  # other steps, or steps that are not a number
+    if record_ensemble(record) != check_ensemble(ensemble):
+        return False  # another self-ensemble, or one that is not a size
     if dose == "auto":
         return summary.get("dose_source") == "estimated"
     try:

@@ -1,5 +1,5 @@
 """What the module remembers between sessions: server addresses, each server's permission and token, the last
-model, dose, strength and sampling steps, and the time limits.
+model, dose, strength, sampling steps and self-ensemble, and the time limits.
 
 Everything is kept in a store with QSettings' ``value(key)`` / ``setValue(key, value)`` / ``sync()``: Slicer's
 settings in the module (``qt.QSettings()``), a ``MemorySettings`` in tests, so none of this needs Slicer.
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .client import Timeouts, normalise_token, server_key
+from .ensemble import DEFAULT_ENSEMBLE, check_ensemble
 from .steps import check_steps
 from .strength import DEFAULT_STRENGTH
 
@@ -225,6 +226,17 @@ class ModuleSettings:
     def set_steps(self, steps: int | None) -> None:
         """Remember ``steps`` (None: each model's own)."""
         self.set("SamplingSteps", "" if steps is None else str(check_steps(steps)))
+
+    def ensemble(self) -> int:
+        """The last self-ensemble chosen (1, 2, 4 or 8); 1 (off) at first or when unreadable."""
+        try:
+            return check_ensemble(int(str(self.get("SelfEnsemble", DEFAULT_ENSEMBLE)).strip()))
+        except ValueError:
+            return DEFAULT_ENSEMBLE
+
+    def set_ensemble(self, ensemble: int) -> None:
+        """Remember ``ensemble`` (1, 2, 4 or 8; ValueError else)."""
+        self.set("SelfEnsemble", str(check_ensemble(ensemble)))
 
     def timeouts(self) -> Timeouts:
         """Time limits from ``{Connect,Response,Idle}TimeoutSeconds``; the default for any missing or unreadable."""

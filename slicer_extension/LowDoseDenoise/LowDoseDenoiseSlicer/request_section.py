@@ -12,6 +12,7 @@ import slicer
 from LowDoseDenoiseLib import messages, results
 from LowDoseDenoiseLib.client import Cancelled
 from LowDoseDenoiseLib.dose import dose_choice, parse_dose
+from LowDoseDenoiseLib.ensemble import ensemble_choice
 from LowDoseDenoiseLib.steps import steps_choice
 from LowDoseDenoiseLib.strength import parse_strength
 
@@ -20,11 +21,13 @@ from . import waitCursor
 
 class RequestSection:
     """Slots of the requests; state on the widget: ``job`` (the BackgroundJob under way, or None), ``jobKind``
-    (messages.DENOISE or messages.FIDELITY) and ``jobContext`` (input volume ID, model, dose, strength, steps)."""
+    (messages.DENOISE or messages.FIDELITY) and ``jobContext`` (input volume ID, model, dose, strength, steps,
+    ensemble)."""
 
     def prepareRequest(self):
-        """(volume, model, dose, strength, steps) when everything needed is there and sending is allowed, else
-        None; ``steps`` is a diffusion model's sampling steps, None for a model that takes none."""
+        """(volume, model, dose, strength, steps, ensemble) when everything needed is there and sending is
+        allowed, else None; ``steps`` is a diffusion model's sampling steps, None for a model that takes none;
+        ``ensemble`` the self-ensemble (1: off)."""
         volume, model, url = self.ui.inputVolumeSelector.currentNode(), self.currentModel(), self.serverUrl()
         if volume is None or model is None:
             slicer.util.errorDisplay(messages.NEEDS_VOLUME_AND_MODEL)
@@ -34,6 +37,7 @@ class RequestSection:
             dose = parse_dose(doseText) if model.dose_aware else "auto"
             strength = parse_strength(self.ui.strengthComboBox.currentText)
             steps = None if model.sampling_steps is None else steps_choice(self.ui.stepsComboBox.currentText)
+            ensemble = ensemble_choice(self.ui.ensembleComboBox.currentText)
             if not self.logic.consent.is_allowed(url) and not self.askConsent(url):
                 return None
         except ValueError as exc:
@@ -44,29 +48,44 @@ class RequestSection:
         self.logic.settings.set_strength(strength)
         if steps is not None:  # the model's own number is remembered as "each model's own"
             self.logic.settings.set_steps(None if steps == model.sampling_steps else steps)
-        return volume, model, dose, strength, steps
+        self.logic.settings.set_ensemble(ensemble)
+        return volume, model, dose, strength, steps, ensemble
 
     def onDenoise(self):
         request = self.prepareRequest()
         if request is not None:
-            volume, model, dose, strength, steps = request
+            volume, model, dose, strength, steps, ensemble = request
             self.startJob(
                 messages.DENOISE,
                 request,
                 lambda: self.logic.startDenoise(
-                    volume, self.serverUrl(), model, dose, token=self.serverToken(), strength=strength, steps=steps
+                    volume,
+                    self.serverUrl(),
+                    model,
+                    dose,
+                    token=self.serverToken(),
+                    strength=strength,
+                    steps=steps,
+                    ensemble=ensemble,
                 ),
             )
 
     def onFidelity(self):
         request = self.prepareRequest()
         if request is not None:
-            volume, model, dose, strength, steps = request
+            volume, model, dose, strength, steps, ensemble = request
             self.startJob(
                 messages.FIDELITY,
                 request,
                 lambda: self.logic.startFidelity(
-                    volume, self.serverUrl(), model, dose, token=self.serverToken(), strength=strength, steps=steps
+                    volume,
+                    self.serverUrl(),
+                    model,
+                    dose,
+                    token=self.serverToken(),
+                    strength=strength,
+                    steps=steps,
+                    ensemble=ensemble,
                 ),
             )
 
@@ -80,9 +99,9 @@ class RequestSection:
         except Exception as exc:
             self.showError(f"Could not start the {kind} request", exc)
             return
-        volume, model, dose, strength, steps = request
+        volume, model, dose, strength, steps, ensemble = request
         self.jobKind, self.jobContext = kind, {"volumeID": volume.GetID(), "model": model, "dose": dose}
-        self.jobContext.update(strength=strength, steps=steps)
+        self.jobContext.update(strength=strength, steps=steps, ensemble=ensemble)
         self.ui.statusLabel.setText(messages.request_started(kind))
         self.ui.progressBar.setRange(0, 100)
         self.ui.progressBar.setValue(0)
@@ -143,7 +162,7 @@ class RequestSection:
             return
         with waitCursor():
             denoised = self.logic.loadDenoised(
-                original, result, context["model"], context["strength"], context["steps"]
+                original, result, context["model"], context["strength"], context["steps"], context["ensemble"]
             )
             self.showPair(original, denoised)
         self.ui.statusLabel.setText(messages.denoise_done(result.summary, denoised.GetName()))
@@ -155,7 +174,13 @@ class RequestSection:
             return
         with waitCursor():
             denoised = self.logic.fidelityDenoised(
-                original, result, context["model"], context["dose"], context["strength"], context["steps"]
+                original,
+                result,
+                context["model"],
+                context["dose"],
+                context["strength"],
+                context["steps"],
+                context["ensemble"],
             )
             self.logic.hideSegmentations(self.fidelitySegmentations)  # an earlier check's structures
             self.fidelityResult = result

@@ -47,22 +47,23 @@ class VolumeNodes:
             raise ValueError(f"could not write {volumeNode.GetName()} to a temporary file")
         return path, folder
 
-    def loadDenoised(self, original, result, model, strength="medium", steps=None):
-        """Load a DenoiseResult as a scalar volume (HU) named after the input, the model, the strength and a
-        diffusion model's sampling steps."""
+    def loadDenoised(self, original, result, model, strength="medium", steps=None, ensemble=1):
+        """Load a DenoiseResult as a scalar volume (HU) named after the input, the model, the strength, a
+        diffusion model's sampling steps and a self-ensemble larger than 1."""
         try:
-            return self.loadDenoisedFile(original, str(result.path), model, result.summary, strength, steps)
+            return self.loadDenoisedFile(original, str(result.path), model, result.summary, strength, steps, ensemble)
         finally:
             shutil.rmtree(str(result.folder), ignore_errors=True)
 
-    def loadDenoisedFile(self, original, path, model, summary, strength="medium", steps=None):
+    def loadDenoisedFile(self, original, path, model, summary, strength="medium", steps=None, ensemble=1):
         """Load a denoised CT file beside ``original``, with the record of how it was made (the server's summary;
-        ``strength`` and ``steps``, those asked for (None steps: the model's own), when the summary does not
-        say)."""
+        ``strength``, ``steps`` and ``ensemble``, those asked for (None steps: the model's own), when the summary
+        does not say)."""
         used = steps_used(steps, model.sampling_steps)
-        record = results.denoised_record(model.model, model.task, summary, strength, used)
+        record = results.denoised_record(model.model, model.task, summary, strength, used, ensemble)
         strength, steps = results.record_strength(record), results.record_steps(record)
-        name = results.denoised_volume_name(original.GetName(), model.model, strength, steps)
+        ensemble = results.record_ensemble(record)
+        name = results.denoised_volume_name(original.GetName(), model.model, strength, steps, ensemble)
         name = slicer.mrmlScene.GenerateUniqueName(name)
         node = slicer.util.loadVolume(path, {"name": name, "labelmap": False, "show": False, "singleFile": True})
         node.SetAttribute(ROLE_ATTRIBUTE, "denoised")
@@ -76,26 +77,28 @@ class VolumeNodes:
         self.copyWindowLevel(original, node)
         return node
 
-    def denoisedFor(self, original, model, dose, strength="medium", steps=None):
+    def denoisedFor(self, original, model, dose, strength="medium", steps=None, ensemble=1):
         """The most recent denoised volume of ``original`` made with ``model`` at ``dose`` and ``strength`` in
-        ``steps`` sampling steps (None: the model's own); None when there is none."""
+        ``steps`` sampling steps (None: the model's own) with the self-ensemble ``ensemble``; None when there is
+        none."""
         steps = steps_used(steps, model.sampling_steps)
         made = [
             node
             for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
             if node.GetAttribute(ROLE_ATTRIBUTE) == "denoised"
             and node.GetAttribute(ORIGINAL_ATTRIBUTE) == original.GetID()
-            and results.made_with(node.GetAttribute(SUMMARY_ATTRIBUTE), model.model, dose, strength, steps)
+            and results.made_with(node.GetAttribute(SUMMARY_ATTRIBUTE), model.model, dose, strength, steps, ensemble)
         ]
         return made[-1] if made else None
 
-    def fidelityDenoised(self, original, result, model, dose, strength="medium", steps=None):
-        """The denoised volume to show after a fidelity check: one made before with this model, dose, strength
-        and sampling steps, else the check's own denoised scan (loaded), else None."""
-        denoised = self.denoisedFor(original, model, dose, strength, steps)
+    def fidelityDenoised(self, original, result, model, dose, strength="medium", steps=None, ensemble=1):
+        """The denoised volume to show after a fidelity check: one made before with this model, dose, strength,
+        sampling steps and self-ensemble, else the check's own denoised scan (loaded), else None."""
+        denoised = self.denoisedFor(original, model, dose, strength, steps, ensemble)
         if denoised is None and "denoised" in result.files:
             summary = result.report.get("denoising", {})
-            denoised = self.loadDenoisedFile(original, str(result.files["denoised"]), model, summary, strength, steps)
+            path = str(result.files["denoised"])
+            denoised = self.loadDenoisedFile(original, path, model, summary, strength, steps, ensemble)
         return denoised
 
     def originalOf(self, node):

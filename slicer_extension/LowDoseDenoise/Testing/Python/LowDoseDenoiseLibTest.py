@@ -24,7 +24,7 @@ if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
 from LowDoseDenoiseLib import client as lib  # noqa: E402
-from LowDoseDenoiseLib import dose, messages, results, settings, steps, strength  # noqa: E402
+from LowDoseDenoiseLib import dose, ensemble, messages, results, settings, steps, strength  # noqa: E402
 from LowDoseDenoiseLib.jobs import BackgroundJob, start_upload  # noqa: E402
 
 TOKEN = "s3cret-token-value"
@@ -249,6 +249,21 @@ class ClientTest(FolderTestCase):
             with self.assertRaises(ValueError) as caught:
                 client.fidelity(volume, "dose_diffusion", steps=bad)
             self.assertIn("steps", str(caught.exception))
+
+    def test_the_ensemble_is_checked_named_and_refused_before_anything_is_sent(self):
+        self.assertEqual([ensemble.check_ensemble(n) for n in (1, 2, 4, 8)], [1, 2, 4, 8])
+        self.assertEqual([ensemble.ensemble_name(n) for n in (1, 8)], ["", "x8"])
+        self.assertEqual(ensemble.ensemble_choice(ensemble.ensemble_label(4)), 4)
+        volume = self.folder / "v.nii"
+        volume.write_bytes(nifti_header() + bytes(512))
+        client = lib.LowDoseClient("http://127.0.0.1:9", settings.JsonConsentStore(self.folder / "consent.json"))
+        client.consent.allow(client.url)  # port 9: nothing listens, yet no connection is even tried
+        for bad in (0, 3, 16, "8", True, 2.0, None, [8]):
+            self.assertRaises(ValueError, ensemble.check_ensemble, bad)
+            with self.assertRaises(ValueError) as caught:
+                client.denoise(volume, "denoise_dose_unet", ensemble=bad)
+            self.assertIn("must be one of 1, 2, 4, 8", str(caught.exception))
+            self.assertRaises(ValueError, client.fidelity, volume, "dose_unet", ensemble=bad)
 
     def test_the_steps_go_in_the_params_only_when_given(self):
         httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StandIn)
