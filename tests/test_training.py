@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from lowdose import load_ct, save_ct, simulate_low_dose
@@ -338,6 +339,28 @@ def test_selection_last_ships_the_last_epoch_with_its_own_figures(tmp_path):
     assert meta["training"]["best_epoch"] == 2
     assert meta["validation"]["val_psnr_abdomen"] == history["epochs"][1]["val_psnr_abdomen"]
     assert "| epoch shipped | 2 of 2 (the last) |" in (tmp_path / "bundle" / "docs" / "README.md").read_text()
+
+
+def test_a_zero_dose_loss_weight_holds_the_dose_estimator_of_the_bundle_fine_tuned(tiny_run, tmp_path):
+    """``optim.dose_loss_weight: 0`` fine-tunes the denoiser of ``init_bundle`` and ships its dose estimator exactly
+    as it came (not even weight decay moves it); with the default weight both change."""
+    from lowdose.bundle import load_checkpoint
+
+    root, _, _ = tiny_run
+    states = {}
+    for weight in (0.0, 1.0):
+        raw = json.loads(json.dumps(TINY))
+        raw["output_dir"] = str(tmp_path / f"run_{weight:g}")
+        raw["init_bundle"] = str(root / "bundle")
+        raw["data"]["train"] = [str(shared("totalsegmentator/pulmonary_report_ct_cropped.nii.gz"))]
+        raw["optim"].update(epochs=1, estimator_epochs=0, dose_loss_weight=weight)
+        train(TrainConfig.from_dict(raw), progress=False, bundle_dir=tmp_path / f"bundle_{weight:g}")
+        states[weight] = load_checkpoint(tmp_path / f"bundle_{weight:g}" / "models" / "model.pt")
+    before = load_checkpoint(root / "bundle" / "models" / "model.pt")
+    for name, tensor in before["dose_estimator"].items():
+        assert torch.equal(states[0.0]["dose_estimator"][name], tensor), name
+    assert any(not torch.equal(states[1.0]["dose_estimator"][k], v) for k, v in before["dose_estimator"].items())
+    assert any(not torch.equal(states[0.0]["network"][k], v) for k, v in before["network"].items())
 
 
 def test_export_bundle_writes_a_model_card_from_the_run(tiny_run, tmp_path):

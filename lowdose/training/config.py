@@ -74,7 +74,7 @@ class OptimConfig:
     learning_rate: float = 2e-4
     weight_decay: float = 1e-4
     ssim_weight: float = 0.1
-    dose_loss_weight: float = 1.0
+    dose_loss_weight: float = 1.0  # 0: the dose estimator is held as it came (init_bundle), not trained
     # Which epoch the bundle gets: "val_psnr" (the best on the validation series; without one, the lowest
     # training loss) or "last" (the end of the schedule, when PSNR is not what the run optimises for).
     selection: str = "val_psnr"

@@ -61,8 +61,10 @@ class DenoisingNetworks:
             return self.network(low, dose if self.conditioned else None, **extra)
         return self.network(low)
 
-    def parameters(self) -> list[nn.Parameter]:
-        return list(self.network.parameters()) + (list(self.estimator.parameters()) if self.estimator else [])
+    def parameters(self, train_estimator: bool = True) -> list[nn.Parameter]:
+        """What the optimiser trains: the network, and the dose estimator unless it is held as it was."""
+        estimator = list(self.estimator.parameters()) if self.estimator and train_estimator else []
+        return list(self.network.parameters()) + estimator
 
     def train(self, mode: bool = True) -> None:
         self.network.train(mode)

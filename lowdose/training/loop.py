@@ -60,7 +60,9 @@ def train(
     normalisation = dict(DEFAULT_NORMALISATION)
     anatomy = _anatomy_terms(config, normalisation, device)
     model = _build_model(config, anatomy, device)
-    parameters = model.parameters() + (anatomy.generator_parameters() if anatomy is not None else [])
+    # dose_loss_weight 0 holds the dose estimator as it came (from init_bundle): not even weight decay moves it.
+    parameters = model.parameters(train_estimator=config.optim.dose_loss_weight > 0)
+    parameters += anatomy.generator_parameters() if anatomy is not None else []
     optimiser = torch.optim.AdamW(parameters, lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay)
     objective = _denoising_objective(config, model, anatomy, normalisation, device)
     total_steps = objective.steps_per_epoch * config.optim.epochs
