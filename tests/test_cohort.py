@@ -225,6 +225,12 @@ def test_a_rerun_of_a_finished_cohort_recomputes_nothing(ray_cohort, studies_fol
     study = dataclasses.replace(study, fingerprint=fingerprint(study))
     assert still_valid(record, study, CohortSettings(device="cpu", thresholds=STRICT), out)
     assert not still_valid(record, study, CohortSettings(device="cpu", thresholds=STRICT, strength=1.0), out)
+    # The self-ensemble: off (1) is what a cohort finished before it existed was run with; on is another result.
+    assert "ensemble" not in CohortSettings().key() and CohortSettings(ensemble=8).key()["ensemble"] == 8
+    assert still_valid(record, study, CohortSettings(device="cpu", thresholds=STRICT, ensemble=1), out)
+    assert not still_valid(record, study, CohortSettings(device="cpu", thresholds=STRICT, ensemble=8), out)
+    with pytest.raises(ValueError, match="ensemble must be one of 1, 2, 4, 8"):
+        CohortSettings(ensemble=3)
 
 
 def test_a_study_over_the_time_limit_is_stopped_and_recorded(ray_cohort, local_ray, studies_folder, tmp_path):
@@ -402,6 +408,7 @@ def test_the_command_documents_its_exit_status_and_refuses_bad_input_in_one_line
     result = subprocess.run([LOWDOSE, "cohort", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert f"{FAILED_EXIT_STATUS} the cohort finished but some studies failed" in " ".join(result.stdout.split())
+    assert "--ensemble {1,2,4,8}" in result.stdout
     uids = tmp_path / "uids.txt"
     uids.write_text("1.2.826.0.1.3680043.8.498.1\n")
     for args, fragment in (

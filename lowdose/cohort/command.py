@@ -89,6 +89,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="low, medium (default), high or 0..1",
     )
     g.add_argument(
+        "--ensemble",
+        type=int,
+        choices=[1, 2, 4, 8],
+        default=1,
+        help="in-plane flips and transposes averaged per slice (default 1: the network alone; 8: +0.2 dB, 8x time)",
+    )
+    g.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: the GPU when there is one"
     )
     g.add_argument(
@@ -165,6 +172,7 @@ def run(args) -> None:
         model=args.model,
         dose=args.dose,
         strength=args.strength,
+        ensemble=args.ensemble,
         device=args.device,
         fast=args.fast,
         weights=args.weights,

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..ensemble import parse_ensemble
 from ..fidelity.compare import FidelityThresholds
 from ..limits import InputLimits
 
@@ -21,7 +22,8 @@ OUTPUT_FORMATS = ("nii.gz", "nii", "nrrd", "mha", "dicom")
 class CohortSettings:
     """What every study of a cohort is run with (as ``lowdose denoise`` and ``lowdose fidelity`` take it).
 
-    ``dose`` is a fraction or ``auto``; ``strength`` a fraction in [0, 1]; ``fast`` picks TotalSegmentator's
+    ``dose`` is a fraction or ``auto``; ``strength`` a fraction in [0, 1]; ``ensemble`` the self-ensemble (1, 2, 4
+    or 8 in-plane symmetries averaged, lowdose.ensemble); ``fast`` picks TotalSegmentator's
     3 mm model (else the five 1.5 mm ones); ``weights`` overrides $TOTALSEG_WEIGHTS_PATH / $TOTALSEG_HOME_DIR;
     ``output_format`` is one of ``OUTPUT_FORMATS``; ``timeout_s`` bounds one study (0: no bound).
     """
@@ -29,6 +31,7 @@ class CohortSettings:
     model: str = "dose_unet"
     dose: float | str = "auto"
     strength: float = 0.7
+    ensemble: int = 1
     device: str = "auto"
     fast: bool = True
     weights: str | None = None
@@ -39,6 +42,7 @@ class CohortSettings:
     limits: InputLimits = dataclasses.field(default_factory=InputLimits.from_env)
 
     def __post_init__(self):
+        parse_ensemble(self.ensemble)  # ValueError naming the allowed sizes
         if self.output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}; got {self.output_format!r}")
 
@@ -53,6 +57,8 @@ class CohortSettings:
             "model": self.model,
             "dose": self.dose,
             "strength": round(float(self.strength), 6),
+            # Only when on: a cohort finished before the self-ensemble existed keeps its results.
+            **({"ensemble": self.ensemble} if self.ensemble != 1 else {}),
             "fast": self.fast,
             "thresholds": _plain(self.thresholds.as_dict()),
             "output_format": self.output_format,

@@ -127,7 +127,8 @@ def _run(study: Study, settings: CohortSettings, staging: Path, payload, record:
 
     denoiser, timings["model_load"] = _denoiser(settings)
     record.model_loads = MODEL_LOADS
-    result = denoiser(volume, dose=settings.dose if study.dose is None else study.dose, strength=settings.strength)
+    dose = settings.dose if study.dose is None else study.dose
+    result = denoiser(volume, dose=dose, strength=settings.strength, ensemble=settings.ensemble)
     timings["denoise"] = result.seconds
     record.model, record.device, record.strength = result.model, result.device, result.strength
     record.dose_fraction, record.dose_source = result.dose_fraction, result.dose_source
