@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from denoising import DOSES, NORMAL_DOSE_SERIES, TEST_SERIES, _load, bm3d_slice, cases, oracle_sigma  # noqa: E402
+from denoising import DOSES, TEST_SERIES, bm3d_slice, cases, normal_dose_estimates, oracle_sigma  # noqa: E402
 
 from lowdose.atomic import write_text_atomically  # noqa: E402
 from lowdose.denoise import Denoiser  # noqa: E402
@@ -59,8 +59,7 @@ def score(bundles: dict[str, str]) -> list[dict]:
 def normal_dose(bundles: dict[str, str]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for label, folder in bundles.items():
-        denoiser = Denoiser(folder, device="cpu")
-        out[label] = {path: denoiser.estimate_dose(_load(path)) for path in NORMAL_DOSE_SERIES}
+        out[label] = {row["series"]: row["volume_estimate"] for row in normal_dose_estimates(folder)}
         print(f"{label}: routine scans read below 0.6: {sum(v < 0.6 for v in out[label].values())}", flush=True)
     return out
 

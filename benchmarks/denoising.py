@@ -231,9 +231,9 @@ def score(case: Case, name: str, method) -> tuple[dict, np.ndarray]:
     return row, out
 
 
-def normal_dose_estimates() -> list[dict]:
-    """The shipped model's dose estimate on every shared normal-dose series: the volume, and its slices one by one."""
-    denoiser = Denoiser(DEFAULT_MODEL, device="cpu")
+def normal_dose_estimates(model: str = DEFAULT_MODEL) -> list[dict]:
+    """A model's dose estimate on every shared normal-dose series: the volume, and its slices one by one."""
+    denoiser = Denoiser(model, device="cpu")
     rows = []
     for path in NORMAL_DOSE_SERIES:
         volume = _load(path)

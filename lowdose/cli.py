@@ -18,6 +18,7 @@ import yaml
 from .bundle import DEFAULT_MODEL, Bundle, available_models
 from .cohort.command import add_parser as add_cohort_parser
 from .dose import parse_dose
+from .ensemble import ENSEMBLE_SIZES
 from .errors import LowdoseError
 from .fidelity.command import add_parser as add_fidelity_parser
 from .figures import body_zoom, side_by_side_png
@@ -279,7 +280,7 @@ def _add_denoise_parser(sub) -> None:
     p.add_argument(
         "--ensemble",
         type=int,
-        choices=[1, 2, 4, 8],
+        choices=ENSEMBLE_SIZES,
         default=1,
         help="average the network over this many in-plane flips and transposes (8: about +0.2 dB for 8x the time; "
         "default 1)",

@@ -12,8 +12,10 @@ order is kept.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the CLI and the cohort settings import this module for its sizes: no torch at start-up
+    import torch
 
 ENSEMBLE_SIZES = (1, 2, 4, 8)
 

@@ -14,6 +14,7 @@ import sys
 from ..bundle import DEFAULT_MODEL
 from ..dicomweb import ENV_PACS_URL
 from ..dose import parse_dose
+from ..ensemble import ENSEMBLE_SIZES
 from ..fidelity.command import load_thresholds
 from ..limits import InputLimits
 from ..strength import DEFAULT_STRENGTH, parse_strength
@@ -91,7 +92,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument(
         "--ensemble",
         type=int,
-        choices=[1, 2, 4, 8],
+        choices=ENSEMBLE_SIZES,
         default=1,
         help="in-plane flips and transposes averaged per slice (default 1: the network alone; 8: +0.2 dB, 8x time)",
     )
