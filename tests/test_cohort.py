@@ -316,17 +316,73 @@ def _wait_for(stream_lines: list[str], pattern: str, process: subprocess.Popen, 
     raise AssertionError(f"{pattern!r} not seen in {seconds} s:\n{''.join(stream_lines)[-3000:]}")
 
 
-def _session_processes(session: int) -> list[int]:
-    """Processes still alive in a session (the killed run's, its local Ray's)."""
+def _session_processes(session: int) -> list[str]:
+    """Processes still alive in a session (the killed run's, its local Ray's): pid and command line each."""
     alive = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         if int(fields[3]) == session and fields[0] != "Z":
-            alive.append(int(stat.parent.name))
+            alive.append(f"{stat.parent.name}: {command[:300]}")
     return alive
+
+
+_ORPHANING_PARENT = """
+import multiprocessing, sys, time
+from lowdose.cohort.watchdog import watch_descendants
+
+def wait_forever():  # like nnU-Net's preprocessing worker blocked on a queue nobody reads
+    time.sleep(3600)
+
+if __name__ == "__main__":
+    if sys.argv[1] == "watched":
+        watch_descendants()
+    child = multiprocessing.get_context("spawn").Process(target=wait_forever, daemon=True)
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(3600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("watched", [True, False])
+def test_a_killed_workers_spawned_children_die_with_it_when_watched(tmp_path, watched):
+    """A process that runs studies (a Ray worker, the cohort command) is SIGKILLed while a ``spawn`` child of
+    it waits (as nnU-Net's do): with its watchdog the child is killed within seconds and the watchdog exits;
+    without one (the control) the child lives on, orphaned."""
+    script = tmp_path / "parent.py"
+    script.write_text(_ORPHANING_PARENT)
+    parent = subprocess.Popen(
+        [sys.executable, str(script), "watched" if watched else "bare"], stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    try:
+        time.sleep(1.0)  # the watchdog has seen the child (it looks every 0.25 s)
+
+        def watchdogs() -> list[str]:
+            return [p for p in _session_processes(os.getsid(0)) if "watchdog.py" in p and p.endswith(f" {parent.pid} ")]
+
+        assert _alive(child) and bool(watchdogs()) is watched
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while (_alive(child) or watchdogs()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _alive(child) is not watched
+        assert watchdogs() == []
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_the_command_killed_mid_run_resumes(tiny_totalsegmentator, studies_folder, tmp_path):

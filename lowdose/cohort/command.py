@@ -21,6 +21,7 @@ from ..strength import DEFAULT_STRENGTH, parse_strength
 from .engine import run_cohort
 from .results import OUTPUT_FORMATS, CohortSettings
 from .schedulers import TRANSFERS, RayOptions, RayScheduler, SequentialScheduler
+from .watchdog import watch_descendants
 
 FAILED_EXIT_STATUS = 4
 
@@ -196,6 +197,7 @@ def run(args) -> None:
                 transfer=args.transfer,
             )
         )
+    watch_descendants()  # the studies' processes (Ray's workers, nnU-Net's) go if this one is killed
     summary = run_cohort(
         args.input,
         args.output,

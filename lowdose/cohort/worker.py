@@ -27,6 +27,7 @@ from .report import write_thumbnail
 from .results import DONE, FAILED, CohortSettings, StructureFigures, StudyResult
 from .store import commit, new_staging, pack, seal, settings_key, study_folder, unpack
 from .studies import PACS, Study
+from .watchdog import watch_descendants
 
 PATH, OBJECT_STORE = "path", "object-store"  # how a study's data travel between the driver and a worker
 _FORKSERVER = False  # whether this process's child processes start from a fork server (Ray workers)
@@ -107,6 +108,7 @@ def process_study_on_ray(*args, **kwargs) -> StudyOutcome:
     pool needs keeps them cheap.
     """
     global _FORKSERVER
+    watch_descendants()  # nnU-Net's processes must not outlive this worker if it is killed
     if not _FORKSERVER:
         multiprocessing.set_forkserver_preload(["nnunetv2.utilities.utils"])
         multiprocessing.set_start_method("forkserver", force=True)
