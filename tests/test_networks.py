@@ -347,3 +347,58 @@ def test_folded_dose_conditioning_at_inference_equals_the_training_path():
         assert not torch.allclose(mixed[1:], folded[1:], atol=1e-4)
         with pytest.raises(ValueError, match="3 doses for 2 slices"):
             net(x, torch.tensor([0.1, 0.2, 0.3]))
+
+
+# --- noise conditioning ---------------------------------------------------------------------------
+
+
+def test_measured_noise_reads_level_and_texture_of_real_ct(sample_slab):
+    """On a real slice (the sample, normalised as bundles do: HU / 1000): the level rises by log 2 when the
+    noise doubles, does not change under the self-ensemble's flips, reads about the same in a 96-pixel patch
+    as in the slice, and the texture of smoothed noise reads lower than of white noise."""
+    from lowdose import load_ct, sample_ct_path
+    from lowdose.networks._noise_energy import measured_noise
+
+    hu = torch.from_numpy(load_ct(sample_ct_path()).hu[10:11].astype("float32"))[None]
+    generator = torch.Generator().manual_seed(1)
+    white = 0.03 * torch.randn(hu.shape, generator=generator)
+    smooth = nn.functional.avg_pool2d(white, 3, stride=1, padding=1) * 3  # same order of std, blotchier
+    slice_ = lambda noise: (hu / 1000 + noise).clamp(-1.024, 3.071)  # noqa: E731
+    louder = measured_noise(slice_(2 * white))[0]
+    white_reading, smooth_reading = measured_noise(slice_(white))[0], measured_noise(slice_(smooth))[0]
+    assert float(louder[0] - white_reading[0]) == pytest.approx(math.log(2), abs=0.1)
+    assert float(white_reading[0]) == pytest.approx(math.log(3.0), abs=0.15)  # 30 HU over a quiet scan's 5
+    assert float(smooth_reading[1]) < float(white_reading[1]) - 0.5
+    flat = measured_noise(0.05 + white)[0]  # uniform soft tissue: exactly the noise's std, white: ratio 1
+    assert float(flat[0]) == pytest.approx(math.log(3.0), abs=0.03) and abs(float(flat[1])) < 0.03
+    flipped = measured_noise(slice_(white).flip(-1).transpose(-1, -2))[0]
+    assert torch.allclose(flipped, white_reading, atol=1e-4)
+    patch = measured_noise(slice_(white)[..., 208:304, 208:304])[0]
+    assert float(patch[0]) == pytest.approx(float(white_reading[0]), abs=0.15)
+    air = measured_noise(torch.full((1, 1, 64, 64), -1.024))[0]
+    assert torch.isfinite(air).all() and float(air[0]) < -4  # nothing to measure: the floor, not NaN
+
+
+def test_noise_conditioning_starts_as_the_dose_network_and_then_reads_the_noise():
+    """Fine-tuning adds the noise embedding to a trained dose-conditioned network: at first its output is the
+    network's without it (the loaded weights fit, the embedding adds zero); once trained, the same dose gives a
+    different output for a louder input; without dose conditioning it is refused."""
+    with_noise = DoseAwareUNet(in_channels=3, dose_conditioning=True, noise_conditioning=True).eval()
+    dose_only = DoseAwareUNet(in_channels=3, dose_conditioning=True).eval()
+    dose_only.head.weight.data.normal_(std=0.1)
+    for block in _film_blocks(dose_only):
+        block.film.weight.data.normal_(std=0.1)
+    missing, unexpected = with_noise.load_state_dict(dose_only.state_dict(), strict=False)
+    assert not unexpected and missing and all(key.startswith("noise_embedding.") for key in missing)
+    x = _image(2, 3, 48, 64)
+    with torch.no_grad():
+        assert torch.allclose(with_noise(x, 0.25), dose_only(x, 0.25), atol=1e-6)
+        assert with_noise.noise_embedding is not None
+        with_noise.noise_embedding.mlp[2].weight.normal_(std=0.1)
+        quiet = x[:1]
+        loud = quiet + 0.02 * torch.randn_like(quiet)
+        shift = with_noise(loud, 0.25) - dose_only(loud, 0.25)
+        quiet_shift = with_noise(quiet, 0.25) - dose_only(quiet, 0.25)
+    assert (shift - quiet_shift).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="needs dose_conditioning"):
+        DoseAwareUNet(noise_conditioning=True)

@@ -363,6 +363,36 @@ def test_a_zero_dose_loss_weight_holds_the_dose_estimator_of_the_bundle_fine_tun
     assert any(not torch.equal(states[0.0]["network"][k], v) for k, v in before["network"].items())
 
 
+def test_a_bundle_fine_tuned_with_noise_conditioning_ships_it_and_denoises_with_it(tiny_run, tmp_path):
+    """Adding ``noise_conditioning`` to a trained dose-conditioned bundle's network is a fine-tune (the new
+    embedding starts at zero, everything else loads); the exported bundle keeps the argument, its noise embedding
+    has learnt something, and lowdose denoises with it, HU and geometry kept."""
+    import dataclasses
+
+    from lowdose import sample_ct_path
+    from lowdose.bundle import load_checkpoint
+
+    root, _, _ = tiny_run
+    raw = json.loads(json.dumps(TINY))
+    raw["output_dir"] = str(tmp_path / "run")
+    raw["init_bundle"] = str(root / "bundle")
+    raw["network"]["kwargs"]["noise_conditioning"] = True
+    raw["data"]["train"] = [str(shared("totalsegmentator/pulmonary_report_ct_cropped.nii.gz"))]
+    raw["optim"].update(epochs=1, estimator_epochs=0, dose_loss_weight=0.0)
+    train(TrainConfig.from_dict(raw), progress=False, bundle_dir=tmp_path / "bundle")
+    state = load_checkpoint(tmp_path / "bundle" / "models" / "model.pt")["network"]
+    assert state["noise_embedding.mlp.2.weight"].abs().sum() > 0  # trained away from its zero start
+    denoiser = Denoiser(tmp_path / "bundle", device="cpu")
+    assert denoiser.model.network.noise_embedding is not None
+    whole = load_ct(sample_ct_path())
+    volume = dataclasses.replace(whole, hu=whole.hu[8:11])
+    result = denoiser(volume, dose=0.25)
+    assert result.volume.hu.shape == volume.hu.shape and np.isfinite(result.volume.hu).all()
+    assert np.array_equal(result.volume.spacing_mm, volume.spacing_mm)
+    assert np.array_equal(result.volume.origin_mm, volume.origin_mm)
+    assert not np.array_equal(result.volume.hu, volume.hu)
+
+
 def test_export_bundle_writes_a_model_card_from_the_run(tiny_run, tmp_path):
     from lowdose.networks import count_parameters
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._noise_energy import measured_noise
 from ._padding import crop_to, pad_to_multiple
 from .registry import register_network
 
@@ -38,6 +39,30 @@ class DoseEmbedding(nn.Module):
         log_dose = dose_fraction.clamp(1e-4, 1.0).log()[:, None]
         angles = log_dose * self.frequencies
         return self.mlp(torch.cat([log_dose, angles.sin(), angles.cos()], dim=1))
+
+
+class NoiseEmbedding(nn.Module):
+    """Embeds the noise measured on the input slice itself (level and texture, ``measured_noise``), added to the
+    dose embedding.
+
+    The relative dose says what fraction of the noise to remove, not how loud it is: sources differ by 2x in
+    noise at full dose and a sharp kernel's noise is 3x a smooth one's. Trained on dose alone, the network
+    removed too little of loud noise and too much of quiet noise (benchmarks/results/dose_unet_noise.md).
+    FFDNet (Zhang et al., IEEE TIP 2018) conditions on the noise level likewise. The last layer starts at zero,
+    so a network fine-tuned with it starts as it was.
+    """
+
+    def __init__(self, embedding_dim: int = 64):
+        super().__init__()
+        last = nn.Linear(embedding_dim, embedding_dim)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.mlp = nn.Sequential(nn.Linear(2, embedding_dim), nn.SiLU(), last)
+
+    def forward(self, centre: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = measured_noise(centre.float()).to(centre.dtype)
+        return self.mlp(features)
 
 
 class InvertedResidualBlock(nn.Module):
@@ -140,6 +165,8 @@ class DoseAwareUNet(nn.Module):
         expansion: width multiplier inside each inverted-residual block.
         dose_conditioning: if True, ``forward(x, dose_fraction)`` needs the dose fraction of each slice.
         embedding_dim: width of the dose embedding.
+        noise_conditioning: if True (with ``dose_conditioning``), the measured noise of the input's centre slice
+            (level and texture, ``NoiseEmbedding``) is added to the dose embedding.
         organ_attention: number of organ groups for BioAtt's anatomy-steered spatial attention after the
             bottom and every decoder stage (0: none); ``forward`` then needs ``organ_probabilities``
             ``[B, organ_attention]`` (from lowdose's anatomy encoder, shipped in the bundle).
@@ -154,6 +181,7 @@ class DoseAwareUNet(nn.Module):
         dose_conditioning: bool = False,
         embedding_dim: int = 64,
         organ_attention: int = 0,
+        noise_conditioning: bool = False,
     ):
         super().__init__()
         if len(features) != len(blocks_per_level) or len(features) < 2:
@@ -164,6 +192,9 @@ class DoseAwareUNet(nn.Module):
         self.multiple = self.unshuffle * 2 ** (len(features) - 1)
         cond_dim = embedding_dim if dose_conditioning else None
         self.dose_embedding = DoseEmbedding(embedding_dim) if dose_conditioning else None
+        if noise_conditioning and not dose_conditioning:
+            raise ValueError("noise_conditioning adds to the dose embedding: it needs dose_conditioning")
+        self.noise_embedding = NoiseEmbedding(embedding_dim) if noise_conditioning else None
 
         self.stem = nn.Conv2d(in_channels * self.unshuffle**2, features[0], 3, padding=1)
         self.encoder = nn.ModuleList(
@@ -211,6 +242,8 @@ class DoseAwareUNet(nn.Module):
             dose_embedding = self.dose_embedding(dose_fraction)  # [1, E] (one dose for all) or [B, E]
 
         centre = x[:, self.in_channels // 2 : self.in_channels // 2 + 1]
+        if self.noise_embedding is not None:
+            dose_embedding = dose_embedding + self.noise_embedding(centre)  # [B, E]
         h, size = pad_to_multiple(x, self.multiple)
         # channels-last halves CPU time here (oneDNN's depthwise and 1x1 kernels prefer it); same numbers.
         h = self.stem(F.pixel_unshuffle(h, self.unshuffle).contiguous(memory_format=torch.channels_last))

@@ -238,8 +238,12 @@ def _load_initial_weights(config: TrainConfig, network, estimator) -> None:
     assert config.init_bundle is not None  # called only when the config fine-tunes a bundle
     bundle = Bundle.find(config.init_bundle)
 
-    def comparable(kwargs):  # BioAtt's attention may be added to a network trained without it (starts as identity)
-        return {k: v for k, v in dict(kwargs).items() if k != "organ_attention"}
+    # BioAtt's attention and the noise embedding may be added to a network trained without them (they start as
+    # the identity and as zero)
+    added = {"organ_attention": "attention.", "noise_conditioning": "noise_embedding."}
+
+    def comparable(kwargs):
+        return {k: v for k, v in dict(kwargs).items() if k not in added}
 
     same_kwargs = comparable(bundle.network_kwargs) == comparable(config.network.kwargs)
     if bundle.network_name != config.network.name or not same_kwargs:
@@ -249,7 +253,7 @@ def _load_initial_weights(config: TrainConfig, network, estimator) -> None:
         )
     state = load_checkpoint(bundle.weights)
     missing, unexpected = network.load_state_dict(state["network"], strict=False)
-    if unexpected or any(not key.startswith("attention.") for key in missing):
+    if unexpected or any(not key.startswith(tuple(added.values())) for key in missing):
         raise LowdoseError(
             f"{bundle.folder}: its weights do not fit the config's network (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]})"
