@@ -46,10 +46,11 @@ class NoiseEmbedding(nn.Module):
     dose embedding.
 
     The relative dose says what fraction of the noise to remove, not how loud it is: sources differ by 2x in
-    noise at full dose and a sharp kernel's noise is 3x a smooth one's. Trained on dose alone, the network
-    removed too little of loud noise and too much of quiet noise (benchmarks/results/dose_unet_noise.md).
-    FFDNet (Zhang et al., IEEE TIP 2018) conditions on the noise level likewise. The last layer starts at zero,
-    so a network fine-tuned with it starts as it was.
+    noise at full dose and a sharp kernel's noise is 3x a smooth one's. Conditioned on dose alone, version 2
+    removed too little of loud noise and too much of quiet noise on held-out series (scaling its noise removal
+    after the fact, the best factor ran from 0.55 on quiet to 1.4 on loud sources). FFDNet (Zhang et al., IEEE
+    TIP 2018) conditions on the noise level likewise. The last layer starts at zero, so a network fine-tuned with
+    it starts as it was. What it gained: benchmarks/results/dose_unet_v5.md.
     """
 
     def __init__(self, embedding_dim: int = 64):
