@@ -15,9 +15,9 @@ series' own noise (`match_source`), at 1/2, 1/4, 1/10, 1/20 (doses the networks 
 oracle noise level (the true std of the added noise); RED-CNN and ESAU-Net (shipped peers); dose_unet
 version 1 (before issue 18: `--before`, a bundle folder) and the shipped dose_unet, each with its own dose
 estimate (one slice per call, as a single image is sent, and the 2.5-D slab of a volume) and with the true
-dose; the shipped dose_unet with its self-ensemble of 8 (`--ensemble 8`, "x8"). Figures: PSNR and SSIM in the abdomen window C50/W400 (as the real-scan figures of issue 18), RMSE in
-HU over the field of view, seconds per slice; the dose estimates; a 512x512x100 volume's time and peak
-memory. The kernel of each series is named by its DICOM tag and classed by its own noise power spectrum
+dose; the shipped dose_unet with its self-ensemble of 8 (`--ensemble 8`, "x8"). Figures: PSNR and SSIM in
+the abdomen window C50/W400 (as the real-scan figures of issue 18), RMSE in HU over the field of view,
+seconds per slice; the dose estimates; a 512x512x100 volume's time and peak memory. The kernel of each series is named by its DICOM tag and classed by its own noise power spectrum
 (mean frequency under 0.30 cycles/mm smooth, 0.30-0.40 medium, above sharp).
 """
 
