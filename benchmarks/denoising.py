@@ -13,7 +13,8 @@ both, B70f and B40f), chest and abdomen. Low-dose versions come from `lowdose.si
 series' own noise (`match_source`), at 1/2, 1/4, 1/10, 1/20 (doses the networks were trained on) and 1/3,
 1/8 (never seen). Methods: the input; BM3D with the noise level estimated from the image and with the
 oracle noise level (the true std of the added noise); RED-CNN and ESAU-Net (shipped peers); dose_unet
-version 1 (before issue 18: `--before`, a bundle folder) and the shipped dose_unet, each with its own dose
+version 1 (before issue 18: `--before`, a bundle folder), version 2 (`--previous`) and the shipped dose_unet
+(version 7 since 2026-12-03; the runs' list names its weights), each with its own dose
 estimate (one slice per call, as a single image is sent, and the 2.5-D slab of a volume) and with the true
 dose; the shipped dose_unet with its self-ensemble of 8 (`--ensemble 8`, "x8"). Figures: PSNR and SSIM in
 the abdomen window C50/W400 (as the real-scan figures of issue 18), RMSE in HU over the field of view,
@@ -42,7 +43,7 @@ from normal_dose_noise import SERIES as ROUTINE_SERIES  # noqa: E402  (a sibling
 
 from lowdose import load_ct, sample_ct_path, simulate  # noqa: E402
 from lowdose.atomic import write_text_atomically  # noqa: E402
-from lowdose.bundle import DEFAULT_MODEL  # noqa: E402
+from lowdose.bundle import DEFAULT_MODEL, Bundle  # noqa: E402
 from lowdose.denoise import Denoiser  # noqa: E402
 from lowdose.figures import body_zoom, side_by_side_png  # noqa: E402
 from lowdose.metrics import psnr, rmse_hu, ssim  # noqa: E402
@@ -321,6 +322,20 @@ def run_series(series: TestSeries, chosen: dict, max_slices: int = 0, again: boo
         np.savez_compressed(panels, **{**kept, **examples})
 
 
+def record_run(argv: list[str]) -> None:
+    """Note in the parts which command computed rows, when, and with which shipped weights (their digest), so a
+    report assembled from runs split by --series, or resumed, still says how each part was made."""
+    runs = json.loads(_part("runs").read_text()) if _part("runs").is_file() else []
+    runs.append(
+        {
+            "command": " ".join(["benchmarks/denoising.py", *argv]),
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "dose_unet_sha256": Bundle.find(DEFAULT_MODEL).weights_sha256()[:16],
+        }
+    )
+    _write_json(_part("runs"), runs)
+
+
 def report(argv) -> None:
     """Assemble the parts into denoising.md, .json and .png."""
     rows = [r for s in TEST_SERIES if _part(s.path).is_file() for r in json.loads(_part(s.path).read_text())]
@@ -328,7 +343,8 @@ def report(argv) -> None:
     volumes = json.loads(_part("volumes").read_text()) if _part("volumes").is_file() else []
     panels = PARTS / "figure_panels.npz"
     examples = dict(np.load(panels)) if panels.is_file() else {}
-    write(rows, normal, volumes, examples, argv)
+    runs = json.loads(_part("runs").read_text()) if _part("runs").is_file() else []
+    write(rows, normal, volumes, examples, argv, runs)
 
 
 def main() -> None:
@@ -351,6 +367,7 @@ def main() -> None:
     parser.add_argument("--again", action="store_true", help="recompute rows already saved (e.g. a retrained model)")
     args = parser.parse_args()
     if not args.report_only:
+        record_run(sys.argv[1:])
         before = args.before if Path(args.before, "configs", "metadata.json").is_file() else None
         if before is None:
             print(f"no dose_unet v1 bundle at {args.before}: its rows are skipped (see the model card to get it)")
@@ -501,7 +518,7 @@ def targets(rows, normal, volumes, errors) -> list[str]:
     return out
 
 
-def write(rows, normal, volumes, examples, argv) -> None:
+def write(rows, normal, volumes, examples, argv, runs=()) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     _write_json(RESULTS / "denoising.json", {"rows": rows, "normal_dose": normal, "volumes": volumes})
     dose_lines, errors = dose_table(rows)
@@ -513,6 +530,9 @@ def write(rows, normal, volumes, examples, argv) -> None:
         f"{os.cpu_count()} cores, CPU only, {time.strftime('%Y-%m-%d')}. Other jobs may have shared the cores: "
         "compare seconds within one run only.",
         "",
+        *(["Runs that computed the rows (the shipped dose_unet's weights by their SHA-256):", ""] if runs else []),
+        *[f"- {r['date']}: `.venv/bin/python {r['command']}` (dose_unet {r['dose_unet_sha256']})" for r in runs],
+        *([""] if runs else []),
         __doc__.split("\n\n", 2)[2].strip(),
         "",
         "## Mean PSNR (dB, abdomen window) over the test series",

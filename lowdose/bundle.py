@@ -9,6 +9,7 @@ The network's normalisation lives here, so every caller speaks Hounsfield units.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -75,6 +76,8 @@ class DenoisingModel:
     dose_conditioning: bool
     metadata: dict
     path: Path | None = None
+    version: str = "unknown"  # the bundle's version and its weights' SHA-256, named in what it denoises
+    weights_sha256: str = ""
     # BioAtt models: the anatomy encoder whose organ presence steers the attention, and its normalisation.
     anatomy_encoder: AnatomyUNet | None = None
     anatomy_normalisation: dict | None = None
@@ -259,6 +262,19 @@ class Bundle:
         return str(self.metadata.get("name", self.folder.name))
 
     @property
+    def version(self) -> str:
+        """The model's version (metadata ``version``; its ``changelog`` says what each version changed)."""
+        return str(self.metadata.get("version", "unknown"))
+
+    def weights_sha256(self) -> str:
+        """The SHA-256 of the weights file: which weights made a result, whatever the bundle is called."""
+        digest = hashlib.sha256()
+        with self.weights.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    @property
     def weights(self) -> Path:
         """``models/model.pt``: the denoiser's weights and, when the model has them, its dose estimator's."""
         return self.folder / "models" / "model.pt"
@@ -381,6 +397,8 @@ def load_bundle(model: str | Path = DEFAULT_MODEL, device: str | torch.device = 
         dose_conditioning=bundle.dose_conditioning,
         metadata=bundle.metadata,
         path=bundle.folder,
+        version=bundle.version,
+        weights_sha256=bundle.weights_sha256(),
         anatomy_encoder=anatomy,
         anatomy_normalisation=(bundle.anatomy_encoder or {}).get("normalisation"),
         region_encoder=regions,

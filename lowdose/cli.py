@@ -152,8 +152,8 @@ def cmd_denoise(args) -> None:
         dose = "n/a" if result.dose_fraction is None else f"{result.dose_fraction:.3g} ({result.dose_detail})"
         ensemble = "" if result.ensemble == 1 else f", {result.ensemble}-fold self-ensemble"
         print(
-            f"wrote {args.output}: model {result.model}, dose {dose}, strength {strength_label(result.strength)}"
-            f"{ensemble}, {result.seconds:.1f} s for {volume.shape[0]} slices"
+            f"wrote {args.output}: model {result.model} {result.model_version}, dose {dose}, "
+            f"strength {strength_label(result.strength)}{ensemble}, {result.seconds:.1f} s for {volume.shape[0]} slices"
         )
 
 
@@ -223,7 +223,7 @@ def cmd_models(args) -> None:
             "no trained model found (in LOWDOSE_MODELS or the shipped models; train one: "
             "lowdose train CONFIG --bundle models/NAME)"
         )
-    print(f"{'model':<22} {'network':<10} {'dose':<22} validation PSNR abdomen (low-dose input)")
+    print(f"{'model':<22} {'version':<8} {'network':<14} {'dose':<22} validation PSNR abdomen (low-dose input)")
     for name in names:
         print(_denoiser_row(name, Bundle.find(name)))
     for name in available_models("anatomy_encoder"):
@@ -250,7 +250,7 @@ def _denoiser_row(name: str, bundle: Bundle) -> str:
         dose = "one model, any dose"
     marker = " (default)" if name == DEFAULT_MODEL else ""
     anatomy = ", ".join(bundle.anatomy_aware_training)
-    return f"{name + marker:<22} {bundle.network_name:<10} {dose:<22} {figure}" + (
+    return f"{name + marker:<22} {bundle.version:<8} {bundle.network_name:<14} {dose:<22} {figure}" + (
         f"  [anatomy-aware: {anatomy}]" if anatomy else ""
     )
 

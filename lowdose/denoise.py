@@ -55,6 +55,8 @@ class DenoiseResult:
         dose_detail: how the dose was obtained, in words (e.g. ``read from the in-plane noise of 8 slices
             (median; slices 0.22 to 0.27)``).
         ensemble: in-plane symmetries whose answers were averaged (lowdose.ensemble; 1 = the network alone).
+        model_version: the model bundle's version (its metadata's ``version``), named in the series description.
+        weights_sha256: the SHA-256 of the weights that denoised it, so a result can be traced to them.
     """
 
     volume: CTVolume
@@ -66,6 +68,8 @@ class DenoiseResult:
     strength: float = 1.0
     dose_detail: str = ""
     ensemble: int = 1
+    model_version: str = ""
+    weights_sha256: str = ""
 
     @property
     def dose_estimated(self) -> bool:
@@ -73,16 +77,20 @@ class DenoiseResult:
 
     @property
     def description(self) -> str:
-        """The series description of the derived series, e.g. ``lowdose denoised (dose_unet, dose 0.25 given)``."""
+        """The series description of the derived series, e.g. ``lowdose denoised (dose_unet 7.0.0, dose 0.25
+        given)``."""
+        version_text = f" {self.model_version}" if self.model_version else ""
         dose_text = "" if self.dose_fraction is None else f", dose {self.dose_fraction:.3g} {self.dose_source}"
         strength_text = "" if self.strength >= 1.0 else f", strength {strength_label(self.strength)}"
         ensemble_text = "" if self.ensemble == 1 else f", {self.ensemble}-fold self-ensemble"
-        return f"lowdose denoised ({self.model}{dose_text}{strength_text}{ensemble_text})"
+        return f"lowdose denoised ({self.model}{version_text}{dose_text}{strength_text}{ensemble_text})"
 
     def summary(self) -> dict:
-        """The plain fields (JSON-ready): model, dose_fraction, dose_source, description, seconds, device."""
+        """The plain fields (JSON-ready): model and its version and weights, dose, description, seconds, device."""
         return {
             "model": self.model,
+            "model_version": self.model_version,
+            "weights_sha256": self.weights_sha256,
             "dose_fraction": self.dose_fraction,
             "dose_source": self.dose_source,
             "dose_detail": self.dose_detail,
@@ -256,6 +264,8 @@ class Denoiser:
             device=str(self.device),
             strength=strength_value,
             ensemble=ensemble,
+            model_version=self.model.version,
+            weights_sha256=self.model.weights_sha256,
         )
 
 

@@ -6,6 +6,7 @@ bundle is checked as a user receives it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from lowdose import load_ct, sample_ct_path, simulate_low_dose
-from lowdose.bundle import DEFAULT_MODEL, MODELS_DIR, available_models
+from lowdose.bundle import DEFAULT_MODEL, MODELS_DIR, Bundle, available_models
 from lowdose.metrics import compare
 
 SHIPPED = available_models()
@@ -62,7 +63,14 @@ def test_default_model_denoises_a_held_out_quarter_dose_scan_with_its_own_dose_e
     assert abs(after["soft_tissue_mean_shift_hu"]) < 5.0  # HU kept
     assert 0.15 < result.dose_fraction < 0.4 and result.dose_source == "estimated" and result.dose_estimated
     assert result.model == DEFAULT_MODEL and result.device == "cpu" and result.seconds > 0
-    assert result.description == f"lowdose denoised ({DEFAULT_MODEL}, dose {result.dose_fraction:.3g} estimated)"
+    shipped = Bundle.find(DEFAULT_MODEL)
+    assert result.model_version == shipped.version != "unknown"
+    assert result.description == (
+        f"lowdose denoised ({DEFAULT_MODEL} {shipped.version}, dose {result.dose_fraction:.3g} estimated)"
+    )
+    # the weights that made it, traceable whatever the bundle folder is called
+    assert result.weights_sha256 == hashlib.sha256(shipped.weights.read_bytes()).hexdigest()
+    assert result.summary()["weights_sha256"] == result.weights_sha256
     assert out.spacing_mm == low.spacing_mm and out.origin_mm == low.origin_mm
 
 
@@ -75,6 +83,7 @@ def test_models_command_lists_the_shipped_models():
     assert "anatomy encoder" in lines.pop("anatomy_encoder")  # listed apart: not a denoiser
     assert set(lines) == set(SHIPPED)
     assert "(default)" in lines[DEFAULT_MODEL] and "conditioned, estimated" in lines[DEFAULT_MODEL]
+    assert f" {Bundle.find(DEFAULT_MODEL).version} " in lines[DEFAULT_MODEL]  # which version is installed
     assert np.isfinite(float(lines[DEFAULT_MODEL].split(" dB")[0].split()[-1]))
 
 
@@ -163,8 +172,8 @@ def test_models_lists_damaged_and_non_denoising_bundles_apart(tmp_path, monkeypa
     assert main(["models"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert set(rows) == {"redcnn", "anatomy_encoder", "no_weights", "broken"}
-    network = json.loads((MODELS_DIR / "redcnn" / "configs" / "metadata.json").read_text())["network"]["name"]
-    assert rows["redcnn"].split()[1] == network and " dB" in rows["redcnn"]  # a denoiser's row
+    meta = json.loads((MODELS_DIR / "redcnn" / "configs" / "metadata.json").read_text())
+    assert rows["redcnn"].split()[1:3] == [meta["version"], meta["network"]["name"]] and " dB" in rows["redcnn"]
     assert "anatomy encoder" in rows["anatomy_encoder"]
     assert "damaged bundle" in rows["no_weights"] and "damaged bundle" in rows["broken"]
 
@@ -172,7 +181,6 @@ def test_models_lists_damaged_and_non_denoising_bundles_apart(tmp_path, monkeypa
 def test_bundle_is_the_one_reader_of_a_models_metadata(tmp_path):
     import shutil
 
-    from lowdose.bundle import Bundle
     from lowdose.errors import LowdoseError
 
     bundle = Bundle.find(DEFAULT_MODEL)
@@ -207,7 +215,9 @@ def test_the_data_road_is_offered_at_the_top_of_the_package():
     first = lowdose.denoise(low, dose=0.25, device="cpu")
     again = lowdose.denoise(low, dose=0.25, device="cpu")
     assert isinstance(first, lowdose.DenoiseResult) and np.array_equal(first.volume.hu, again.volume.hu)
-    assert first.dose_source == "given" and first.description == f"lowdose denoised ({DEFAULT_MODEL}, dose 0.25 given)"
+    assert first.dose_source == "given" and first.description == (
+        f"lowdose denoised ({DEFAULT_MODEL} {first.model_version}, dose 0.25 given)"
+    )
 
 
 def test_default_model_reads_the_dose_of_a_single_slice_in_plane():

@@ -150,11 +150,14 @@ def _assert_same_geometry(result, reference):
 # ----------------------------------------------------------------------------------------- the work
 
 
-def test_info_lists_the_denoising_models_and_the_fidelity_check(client):
+def test_info_lists_the_denoising_models_and_the_fidelity_check(client, work):
+    from lowdose.bundle import Bundle
+
     info = client.info()
     models = client.models(info)
     assert [m.task for m in models] == [MODEL_TASK]
     assert models[0].model == "dose_unet" and models[0].dose_aware
+    assert models[0].version == Bundle.read(work / "models" / "dose_unet").version == "0.1.0"  # the menu names it
     assert models[0].sampling_steps is None and "sampling_steps" in info["models"][MODEL_TASK]["lowdose"]
     assert "denoised CT out" in models[0].description
     assert client.has_fidelity(info)

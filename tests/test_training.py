@@ -57,6 +57,7 @@ def tiny_run(tmp_path_factory):
     ]
     raw["data"]["validation"] = [str(shared("totalsegmentator/example_ct_sm.nii.gz"))]
     raw["data"]["simulation_pool"] = 4
+    raw["version"] = 2.5  # YAML's number: the bundle's version is its text
     (root / "train.yaml").write_text(yaml.safe_dump(raw))
     config = TrainConfig.from_yaml(root / "train.yaml")
     history = train(config, progress=False, bundle_dir=root / "bundle")
@@ -279,6 +280,7 @@ def test_bundle_has_monai_layout_and_metadata(tiny_run):
     assert meta["network"]["name"] == "dose_unet" and meta["dose_estimator"]["name"] == "dose_estimator"
     assert meta["normalisation"] == {"hu_min": -1024.0, "hu_max": 3071.0, "scale_hu": 1000.0}
     assert meta["training"]["doses"] == [0.5, 0.1]
+    assert meta["version"] == "2.5" and "2.5" in meta["changelog"]  # the config's version, named in its outputs
     shipped_epoch = meta["training"]["best_epoch"]  # the figures are those of the epoch shipped
     history = json.loads((bundle / "docs" / "history.json").read_text())
     assert meta["validation"]["val_psnr_abdomen"] == history["epochs"][shipped_epoch - 1]["val_psnr_abdomen"]

@@ -164,6 +164,7 @@ class TrainConfig:
 
     name: str = "dose_unet"
     description: str = ""  # one paragraph for the model card: what this model is
+    version: str = "0.1.0"  # the bundle's version (metadata.json), named in every series the model denoises
     output_dir: str = "runs/dose_unet"
     init_bundle: str | None = None  # fine-tuning: start from this bundle's weights (a name under models/ or a folder)
     seed: int = 0
@@ -224,6 +225,7 @@ class TrainConfig:
         top = build(cls, raw, "top level")
         sections = ("data", "network", "optim", "anatomy", "da_clip", "diffusion")
         config = cls(**{k: v for k, v in top.items() if k not in sections})
+        config.version = str(config.version)  # YAML reads "version: 8.0" as a number
         config.data = DataConfig(**build(DataConfig, top.get("data", {}), "data"))
         config.network = NetworkConfig(**build(NetworkConfig, top.get("network", {}), "network"))
         config.optim = OptimConfig(**build(OptimConfig, top.get("optim", {}), "optim"))

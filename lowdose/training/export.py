@@ -64,7 +64,8 @@ def _metadata(config: TrainConfig, state: dict, history: dict) -> dict:
     """The bundle metadata of a run: its data and doses, the shipped epoch and its validation figures."""
     exported = state.get("epoch", 0) + 1
     shipped: dict[str, Any] = next((r for r in history.get("epochs", []) if r.get("epoch") == exported), {})
-    metadata = {
+    metadata: dict[str, Any] = {
+        "version": config.version,
         "training": {
             "data_mode": config.data.mode,
             "train_series": [str(p) for entry in config.data.train for p in _relative_inputs(entry)],

@@ -203,11 +203,13 @@ class Progress:
 class ModelInfo:
     """A denoising model the server offers: its infer ``task`` name and the ``model`` (bundle) name.
     ``sampling_steps``: a diffusion model's own sampling steps (``denoise(steps=)`` chooses others); None for a
-    model that is not a diffusion model (it takes no steps)."""
+    model that is not a diffusion model (it takes no steps). ``version``: the bundle's version ("" from a server
+    that does not say it)."""
 
     task: str
     model: str
     description: str = ""
+    version: str = ""
     dose_aware: bool = False
     validation: dict = dataclasses.field(default_factory=dict)
     sampling_steps: int | None = None
@@ -400,6 +402,7 @@ class LowDoseClient:
                     ModelInfo(
                         task=task,
                         model=str(extra.get("model") or task),
+                        version=str(extra.get("version") or ""),
                         description=str(meta.get("description", "")),
                         dose_aware=bool(extra.get("dose_aware")),
                         validation=dict(extra.get("validation") or {}),

@@ -43,8 +43,9 @@ def model_description(model: ModelInfo) -> str:
 
 
 def model_label(model: ModelInfo) -> str:
-    """The model menu's text: the model's name, marked when it uses the dose."""
-    return model.model + ("  (dose-aware)" if model.dose_aware else "")
+    """The model menu's text: the model's name and version, marked when it uses the dose."""
+    name = f"{model.model} {model.version}" if model.version else model.model
+    return name + ("  (dose-aware)" if model.dose_aware else "")
 
 
 def dose_tooltip(model: ModelInfo) -> str:

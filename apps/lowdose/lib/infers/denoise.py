@@ -114,6 +114,7 @@ class DenoiseTask(InferTask):
         info["lowdose"] = {
             "task": "denoise",
             "model": self.model_name,
+            "version": self.bundle.version,
             "network": self.bundle.network,
             "dose_aware": self.bundle.dose_estimator is not None,
             "sampling_steps": sampling_steps(self.bundle),  # a diffusion model's default steps; None: no steps

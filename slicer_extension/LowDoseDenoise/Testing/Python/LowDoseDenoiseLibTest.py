@@ -754,6 +754,8 @@ class MessagesTest(unittest.TestCase):
         self.assertEqual(messages.model_description(plain), "RED-CNN.")
         self.assertEqual(messages.model_label(self.MODEL), "dose_unet  (dose-aware)")
         self.assertEqual(messages.model_label(plain), "redcnn")
+        versioned = lib.ModelInfo(task="denoise_dose_unet", model="dose_unet", version="7.0.0", dose_aware=True)
+        self.assertEqual(messages.model_label(versioned), "dose_unet 7.0.0  (dose-aware)")
         self.assertNotEqual(messages.dose_tooltip(self.MODEL), messages.dose_tooltip(plain))
         diffusion = lib.ModelInfo(task="denoise_dose_diffusion", model="dose_diffusion", sampling_steps=2)
         self.assertIn("2, marked, is the model's default", messages.steps_tooltip(diffusion))
