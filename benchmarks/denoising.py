@@ -14,7 +14,7 @@ series' own noise (`match_source`), at 1/2, 1/4, 1/10, 1/20 (doses the networks 
 1/8 (never seen). Methods: the input; BM3D with the noise level estimated from the image and with the
 oracle noise level (the true std of the added noise); RED-CNN and ESAU-Net (shipped peers); dose_unet
 version 1 (before issue 18: `--before`, a bundle folder), version 2 (`--previous`) and the shipped dose_unet
-(version 7 since 2026-12-03; the runs' list names its weights), each with its own dose
+(version 8 since 2026-12-04; the runs' list names its weights), each with its own dose
 estimate (one slice per call, as a single image is sent, and the 2.5-D slab of a volume) and with the true
 dose; the shipped dose_unet with its self-ensemble of 8 (`--ensemble 8`, "x8"). Figures: PSNR and SSIM in
 the abdomen window C50/W400 (as the real-scan figures of issue 18), RMSE in HU over the field of view,

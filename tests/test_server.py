@@ -9,6 +9,7 @@ Inputs are small crops of the real CT series so that the whole module runs in ab
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -184,6 +185,10 @@ def test_denoise_upload_gives_the_library_result_with_the_input_geometry(
     assert summary["dose_fraction"] == pytest.approx(0.25)
     assert summary["dose_source"] == "given"
     assert "dose 0.25" in summary["description"]
+    # which model version and which exact weights made it
+    weights = (denoiser.model.path or Path()) / "models" / "model.pt"
+    assert summary["model_version"] == "0.1.0" and f"dose_unet {summary['model_version']}" in summary["description"]
+    assert summary["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
 
     result = _load_response_image(response, tmp_path / "denoised.nii.gz")
     _assert_same_geometry(result, volume)

@@ -187,17 +187,21 @@ def made_with(
     strength="medium",
     steps: int | None = None,
     ensemble: int = DEFAULT_ENSEMBLE,
+    version: str = "",
 ) -> bool:
     """Whether the denoised volume with this record was made by ``model_name`` at ``dose``: the same fraction,
     or for "auto" a dose the model estimated, at ``strength`` (the same fraction of the noise removal), in
     ``steps`` sampling steps (None: a model that takes none) and with the self-ensemble ``ensemble`` (a record
-    without one: 1). An unreadable record matches nothing."""
+    without one: 1), by the model's ``version`` the server offers now (a record or a server that names no
+    version matches any). An unreadable record matches nothing."""
     try:
         summary = json.loads(record or "{}")
     except ValueError:
         return False
     if not isinstance(summary, dict) or summary.get("model") != model_name:
         return False
+    if version and summary.get("model_version") and summary.get("model_version") != version:
+        return False  # made by another version of the model: an update on the server makes it anew
     found = record_strength(record)
     if found is None or abs(found - strength_fraction(strength)) > 1e-6:
         return False

@@ -87,7 +87,9 @@ class VolumeNodes:
             for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
             if node.GetAttribute(ROLE_ATTRIBUTE) == "denoised"
             and node.GetAttribute(ORIGINAL_ATTRIBUTE) == original.GetID()
-            and results.made_with(node.GetAttribute(SUMMARY_ATTRIBUTE), model.model, dose, strength, steps, ensemble)
+            and results.made_with(
+                node.GetAttribute(SUMMARY_ATTRIBUTE), model.model, dose, strength, steps, ensemble, model.version
+            )
         ]
         return made[-1] if made else None
 

@@ -152,6 +152,8 @@ class DenoiseTask(InferTask):
         summary = {
             "task": "denoise",
             "model": self.model_name,
+            "model_version": result.model_version,
+            "weights_sha256": result.weights_sha256,  # the exact weights, whatever the bundle is called
             "dose_fraction": result.dose_fraction,
             "dose_source": result.dose_source,
             "dose_detail": result.dose_detail,

@@ -606,6 +606,10 @@ class ResultsTest(unittest.TestCase):
         self.assertFalse(results.made_with(given, "redcnn", 0.25, "high"))
         self.assertFalse(results.made_with(given, "dose_unet", "auto", "high"))  # the dose was given, not estimated
         self.assertFalse(results.made_with(given, "dose_unet", 0.25))  # the default strength is medium
+        versioned = json.dumps({**json.loads(given), "model_version": "8.0.0"})
+        self.assertTrue(results.made_with(versioned, "dose_unet", 0.25, "high", version="8.0.0"))
+        self.assertFalse(results.made_with(versioned, "dose_unet", 0.25, "high", version="9.0.0"))  # server updated
+        self.assertTrue(results.made_with(given, "dose_unet", 0.25, "high", version="9.0.0"))  # record names none
         estimated = results.denoised_record(
             "dose_unet", "t", {"dose_fraction": 0.31, "dose_source": "estimated", "strength": 0.7}
         )
