@@ -11,6 +11,7 @@ import pydicom
 import pytest
 
 from lowdose import load_ct
+from lowdose.bundle import Bundle
 
 from .conftest import SAMPLE_DICOM, shared
 
@@ -132,7 +133,11 @@ def test_denoise_prints_the_dose_estimate_and_how_it_was_read(tmp_path):
     result = run("denoise", tmp_path / "low.nii.gz", tmp_path / "out2.nii.gz")
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith(f"wrote {tmp_path / 'out2.nii.gz'}"))
-    assert "(read by the model from the in-plane noise of 1 slice" in line and "model dose_unet, dose 0." in line, line
+    version = Bundle.find("dose_unet").version  # the line names the model's version
+    assert (
+        "(read by the model from the in-plane noise of 1 slice" in line
+        and f"model dose_unet {version}, dose 0." in line
+    ), line
     given = run("denoise", tmp_path / "low.nii.gz", tmp_path / "out3.nii.gz", "--dose", "1/4")
     assert "dose 0.25 (given)" in given.stdout, given.stdout
 
