@@ -77,7 +77,7 @@ class DenoiseResult:
 
     @property
     def description(self) -> str:
-        """The series description of the derived series, e.g. ``lowdose denoised (dose_unet 7.0.0, dose 0.25
+        """The series description of the derived series, e.g. ``lowdose denoised (dose_unet 8.0.0, dose 0.25
         given)``."""
         version_text = f" {self.model_version}" if self.model_version else ""
         dose_text = "" if self.dose_fraction is None else f", dose {self.dose_fraction:.3g} {self.dose_source}"

@@ -589,6 +589,9 @@ def test_finetune_on_the_datastore_makes_a_new_model_that_the_server_offers(serv
     response = _infer(server, image=STUDY_ID, output="json", model="denoise_dose_unet_finetuned")
     assert response.status_code == 200, response.text
     assert response.json()["model"] == "dose_unet_finetuned"
+    # it names the version it grew from (the random test bundle's 0.1.0)
+    assert info["models"]["denoise_dose_unet_finetuned"]["lowdose"]["version"] == "0.1.0+finetuned"
+    assert response.json()["model_version"] == "0.1.0+finetuned"
 
 
 def test_finetune_never_overwrites_other_models_and_stopping_needs_the_token(server, models_dir):

@@ -120,6 +120,7 @@ def finetune_config(
     return TrainConfig.from_dict(
         {
             "name": settings["output_model"],
+            "version": f"{bundle.version}+finetuned",  # a site's model says which version it grew from
             "output_dir": str(output_dir),
             "seed": int(settings["seed"]),
             "device": device,
