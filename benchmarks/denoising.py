@@ -122,6 +122,7 @@ class Case:
     normal: CTVolume  # the slab (1 or 3 slices)
     low: CTVolume
     centre: int
+    noise_model: simulate.SourceNoiseModel | bool = False  # the series' own noise (simulate.source_noise_model)
 
     def key(self) -> dict:
         s = self.series
@@ -156,7 +157,7 @@ def cases(series_list, max_slices: int = 0) -> list[Case]:
             centre = k - max(0, k - 1) if volume.shape[0] >= 3 else 0
             for d, (name, dose) in enumerate(DOSES.items()):
                 low = simulate.simulate_low_dose(normal, dose, seed=SEED + 100 * k + d, match_source=model)
-                out.append(Case(s, kind, k, name, dose, normal, low, centre))
+                out.append(Case(s, kind, k, name, dose, normal, low, centre, model))
         print(f"simulated {s.path}: {len(picks)} slices x {len(DOSES)} doses ({kind} kernel)", flush=True)
     return out
 
@@ -280,6 +281,11 @@ def _part(name: str) -> Path:
     return PARTS / (name.replace("/", "__") + ".json")
 
 
+def _read_part(name: str) -> list:
+    """A part file's contents ([] before it exists)."""
+    return json.loads(_part(name).read_text()) if _part(name).is_file() else []
+
+
 def _merge_rows(path: Path, rows: list[dict]) -> None:
     """Add ``rows`` to a part file, replacing rows of the same slice, dose and method (atomic write)."""
     old = json.loads(path.read_text()) if path.is_file() else []
@@ -297,7 +303,7 @@ def run_series(series: TestSeries, chosen: dict, max_slices: int = 0, again: boo
     """Score every method on one series' cases; each case's rows are saved as soon as they exist, and rows
     already saved are not computed again unless ``again``."""
     examples: dict[str, np.ndarray] = {}
-    saved = json.loads(_part(series.path).read_text()) if _part(series.path).is_file() and not again else []
+    saved = [] if again else _read_part(series.path)
     done = {(r["slice"], r["dose"], r["method"]) for r in saved}
     for case in cases([series], max_slices):
         rows = []
@@ -325,7 +331,7 @@ def run_series(series: TestSeries, chosen: dict, max_slices: int = 0, again: boo
 def record_run(argv: list[str]) -> None:
     """Note in the parts which command computed rows, when, and with which shipped weights (their digest), so a
     report assembled from runs split by --series, or resumed, still says how each part was made."""
-    runs = json.loads(_part("runs").read_text()) if _part("runs").is_file() else []
+    runs = _read_part("runs")
     runs.append(
         {
             "command": " ".join(["benchmarks/denoising.py", *argv]),
@@ -338,13 +344,11 @@ def record_run(argv: list[str]) -> None:
 
 def report(argv) -> None:
     """Assemble the parts into denoising.md, .json and .png."""
-    rows = [r for s in TEST_SERIES if _part(s.path).is_file() for r in json.loads(_part(s.path).read_text())]
-    normal = json.loads(_part("normal_dose").read_text()) if _part("normal_dose").is_file() else []
-    volumes = json.loads(_part("volumes").read_text()) if _part("volumes").is_file() else []
+    rows = [r for s in TEST_SERIES for r in _read_part(s.path)]
+    normal, volumes = _read_part("normal_dose"), _read_part("volumes")
     panels = PARTS / "figure_panels.npz"
     examples = dict(np.load(panels)) if panels.is_file() else {}
-    runs = json.loads(_part("runs").read_text()) if _part("runs").is_file() else []
-    write(rows, normal, volumes, examples, argv, runs)
+    write(rows, normal, volumes, examples, argv, _read_part("runs"))
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from denoising import DOSES, SEED, TEST_SERIES, _load, cases  # noqa: E402
+from denoising import DOSES, SEED, TEST_SERIES, cases  # noqa: E402
 
 from lowdose import simulate  # noqa: E402
 from lowdose.atomic import write_text_atomically  # noqa: E402
@@ -42,13 +42,12 @@ def ceiling_rows() -> list[dict]:
     """Per benchmark case (one slice per series): the input's PSNR and the ceiling's."""
     rows = []
     for series in TEST_SERIES:
-        noise_model = simulate.source_noise_model(_load(series.path), seed=SEED) or False
         for case in cases([series], max_slices=1):
             ref = case.normal.hu[case.centre]
             added = case.low.hu[case.centre] - ref
             # a second realisation of the source's own noise: dose 1/2 adds noise of the source's power
             twin = simulate.simulate_low_dose(
-                case.normal, 0.5, seed=SEED + 7919 + case.slice_index, match_source=noise_model
+                case.normal, 0.5, seed=SEED + 7919 + case.slice_index, match_source=case.noise_model
             )
             source = twin.hu[case.centre] - ref
             ideal = ref + case.dose * added - (1 - case.dose) * source
@@ -73,17 +72,11 @@ def ceiling_rows() -> list[dict]:
     return rows
 
 
-def benchmark_psnr(bench: list[dict], row: dict, method: str) -> float:
-    """The denoising benchmark's PSNR of ``method`` on the same case (nan when it has no such row)."""
-    for b in bench:
-        if (b["series"], b["slice"], b["dose"], b["method"]) == (row["series"], row["slice"], row["dose"], method):
-            return float(b["psnr_abdomen"])
-    return float("nan")
-
-
 def write(rows: list[dict], bench: list[dict]) -> None:
+    """Add the denoising benchmark's PSNR of each compared method on the same case (nan when it has no such row)."""
+    scored = {(b["series"], b["slice"], b["dose"], b["method"]): float(b["psnr_abdomen"]) for b in bench}
     for row in rows:
-        row.update({method: benchmark_psnr(bench, row, method) for method in COMPARED})
+        row.update({m: scored.get((row["series"], row["slice"], row["dose"], m), float("nan")) for m in COMPARED})
     write_text_atomically(RESULTS / "psnr_ceiling.json", json.dumps(rows, indent=1))
     lines = [
         "# The PSNR ceiling of the denoising benchmark",
