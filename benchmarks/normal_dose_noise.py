@@ -11,6 +11,7 @@ single-image dose estimate on scans whose protocol differs from the ones it lear
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -21,9 +22,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lowdose.dose import MIN_PATCHES, ROUTINE_LOW_BAND_POWER, ROUTINE_SPREAD_LOG_STD, low_band_power  # noqa: E402
+import yaml  # noqa: E402
+
+from lowdose import dose  # noqa: E402
 from lowdose.io import load_ct  # noqa: E402
 from lowdose.noise import source_noise_spectrum  # noqa: E402
+from lowdose.slabs import body_slices  # noqa: E402
 
 CT = REPO.parent / "shared" / "data" / "ct"
 RESULTS = REPO / "benchmarks" / "results"
@@ -60,10 +64,6 @@ def measure(path: str) -> dict | None:
         return None
     area = (volume.hu > -300).sum(axis=(1, 2)).mean() * volume.spacing_mm[0] * volume.spacing_mm[1]
     return {
-        # lowdose.dose's kernel-independent level: low-band NPS / f x slice thickness (None: too few patches)
-        "low_band_power": (
-            low_band_power(spectrum, volume.slice_thickness_mm) if spectrum.patches >= MIN_PATCHES else None
-        ),
         "thickness_mm": volume.slice_thickness_mm,
         "series": path,
         "std_hu": spectrum.std_hu,
@@ -87,30 +87,79 @@ def leave_one_out(rows: list[dict], features: list[str]) -> np.ndarray:
     return np.array(residuals)
 
 
-def low_band_section(rows: list[dict]) -> list[str]:
-    """lowdose.dose's routine constant (geometric mean of the low-band power) and, left out one series at a time,
-    the dose each routine series reads as: the spread that ROUTINE_SPREAD_LOG_STD records."""
-    power = np.log([r["low_band_power"] for r in rows if r["low_band_power"]])
-    readings = np.array([np.exp(np.delete(power, i).mean() - power[i]) for i in range(len(power))])
-    truth_over_read = 1 / readings
-    q10, q90 = np.percentile(truth_over_read, [10, 90])
-    return [
-        "## The dose read from the low-frequency noise power (lowdose.dose)",
+# The series lowdose.dose's routine level is fitted on: those the shipped dose_unet trained and validated on.
+TRAINING_CONFIG = REPO / "models" / "dose_unet" / "configs" / "train_long.yaml"
+
+
+def fitted_series() -> set[str]:
+    """The shared series (paths under CT) of the shipped model's training and validation sets."""
+    data = yaml.safe_load(TRAINING_CONFIG.read_text())["data"]
+    out = set()
+    for entry in data["train"] + data["validation"]:
+        path = (TRAINING_CONFIG.parent / entry).resolve()
+        if path.is_relative_to(CT.resolve()):
+            out.add(str(path.relative_to(CT.resolve())))
+    return out
+
+
+def slice_levels(path: str) -> list[dict]:
+    """lowdose.dose's noise level of up to 4 single body slices of a series, as the dose reader sees one slice."""
+    volume = load_ct(CT / path)
+    body = body_slices(volume, 0.2) or list(range(volume.shape[0]))
+    picks = sorted({body[int(i)] for i in np.linspace(0, len(body) - 1, min(4, len(body))).round()})
+    rows = []
+    for k in picks:
+        level = dose.noise_level(volume.hu[k : k + 1], float(volume.spacing_mm[0]), volume.slice_thickness_mm)
+        if level is not None and level.patches >= dose.MIN_PATCHES:
+            rows.append({"series": path, "slice": k, **dataclasses.asdict(level)})
+    return rows
+
+
+def variance_section(levels: list[dict]) -> tuple[list[str], dict]:
+    """The fit of lowdose.dose's routine level on the training series' slices, and how it reads the others."""
+    fit_set = fitted_series()
+    design = np.array([[1.0, r["texture_per_mm"]] for r in levels])
+    target = np.log([r["variance_hu2"] * r["slice_mm"] for r in levels])
+    fitted = np.array([r["series"] in fit_set for r in levels])
+    coefficients, *_ = np.linalg.lstsq(design[fitted], target[fitted], rcond=None)
+    residuals = target - design @ coefficients
+    spread = float(np.exp(residuals[fitted].std()))
+    # A routine slice whose variance is exp(r) times the fitted level reads as dose exp(-r).
+    read = np.exp(-residuals)
+    fit = {
+        "ROUTINE_LOG_VARIANCE": round(float(coefficients[0]), 3),
+        "ROUTINE_TEXTURE_SLOPE": round(float(coefficients[1]), 3),
+        "ROUTINE_SPREAD": round(spread, 2),
+        "fitted_slices": int(fitted.sum()),
+        "fitted_series": len({r["series"] for r in levels if r["series"] in fit_set}),
+    }
+    lib = (dose.ROUTINE_LOG_VARIANCE, dose.ROUTINE_TEXTURE_SLOPE, dose.ROUTINE_SPREAD)
+    lines = [
+        "## The routine noise level lowdose.dose reads a dose against",
         "",
-        f"Low-band power (NPS(f)/f over 0.06-0.2 cycles/mm x slice thickness) of {len(power)} routine series: "
-        f"geometric mean {np.exp(power.mean()):.0f} (lowdose.dose.ROUTINE_LOW_BAND_POWER: "
-        f"{ROUTINE_LOW_BAND_POWER:.0f}), log std {power.std() / 2:.3f} in units of log noise std. Each series "
-        f"left out, the routine level of the others reads it as dose {np.median(readings):.2f} (median); the true "
-        f"dose (1) over the dose read spans {q10:.2f} to {q90:.2f} for 80 % of the series and "
-        f"{truth_over_read.min():.2f} to {truth_over_read.max():.2f} for all (lowdose.dose keeps "
-        f"{np.exp(2 * ROUTINE_SPREAD_LOG_STD[0]):.2f} to {np.exp(2 * ROUTINE_SPREAD_LOG_STD[1]):.2f}). The "
-        "kernel falls out: the B70f and B40f reconstructions of one acquisition have noise std 42 and 11 HU "
-        f"and low-band powers {_power(rows, 'B70f'):.0f} and {_power(rows, 'B40f'):.0f}.",
+        f"Noise variance of single body slices (median over their uniform patches) x slice thickness, against the "
+        f"patches' NPS mean frequency f, fitted on {fit['fitted_slices']} slices of the {fit['fitted_series']} "
+        f"series dose_unet trains and validates on ({TRAINING_CONFIG.relative_to(REPO)}): log(variance x "
+        f"thickness) = {coefficients[0]:.3f} + {coefficients[1]:.3f} f, residual spread a factor {spread:.2f} "
+        f"(lowdose.dose: {lib[0]:.3f} + {lib[1]:.3f} f, spread {lib[2]:.2f}).",
+        "",
+        "| slices | routine slices read as (median) | read below 0.6 | read below 0.3 | median error of a reading |",
+        "|---|---|---|---|---|",
     ]
-
-
-def _power(rows: list[dict], kernel: str) -> float:
-    return next(r["low_band_power"] for r in rows if r["series"].endswith(kernel))
+    for name, mask in (("fitted (training series)", fitted), ("held out", ~fitted)):
+        r = read[mask]
+        lines.append(
+            f"| {name}: {mask.sum()} | {np.median(r):.2f} | {(r < 0.6).sum()} | {(r < 0.3).sum()} | "
+            f"{np.median(np.abs(r - 1)):.0%} |"
+        )
+    pair = {k: [float(x) for x, lv in zip(read, levels) if lv["series"].endswith(k)] for k in ("B70f", "B40f")}
+    lines += [
+        "",
+        "The same acquisition reconstructed with two kernels reads (before the cap at 1): B70f "
+        f"{', '.join(f'{x:.2f}' for x in pair['B70f'])}; B40f {', '.join(f'{x:.2f}' for x in pair['B40f'])} "
+        "(their noise std differs 4-fold, their variance 13-fold).",
+    ]
+    return lines, fit
 
 
 def main() -> None:
@@ -139,7 +188,9 @@ def main() -> None:
         error = float(np.median(np.abs(np.exp(-2 * residuals) - 1)))
         fits[" + ".join(names[:k])] = {"residual_std": float(residuals.std()), "median_dose_error": error}
         lines.append(f"| {' + '.join(names[:k])} | {residuals.std():.3f} | {error:.0%} |")
-    lines += ["", *low_band_section(rows)]
+    levels = [level for path in SERIES for level in slice_levels(path)]
+    section, fit = variance_section(levels)
+    lines += ["", *section]
     stds = [r["std_hu"] for r in rows]
     lines += [
         "",
@@ -149,7 +200,9 @@ def main() -> None:
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "normal_dose_noise.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "normal_dose_noise.json").write_text(json.dumps({"series": rows, "leave_one_out": fits}, indent=1))
+    (RESULTS / "normal_dose_noise.json").write_text(
+        json.dumps({"series": rows, "leave_one_out": fits, "slices": levels, "routine_level": fit}, indent=1)
+    )
     print("\n".join(lines))
 
 

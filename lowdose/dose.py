@@ -1,17 +1,20 @@
 """Dose fractions: as users write them (0.25, 1/4, 25% or auto), and as the image's own noise tells them.
 
-Reading the dose from noise (``read_dose_from_noise``). Quantum noise power at low spatial frequency does not
-depend on the reconstruction kernel: clinical kernels differ in how they pass fine detail, not coarse (their
-windows are about 1 below ~0.2 cycles/mm). The noise power spectrum of uniform soft tissue divided by the ramp
-(NPS(f) / f, averaged over LOW_BAND) therefore measures photons per slice, whatever the kernel: on the shared
-same-acquisition pairs it differs 2.1-fold (Philips L / B) and 1.4-fold (Siemens B70f / B40f), where the noise
-variances differ 32- and 13-fold. Scaled by the slice thickness (noise power goes as 1 / thickness) and compared
-with what routine scans hold, it gives the dose: d = ROUTINE_LOW_BAND_POWER / (NPS_low / f x thickness).
-ROUTINE_LOW_BAND_POWER is its geometric mean over the 32 shared routine series (benchmarks/normal_dose_noise.py);
-left out one at a time, a series' routine level is predicted within a factor whose log has std 0.38 (the
-truth over the dose read: 0.40 to 2.8 for 80 % of the series, 0.23 to 5.4 for all), the protocol spread (mAs,
-patient size, region) that one image cannot tell from a dose change. The reading is monotone in the noise,
-has no training, and says when there is too little uniform tissue to read from.
+Reading the dose from noise (``read_dose_from_noise``). Quantum noise variance goes as 1 / dose: measured in uniform
+soft tissue of the shared series and of their simulated lower doses, variance x dose stays within 10 % of the
+source's for most slices (benchmarks/results/normal_dose_noise.md). What a routine scan's variance is depends on
+what the image shows (thin slices and sharp kernels are noisier: variance ~ 1 / thickness, and a sharper kernel
+passes more of the same photons' noise, which its noise power spectrum's mean frequency f tells) and on what it
+cannot show (the mAs the site chose, the patient's size under automatic exposure control). The routine level is
+therefore log(variance x thickness) = ROUTINE_LOG_VARIANCE + ROUTINE_TEXTURE_SLOPE x f, fitted on single slices of
+the series dose_unet trains on; the dose read is that level over the slice's own. What the image cannot show
+stays: the fit's residual spread (ROUTINE_SPREAD, a factor 2.4 either way) is the range a reading allows, and
+no single-image reading can be better than it on scans of unknown protocol.
+
+An earlier reading used the low-frequency noise power (NPS(f)/f below 0.2 cycles/mm), which does not depend on the
+kernel. It fell less than in proportion to the dose (at 1/20 it read 1.5-3 times too high): in a routine image
+the lowest frequencies of a "uniform" patch hold anatomy as well as noise, and the anatomy does not grow when the
+dose falls. Variance is carried by the mid and high frequencies, where the noise dominates.
 """
 
 from __future__ import annotations
@@ -21,19 +24,16 @@ import math
 
 import numpy as np
 
-from .noise import NoiseSpectrum, patch_spectrum, uniform_patches
+from .noise import detrended, extract_patches, noise_power_spectrum, patch_size_px, uniform_patches
 
-__all__ = ["parse_dose", "NoiseDoseReading", "low_band_power", "read_dose_from_noise"]
+__all__ = ["parse_dose", "NoiseDoseReading", "NoiseLevel", "noise_level", "read_dose_from_noise"]
 
-LOW_BAND = (0.06, 0.2)  # cycles/mm: below every clinical kernel's roll-off, above a 20 mm patch's lowest bins
-# exp(2 * 4.807): the fit of log std = c - 0.5 log(NPS-shape ratio) - 0.5 log(thickness) on the routine series,
-# i.e. the routine NPS(f)/f level x thickness (HU^2 mm^2 per cycle/mm x mm).
-ROUTINE_LOW_BAND_POWER = math.exp(2 * 4.807)
-# The lowest and highest left-out log-std residuals over the 32 routine series: the true dose lay between
-# exp(2 * -0.74) = 0.23 and exp(2 * 0.85) = 5.4 times the dose read for every one of them. The range is that wide
-# on purpose: it is there to catch gross errors of another estimate. A narrower (10-90 %) one raised correct
-# readings of quiet scans, whose patches' low frequencies hold as much anatomy as noise.
-ROUTINE_SPREAD_LOG_STD = (-0.74, 0.85)
+# Fitted by benchmarks/normal_dose_noise.py on single body slices of the series dose_unet trains and validates on.
+ROUTINE_LOG_VARIANCE = 3.430
+ROUTINE_TEXTURE_SLOPE = 9.593
+# A routine slice's variance lies within this factor of the fit, either way, for about 2 in 3 slices (exp of the
+# residual std of log variance on the fitted slices): the range a reading allows.
+ROUTINE_SPREAD = 2.43
 MIN_PATCHES = 3
 
 
@@ -61,20 +61,57 @@ def parse_dose(value) -> float | str:
 
 
 @dataclasses.dataclass(frozen=True)
-class NoiseDoseReading:
-    """The dose fraction read from an image's low-frequency noise power, with the range routine protocols allow.
+class NoiseLevel:
+    """The noise of a slice or slab in its uniform soft-tissue patches: what a dose is read from."""
 
-    ``dose`` is None when the image has too little uniform soft tissue (``reason`` says so); ``low``/``high`` is
-    the range the spread of routine protocols allows (ROUTINE_SPREAD_LOG_STD); all three are capped at 1 (a scan
-    quieter than routine reads as routine)."""
+    variance_hu2: float  # median over the patches of their (detrended) noise variance
+    texture_per_mm: float  # mean frequency of the patches' noise power spectrum (sharper kernel: higher)
+    patches: int
+    slice_mm: float
+
+    @property
+    def routine_variance_hu2(self) -> float:
+        """The variance a routine scan of this slice thickness and kernel texture holds (module docstring)."""
+        return math.exp(ROUTINE_LOG_VARIANCE + ROUTINE_TEXTURE_SLOPE * self.texture_per_mm) / self.slice_mm
+
+    @property
+    def of_routine(self) -> float:
+        """The dose as a fraction of a routine scan's: routine variance / this variance (not capped at 1)."""
+        return self.routine_variance_hu2 / max(self.variance_hu2, 1e-12)
+
+
+def noise_level(hu: np.ndarray, pixel_mm: float, slice_mm: float) -> NoiseLevel | None:
+    """The noise of CT slices ``hu`` [z, y, x] (HU, square pixels of ``pixel_mm``, ``slice_mm`` thick) in their
+    uniform soft-tissue patches; None when there are none."""
+    if not (pixel_mm > 0 and slice_mm > 0):
+        raise ValueError(f"pixel size and slice thickness must be positive; got {pixel_mm}, {slice_mm}")
+    hu = np.asarray(hu)
+    corners = uniform_patches(hu, pixel_mm)
+    if not corners:
+        return None
+    patches = extract_patches(hu, corners, patch_size_px(pixel_mm))
+    # The median patch: a patch that caught an edge or a vessel has more variance than noise, and the median
+    # ignores it where the pooled mean would not.
+    variance = float(np.median([detrended(p).var() for p in patches]))
+    texture = noise_power_spectrum(patches, pixel_mm).mean_per_mm
+    return NoiseLevel(variance, texture, len(corners), float(slice_mm))
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseDoseReading:
+    """The dose fraction read from an image's noise variance, with the range routine protocols allow.
+
+    ``dose`` is None when the image has too few uniform soft-tissue patches (``reason`` says so); ``low``/``high``
+    is the range the spread of routine protocols allows (ROUTINE_SPREAD either way); all three are capped at 1 (a
+    scan quieter than routine reads as routine)."""
 
     dose: float | None
     low: float | None
     high: float | None
-    noise_hu: float | None  # std in the uniform patches
+    noise_hu: float | None  # the median patch's noise std
     patches: int
     reason: str = ""
-    of_routine: float | None = None  # the dose before capping at 1: low-frequency noise power of a routine scan / this
+    of_routine: float | None = None  # the dose before capping at 1: routine variance / this variance
 
     def describe(self) -> str:
         if self.dose is None:
@@ -85,32 +122,16 @@ class NoiseDoseReading:
         )
 
 
-def low_band_power(spectrum: NoiseSpectrum, slice_mm: float) -> float | None:
-    """The kernel-independent noise level of ``spectrum``: NPS(f) / f over LOW_BAND times the slice thickness
-    (None when the spectrum has fewer than 2 bins in the band)."""
-    f = spectrum.frequency_per_mm
-    band = (f > LOW_BAND[0]) & (f < LOW_BAND[1])
-    if band.sum() < 2:
-        return None
-    return float(np.mean(spectrum.nps[band] / f[band])) * slice_mm
-
-
 def read_dose_from_noise(hu: np.ndarray, pixel_mm: float, slice_mm: float) -> NoiseDoseReading:
     """The dose of CT slices ``hu`` [z, y, x] (HU, square pixels of ``pixel_mm``, ``slice_mm`` thick) read from
-    the kernel-independent low-frequency power of their noise in uniform soft tissue (module docstring)."""
-    if not (pixel_mm > 0 and slice_mm > 0):
-        raise ValueError(f"pixel size and slice thickness must be positive; got {pixel_mm}, {slice_mm}")
-    corners = uniform_patches(np.asarray(hu), pixel_mm)
-    if len(corners) < MIN_PATCHES:
-        reason = f"{len(corners)} uniform soft-tissue patches found, {MIN_PATCHES} needed"
-        return NoiseDoseReading(None, None, None, None, len(corners), reason)
-    spectrum = patch_spectrum(np.asarray(hu), corners, pixel_mm)
-    power = low_band_power(spectrum, slice_mm)
-    if power is None:
-        reason = f"patches too small to see {LOW_BAND[0]}-{LOW_BAND[1]} cycles/mm"
-        return NoiseDoseReading(None, None, None, spectrum.std_hu, spectrum.patches, reason)
-    dose = ROUTINE_LOW_BAND_POWER / max(power, 1e-12)
-    low, high = (dose * math.exp(2 * s) for s in ROUTINE_SPREAD_LOG_STD)
-    return NoiseDoseReading(
-        min(dose, 1.0), min(low, 1.0), min(high, 1.0), spectrum.std_hu, spectrum.patches, of_routine=dose
-    )
+    their noise variance in uniform soft tissue against a routine scan's of that thickness and kernel texture
+    (module docstring)."""
+    level = noise_level(hu, pixel_mm, slice_mm)
+    found = 0 if level is None else level.patches
+    if level is None or found < MIN_PATCHES:
+        reason = f"{found} uniform soft-tissue patches found, {MIN_PATCHES} needed"
+        return NoiseDoseReading(None, None, None, None, found, reason)
+    dose = level.of_routine
+    low, high = dose / ROUTINE_SPREAD, dose * ROUTINE_SPREAD
+    noise_hu = math.sqrt(level.variance_hu2)
+    return NoiseDoseReading(min(dose, 1.0), min(low, 1.0), min(high, 1.0), noise_hu, found, of_routine=dose)
