@@ -2,7 +2,7 @@
 
 Reading the dose from noise (``read_dose_from_noise``). Quantum noise variance goes as 1 / dose: measured in uniform
 soft tissue of the shared series and of their simulated lower doses, variance x dose stays within 10 % of the
-source's for most slices (benchmarks/results/normal_dose_noise.md). What a routine scan's variance is depends on
+source's at 1/2 to 1/20 on the sample (tests/test_dose_reading.py). What a routine scan's variance is depends on
 what the image shows (thin slices and sharp kernels are noisier: variance ~ 1 / thickness, and a sharper kernel
 passes more of the same photons' noise, which its noise power spectrum's mean frequency f tells) and on what it
 cannot show (the mAs the site chose, the patient's size under automatic exposure control). The routine level is
@@ -89,11 +89,11 @@ def noise_level(hu: np.ndarray, pixel_mm: float, slice_mm: float) -> NoiseLevel 
     corners = uniform_patches(hu, pixel_mm)
     if not corners:
         return None
-    patches = extract_patches(hu, corners, patch_size_px(pixel_mm))
+    patches = np.stack([detrended(p) for p in extract_patches(hu, corners, patch_size_px(pixel_mm))])
     # The median patch: a patch that caught an edge or a vessel has more variance than noise, and the median
     # ignores it where the pooled mean would not.
-    variance = float(np.median([detrended(p).var() for p in patches]))
-    texture = noise_power_spectrum(patches, pixel_mm).mean_per_mm
+    variance = float(np.median(patches.var(axis=(1, 2))))
+    texture = noise_power_spectrum(patches, pixel_mm, detrend=False).mean_per_mm  # detrended once, above
     return NoiseLevel(variance, texture, len(corners), float(slice_mm))
 
 
