@@ -314,6 +314,32 @@ def test_inference_keeps_hu_geometry_and_padding_and_is_deterministic(tiny_run, 
         denoiser(low, dose=1.5)
 
 
+def test_soft_tissue_weight_counts_errors_where_the_target_is_soft_tissue_more():
+    """``optim.soft_tissue_weight``: an error on a pixel whose normal-dose value lies in C50/W400 counts
+    1 + weight times one on lung or bone; weight 0 is plain MSE."""
+    import torch.nn.functional as F
+
+    from lowdose.bundle import DEFAULT_NORMALISATION, hu_to_input
+    from lowdose.training.denoising import soft_tissue_weighted_mse
+
+    hu = np.zeros((1, 1, 8, 8), np.float32)
+    hu[..., :4] = 40.0  # liver
+    hu[..., 4:] = -800.0  # lung
+    target = torch.from_numpy(hu_to_input(hu, DEFAULT_NORMALISATION))
+    error = torch.zeros_like(target)
+    on_tissue, on_lung = error.clone(), error.clone()
+    on_tissue[..., :4], on_lung[..., 4:] = 0.02, 0.02  # 20 HU either side
+    everywhere = on_tissue + on_lung
+
+    def loss(e, weight):
+        return float(soft_tissue_weighted_mse(target + e, target, weight, DEFAULT_NORMALISATION))
+
+    assert loss(on_tissue, 0.0) == pytest.approx(float(F.mse_loss(target + on_tissue, target)))
+    assert loss(everywhere, 3.0) == pytest.approx(0.02**2)  # same error everywhere: the weights cancel
+    assert loss(on_tissue, 3.0) == pytest.approx(4 * loss(on_lung, 3.0), rel=1e-4)
+    assert loss(on_tissue, 3.0) > loss(on_tissue, 0.0) > loss(on_lung, 3.0)
+
+
 def test_bad_configs_and_models_give_clear_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text("data: {mode: simulated, train: [x], colour: red}\n")
     with pytest.raises(LowdoseError, match="unknown key.*colour"):
@@ -325,6 +351,9 @@ def test_bad_configs_and_models_give_clear_errors(tmp_path):
         Denoiser("no_such_model", device="cpu")
     with pytest.raises(LowdoseError, match="no such training config"):
         TrainConfig.from_yaml(tmp_path / "missing.yaml")
+    (tmp_path / "weight.yaml").write_text("data: {train: [x]}\noptim: {soft_tissue_weight: -1}\n")
+    with pytest.raises(LowdoseError, match="soft_tissue_weight must be 0 or more"):
+        TrainConfig.from_yaml(tmp_path / "weight.yaml")
     (tmp_path / "select.yaml").write_text("data: {train: [x]}\noptim: {selection: best}\n")
     with pytest.raises(LowdoseError, match="optim.selection must be 'val_psnr' or 'last', not 'best'"):
         TrainConfig.from_yaml(tmp_path / "select.yaml")

@@ -74,6 +74,9 @@ class OptimConfig:
     learning_rate: float = 2e-4
     weight_decay: float = 1e-4
     ssim_weight: float = 0.1
+    # Extra weight of the pixel loss where the normal-dose slice lies in the soft-tissue window (C50/W400), where
+    # low-dose noise hides low-contrast lesions; 0: every pixel alike (lung and bone as much as liver).
+    soft_tissue_weight: float = 0.0
     dose_loss_weight: float = 1.0  # 0: the dose estimator is held as it came (init_bundle), not trained
     # Which epoch the bundle gets: "val_psnr" (the best on the validation series; without one, the lowest
     # training loss) or "last" (the end of the schedule, when PSNR is not what the run optimises for).
@@ -258,6 +261,10 @@ class TrainConfig:
         self.data.check_sharper_kernels(source)
         if not 0 <= self.optim.estimator_normal_fraction < 1:
             raise LowdoseError(f"{source}: optim.estimator_normal_fraction must be in [0, 1)")
+        if not self.optim.soft_tissue_weight >= 0:
+            raise LowdoseError(
+                f"{source}: optim.soft_tissue_weight must be 0 or more, not {self.optim.soft_tissue_weight}"
+            )
         if self.optim.selection not in ("val_psnr", "last"):
             raise LowdoseError(f"{source}: optim.selection must be 'val_psnr' or 'last', not {self.optim.selection!r}")
         if self.optim.epochs < 1 or self.optim.batch_size < 1:

@@ -103,6 +103,19 @@ def windowed_ssim_loss(prediction: torch.Tensor, target: torch.Tensor, normalisa
     return SSIMLoss(spatial_dims=2, data_range=1.0)(window(prediction), window(target))
 
 
+def soft_tissue_weighted_mse(
+    prediction: torch.Tensor, target: torch.Tensor, weight: float, normalisation: dict
+) -> torch.Tensor:
+    """MSE whose pixels count ``1 + weight`` where the target lies in the soft-tissue window (C50/W400) and 1
+    elsewhere, normalised by the mean weight (plain MSE when ``weight`` is 0)."""
+    if weight == 0:
+        return F.mse_loss(prediction, target)
+    scale = normalisation["scale_hu"]
+    low_hu, high_hu = bounds("abdomen")
+    pixels = 1.0 + weight * ((target >= low_hu / scale) & (target <= high_hu / scale)).to(prediction.dtype)
+    return (pixels * (prediction - target) ** 2).sum() / pixels.sum()
+
+
 @dataclasses.dataclass
 class PairBatch:
     """Training pairs on the device, normalised: low-dose slabs, normal-dose centre slices, doses (NaN when
@@ -170,9 +183,11 @@ class DenoisingObjective(Objective):
         )
 
     def predict(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The predicted normal-dose slices of a batch and their pixel loss (MSE)."""
+        """The predicted normal-dose slices of a batch and their pixel loss (MSE, soft tissue weighted)."""
         prediction = self.model(batch.low, batch.dose, batch.organ_probabilities)
-        return prediction, F.mse_loss(prediction, batch.normal)
+        return prediction, soft_tissue_weighted_mse(
+            prediction, batch.normal, self.optim.soft_tissue_weight, self.normalisation
+        )
 
     def loss(self, batch: PairBatch) -> StepLoss:
         prediction, loss = self.predict(batch)
