@@ -447,17 +447,18 @@ def per_series_table(rows, dose: str = "1/4") -> list[str]:
         "| series | scanner | kernel | region | " + " | ".join(shown) + " |",
         "|---|---|---|---|" + "---|" * len(shown),
     ]
+    default_noise = {r["series"] for r in rows if not r.get("noise_matched", True)}
     for s in series:
         first = next(r for r in rows if r["series"] == s)
         role = " (validation)" if first["role"] == "validation" else ""
-        role += " (default noise)" if any(not r.get("noise_matched", True) for r in rows if r["series"] == s) else ""
+        role += " (default noise)" if s in default_noise else ""
         lines.append(
             f"| {Path(s).parent.name if s.endswith('.dcm') else s}{role} | {first['scanner']} | {first['kernel']} "
             f"({first['kernel_class']}) | {first['region']} | "
             + " | ".join(f"{_mean(rows, series=s, method=m, dose=dose):.2f}" for m in shown)
             + " |"
         )
-    if any(not r.get("noise_matched", True) for r in rows):
+    if default_noise:
         lines += [
             "",
             "(default noise): the simulator could not calibrate to the series' own noise (fewer than 8 uniform "

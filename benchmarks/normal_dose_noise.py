@@ -31,6 +31,8 @@ from lowdose.slabs import body_slices  # noqa: E402
 
 CT = REPO.parent / "shared" / "data" / "ct"
 RESULTS = REPO / "benchmarks" / "results"
+# The covid19_ny_sbu single slices, paths under CT.
+COVID_SLICES = [str(p.relative_to(CT)) for p in sorted((CT / "covid19_ny_sbu_slices").glob("*/*.dcm"))]
 SERIES = [
     "tcia_pancreatic_ct_cbct_seg",
     "dcmqa_ge_head",
@@ -45,7 +47,7 @@ SERIES = [
     "hnpetct_HN-CHUS-052_philips",
     "nsclc_radiogenomics_R01-001_siemens",
     "totalsegmentator/example_ct_dicom",
-    *(str(p.relative_to(CT)) for p in sorted((CT / "covid19_ny_sbu_slices").glob("*/*.dcm"))),
+    *COVID_SLICES,
 ]
 FEATURES = {
     "constant": lambda r: 1.0,

@@ -25,6 +25,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from normal_dose_noise import COVID_SLICES  # noqa: E402  (a sibling script)
+
 from lowdose.io import load_ct  # noqa: E402
 from lowdose.noise import patch_spectrum, uniform_patches  # noqa: E402
 from lowdose.simulate import simulate_low_dose  # noqa: E402
@@ -48,7 +50,7 @@ SERIES = [
     ("lungmask chest (2 slices)", "lungmask_chest"),
     ("TotalSegmentator pulmonary report (NIfTI, no header)", "totalsegmentator/pulmonary_report_ct_cropped.nii.gz"),
     # The covid19_ny_sbu single slices: named by their DICOM header below.
-    *((None, str(p.relative_to(SHARED))) for p in sorted((SHARED / "covid19_ny_sbu_slices").glob("*/*.dcm"))),
+    *((None, path) for path in COVID_SLICES),
 ]
 
 
@@ -66,12 +68,12 @@ def measure(volume, dose: float, slices: int, seed: int, match_source: bool) -> 
     start = max(0, volume.shape[0] // 2 - slices // 2)
     part = volume.slices(start, min(volume.shape[0], start + slices))
     pixel_mm = float(volume.spacing_mm[0])
-    started = time.perf_counter()
-    low = simulate_low_dose(part, dose, seed=seed, match_source=match_source)
-    seconds = time.perf_counter() - started
     corners = uniform_patches(part.hu, pixel_mm)
     if not corners:
         return None
+    started = time.perf_counter()
+    low = simulate_low_dose(part, dose, seed=seed, match_source=match_source)
+    seconds = time.perf_counter() - started
     match = low.metadata.get("lowdose_noise_match", {})
     source = patch_spectrum(part.hu, corners, pixel_mm)
     added = patch_spectrum(low.hu - part.hu, corners, pixel_mm)

@@ -89,13 +89,18 @@ def forward_example(network_kwargs: dict) -> dict:
     return example
 
 
+def _abdomen_window(normalisation: dict) -> tuple[float, float]:
+    """The abdomen window's (C50/W400) lowest and highest value in the network's normalised units."""
+    low_hu, high_hu = bounds("abdomen")
+    return low_hu / normalisation["scale_hu"], high_hu / normalisation["scale_hu"]
+
+
 def windowed_ssim_loss(prediction: torch.Tensor, target: torch.Tensor, normalisation: dict) -> torch.Tensor:
     """1 - SSIM on the abdomen window (C50/W400) scaled to [0, 1], as the field scores images."""
     from monai.losses import SSIMLoss  # monai.losses takes seconds to import: only when a run needs it
 
-    scale = normalisation["scale_hu"]
-    low_hu, high_hu = bounds("abdomen")
-    lo, width = low_hu / scale, (high_hu - low_hu) / scale
+    lo, hi = _abdomen_window(normalisation)
+    width = hi - lo
 
     def window(t):
         return ((t - lo) / width).clamp(0, 1)
@@ -110,9 +115,8 @@ def soft_tissue_weighted_mse(
     elsewhere, normalised by the mean weight (plain MSE when ``weight`` is 0)."""
     if weight == 0:
         return F.mse_loss(prediction, target)
-    scale = normalisation["scale_hu"]
-    low_hu, high_hu = bounds("abdomen")
-    pixels = 1.0 + weight * ((target >= low_hu / scale) & (target <= high_hu / scale)).to(prediction.dtype)
+    lo, hi = _abdomen_window(normalisation)
+    pixels = 1.0 + weight * ((target >= lo) & (target <= hi)).to(prediction.dtype)
     return (pixels * (prediction - target) ** 2).sum() / pixels.sum()
 
 
